@@ -29,7 +29,8 @@ def _cuda_wanted(torch_mod) -> bool:
     if mode == "1" and not (has_nvcc and has_torch_cuda):
         raise SystemExit(
             "setup.py: STP_CUDA=1 but the CUDA extension cannot be built: "
-            f"torch {torch_mod.__version__} has CUDA: {has_torch_cuda}; nvcc found: {has_nvcc} (CUDA_HOME={CUDA_HOME}). "
+            f"torch {torch_mod.__version__} has CUDA: {has_torch_cuda}; "
+            f"nvcc found: {has_nvcc} (CUDA_HOME={CUDA_HOME}). "
             "Install a CUDA build of torch and build with `pip install --no-build-isolation -e .`."
         )
     return mode != "0" and has_nvcc and has_torch_cuda

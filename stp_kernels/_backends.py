@@ -120,7 +120,8 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Mo
     source = "backend=" if backend is not None else f"${_ENV}="
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"stp_kernels.{op}: {source}{requested!r} is not a backend (allowed: {', '.join(BACKENDS)})")
+            raise ValueError(
+                f"stp_kernels.{op}: {source}{requested!r} is not a backend (allowed: {', '.join(BACKENDS)})")
         if requested == "torch":
             _announce(op, requested, dev)
             return requested, None

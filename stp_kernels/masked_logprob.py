@@ -144,7 +144,8 @@ def _validate(hidden, weight, targets, rows, vocab, temperature):
     if rows is not None:
         rows = int_vector("rows", rows)
         if rows.numel() != tgt.numel():
-            raise ValueError(f"{fn}: rows has {rows.numel()} entries but targets has {tgt.numel()}; need one target per row")
+            raise ValueError(
+                f"{fn}: rows has {rows.numel()} entries but targets has {tgt.numel()}; need one target per row")
         if rows.numel():
             checks.append((f"rows must lie in [0, {num_hidden_rows}) (the flat rows of hidden)",
                            (rows < 0).any() | (rows >= num_hidden_rows).any()))

@@ -7,7 +7,7 @@ functions. The autograd Function lives in ``stp_kernels.masked_logprob`` and is 
 Notation: ``R`` scored rows, ``H`` hidden size, ``Vs`` vocabulary slots (``len(vocab_ids)`` or ``V``),
 ``sel(v)`` = ``vocab_ids[v]`` (or ``v``): the weight row of slot ``v``, gathered inside the kernels.
 
-Kernels and cost (units of R*H*Vs multiply-adds x 2 = flops / (R*H*Vs)):
+Kernels and cost (flops, in multiples of R*H*Vs):
   forward   grid (row tiles, vocab splits): z tile by tile, running max / sum / sum p*z, target logit picked up
             in passing; one fp32 partial (m, s, sz, z_tgt) per split, merged by ``_merge_kernel`` in split order.
             2 R*H*Vs flops; [R, Vs] is never written.
@@ -20,8 +20,11 @@ Kernels and cost (units of R*H*Vs multiply-adds x 2 = flops / (R*H*Vs)):
 Splits exist for occupancy: with R = 2048 and BLOCK_R = 128 there are only 16 row tiles for 132 SMs.
 
 Numerics: fp32 accumulation (``tl.dot`` accumulates in fp32 for bf16/fp16 operands; fp32 operands use
-``input_precision="ieee"``, not TF32, to match torch's fp32 matmul to ~1e-6 relative); exp/log in fp32; int64
+``input_precision="ieee"``, not TF32, whose 10-bit mantissa would cost ~1e-3 relative); exp/log in fp32; int64
 pointer offsets (V*H = 126464*4096 > 2**31).
+
+Status: verified against float64 under the interpreter only (fp32 errors ~1e-5, bf16 within torch's own bf16
+error); GPU compilation, launch settings and speed on H100/H200 are not yet measured.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU machines): ``tl.dot`` on bf16/fp16 operands returns garbage there, so
 ``UPCAST_DOT`` converts operands to fp32 first (the values are the same, so results match GPU numerics up to
@@ -121,7 +124,7 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, tgt_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
         e = tl.exp(z - m_new[:, None])  # 0 in masked columns (z = -inf)
         s = s * scale + tl.sum(e, axis=1)
         if WANT_MEAN:
-            sz = sz * scale + tl.sum(tl.where(mask_v[None, :], e * z, 0.0), axis=1)  # 0 * -inf would be NaN
+            sz = sz * scale + tl.sum(e * tl.where(mask_v[None, :], z, 0.0), axis=1)  # not 0 * -inf = NaN
         m = m_new
         # Exactly one tile of one split holds the target; elsewhere this adds zeros.
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
@@ -148,7 +151,7 @@ def _merge_kernel(m_ptr, s_ptr, sz_ptr, zt_ptr, lse_ptr, tgt_logit_ptr, mean_ptr
     zt = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, SPLITS):
         scale = tl.exp(tl.load(m_ptr + i * R + offs, mask=mask, other=0.0) - big_m)
-        s += tl.load(s_ptr + i * R + offs, mask=mask, other=0.0) * scale
+        s += tl.load(s_ptr + i * R + offs, mask=mask, other=1.0) * scale  # 1.0: no log(0) in masked lanes
         if WANT_MEAN:
             sz += tl.load(sz_ptr + i * R + offs, mask=mask, other=0.0) * scale
         zt += tl.load(zt_ptr + i * R + offs, mask=mask, other=0.0)
@@ -180,13 +183,13 @@ def _merge_kernel(m_ptr, s_ptr, sz_ptr, zt_ptr, lse_ptr, tgt_logit_ptr, mean_ptr
 @triton.jit
 def _dlogits_tile(z, offs_v, mask_r, mask_v, tgt, lse, g_tgt, a, b, inv_temp, HAS_B: tl.constexpr):
     """inv_temp * dz for one [BLOCK_R, BLOCK_V] tile; exactly 0 outside the valid rows and columns."""
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp(z - lse[:, None])  # 0 in masked columns (z = -inf)
     if HAS_B:
-        dz = p * (a[:, None] - b[:, None] * z)
+        dz = p * (a[:, None] - b[:, None] * tl.where(mask_v[None, :], z, 0.0))  # not 0 * inf = NaN
     else:
         dz = p * a[:, None]
     dz += tl.where(offs_v[None, :] == tgt[:, None], g_tgt[:, None], 0.0)
-    return tl.where(mask_r[:, None] & mask_v[None, :], dz * inv_temp, 0.0)  # masked columns: 0 * inf = NaN before
+    return tl.where(mask_r[:, None] & mask_v[None, :], dz * inv_temp, 0.0)
 
 
 @triton.jit
@@ -395,9 +398,14 @@ def _launch_dw(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, splits: int | N
 
 
 def _sum_splits(part: torch.Tensor) -> torch.Tensor:
-    """Sum [splits, ...] partials in split order (a left fold: deterministic, unlike atomics)."""
-    out = part[0]
-    for i in range(1, part.shape[0]):
+    """Sum [splits, ...] partials in split order (a left fold: deterministic, unlike atomics).
+
+    The result is a fresh tensor (or the only split), so the partial buffer is freed when the caller drops it.
+    """
+    if part.shape[0] == 1:
+        return part[0]
+    out = part[0] + part[1]
+    for i in range(2, part.shape[0]):
         out += part[i]
     return out
 
