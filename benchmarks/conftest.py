@@ -29,7 +29,8 @@ def _device_line() -> str:
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name()
     else:
-        dev = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        cpu = platform.processor() or platform.machine()
+        dev = f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     try:
         import triton
 
