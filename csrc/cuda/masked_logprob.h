@@ -7,7 +7,9 @@
 //     backward: dz[r, v] = g_tgt[r] [v == tgt[r]] + p[r, v] (a[r] - b[r] z[r, v]),   p = exp(z - lse)
 //               dh = inv_temp * dz @ w[sel],   dw = inv_temp * dz^T @ h        (float32 outputs)
 // Nothing of size [R, Vs] is ever written: the forward keeps an online log-sum-exp per row, the backward
-// recomputes z in vocabulary chunks of at most ~2^25 elements (see mlp_backward_workspace_bytes).
+// recomputes z in vocabulary chunks of at most ~2^25 elements (see mlp_backward_workspace_bytes). For bf16 / fp16
+// the backward keeps dz of a chunk as a hi / lo pair in the input dtype (dz_hi = round(dz), dz_lo =
+// round(dz - dz_hi)) and multiplies both on tensor cores, so dz is ~16-bit-mantissa accurate in the products.
 // Every result is deterministic: no atomics, partials are combined in a fixed order, and the split / chunk plan
 // depends on the shapes only (not on the GPU model), so results are bitwise reproducible run to run.
 #pragma once
@@ -59,7 +61,8 @@ struct MlpParams {
   int64_t bwd_vocab_chunk = 0;
 };
 
-// Scratch the launchers need for these shapes / dtype / overrides (pointers are not read).
+// Scratch the launchers need for these shapes / dtype / overrides (pointers are not read). Backward: R x chunk
+// elements of dz in float32; two such buffers (dz_hi, dz_lo) in bf16 / fp16.
 size_t mlp_forward_workspace_bytes(const MlpParams& p);
 size_t mlp_backward_workspace_bytes(const MlpParams& p);
 

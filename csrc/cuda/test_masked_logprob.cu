@@ -1,6 +1,6 @@
 // Standalone GPU test of the masked_logprob launchers against a float64 CPU reference of the same contract.
-// No torch. Build and run (needs an sm_90 GPU):
-//   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/cuda/masked_logprob.cu \
+// No torch. Build (one line) and run on an sm_90 GPU:
+//   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/cuda/masked_logprob.cu
 //        csrc/cuda/test_masked_logprob.cu -o /tmp/test_mlp && /tmp/test_mlp
 // Exit status 0 when every case is within tolerance and two runs give bit-identical outputs, 1 otherwise.
 #include "masked_logprob.h"
@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -106,7 +107,7 @@ bool compare(const char* what, const std::vector<float>& got, const std::vector<
     const double err = std::fabs(double(got[i]) - ref[i]);
     const double q = std::isfinite(got[i]) ? err / (atol + rtol * std::fabs(ref[i])) : INFINITY;
     if (q > 1) ++bad;
-    if (q > worst || (i == 0 && !(q <= worst))) worst = q, worst_i = i;
+    if (q > worst) worst = q, worst_i = i;
     if (err > max_abs) max_abs = err;
     if (std::fabs(ref[i]) > max_ref) max_ref = std::fabs(ref[i]);
   }
@@ -254,8 +255,11 @@ bool run_case(const Case& c, uint64_t seed) {
   }
 
   // Forward: inputs are exact in every dtype and products accumulate in fp32, so the forward is fp32-accurate.
-  // Backward: bf16 / fp16 round dz to the input dtype before the tensor-core products (as torch's bf16 autograd
-  // does), about 2^-9 relative per term; the tolerance is relative to the largest gradient entry.
+  // Backward: bf16 / fp16 feed dz to the tensor-core products as a hi / lo pair in the input dtype, ~2^-17 relative
+  // per term (bf16; fp16 also has an absolute floor of 2^-25 per element) instead of 2^-9 for a single rounding.
+  // An fp64 emulation of these cases (dz in fp32, split, exact products) gives max |err| / max|ref| <= 4e-6 and
+  // err / (1e-3 max|ref| + 1e-3 |ref|) <= 3e-3 (a single bf16 rounding: 0.6 - 1.3, i.e. it would fail). The bound
+  // leaves the rest for fp32 tensor-core accumulation; the tolerance is relative to the largest gradient entry.
   const bool lowp = c.dtype != MlpDtype::kFloat32;
   auto max_abs = [](const std::vector<double>& v) {
     double m = 0;
@@ -266,8 +270,8 @@ bool run_case(const Case& c, uint64_t seed) {
   ok &= compare("lse", out[0].lse, ref_lse, 2e-4, 2e-5);
   ok &= compare("tgt_logit", out[0].tgt_logit, ref_tl, 2e-4, 2e-5);
   if (c.want_mean) ok &= compare("mean", out[0].mean, ref_mean, 2e-4, 2e-5);
-  if (c.need_dh) ok &= compare("dh", out[0].dh, ref_dh, (lowp ? 1e-2 : 1e-5) * max_abs(ref_dh), lowp ? 1e-2 : 1e-4);
-  if (c.need_dw) ok &= compare("dw", out[0].dw, ref_dw, (lowp ? 1e-2 : 1e-5) * max_abs(ref_dw), lowp ? 1e-2 : 1e-4);
+  if (c.need_dh) ok &= compare("dh", out[0].dh, ref_dh, (lowp ? 1e-3 : 1e-5) * max_abs(ref_dh), lowp ? 1e-3 : 1e-4);
+  if (c.need_dw) ok &= compare("dw", out[0].dw, ref_dw, (lowp ? 1e-3 : 1e-5) * max_abs(ref_dw), lowp ? 1e-3 : 1e-4);
   ok &= same_bits("lse", out[0].lse, out[1].lse);
   ok &= same_bits("tgt_logit", out[0].tgt_logit, out[1].tgt_logit);
   ok &= same_bits("mean", out[0].mean, out[1].mean);
