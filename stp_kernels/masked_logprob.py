@@ -1,8 +1,9 @@
 """``masked_logprob``: the LM head fused with log-softmax and target gather, at the scored rows only.
 
 Layers: backend modules (``torch_chunked``, ``_cpu``, ``_cuda``, ``triton/masked_logprob``) implement the
-two-function contract of ``reference.backend_contract``; ``_MaskedLogprob`` is the autograd Function over any
-of them; ``masked_logprob`` validates, gathers rows, maps the vocabulary prior and dispatches.
+two-function contract of ``reference.backend_contract``; two torch.library custom ops (``stp::masked_logprob_fwd``
+and ``_bwd``, with fake implementations and registered autograd) call any of them; ``masked_logprob`` validates,
+gathers rows, maps the vocabulary prior and dispatches.
 """
 
 from __future__ import annotations
@@ -20,46 +21,86 @@ __all__ = ["masked_logprob"]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class _MaskedLogprob(torch.autograd.Function):
-    """Outputs (logp, lse, entropy) for compact rows; backward recomputes logits tile by tile."""
+# The backend call as torch.library custom ops (with fake implementations), so that torch.compile traces through
+# it without a graph break. Outputs are the contract's per-row quantities: lse, the target logit and the mean
+# logit sum_v p_v z_v (an empty tensor when not asked for). Public outputs derive from them in plain torch:
+# logp = tgt_logit - lse, entropy = lse - mean.
 
-    @staticmethod
-    def forward(ctx, h, w, tgt, vocab_ids, inv_temp: float, want_entropy: bool, impl: ModuleType):
-        lse, tgt_logit, mean = impl.forward(h, w, vocab_ids, tgt, inv_temp, want_entropy)
-        ctx.save_for_backward(h, w, tgt, vocab_ids, lse, mean)
-        ctx.inv_temp, ctx.impl = inv_temp, impl
-        ctx.set_materialize_grads(False)
-        entropy = lse - mean if want_entropy else lse.new_empty(0)
-        if not want_entropy:
-            ctx.mark_non_differentiable(entropy)
-        return tgt_logit - lse, lse, entropy
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_lse, g_ent):
-        h, w, tgt, vocab_ids, lse, mean = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dh or need_dw) or (g_logp is None and g_lse is None and g_ent is None):
-            return None, None, None, None, None, None, None
-        zeros = torch.zeros_like(lse)
-        g_tgt = g_logp.float() if g_logp is not None else zeros
-        a = -g_tgt
-        if g_lse is not None:
-            a = a + g_lse.float()
-        b = None
-        if g_ent is not None and g_ent.numel():
-            b = g_ent.float()
-            a = a + b * mean
-        dh, dw = ctx.impl.backward(h, w, vocab_ids, tgt, ctx.inv_temp, lse, g_tgt.contiguous(), a.contiguous(),
-                                   None if b is None else b.contiguous(), need_dh, need_dw)
-        if dh is not None:
-            dh = dh.to(h.dtype)
-        if dw is not None:
-            if vocab_ids is None:
-                dw = dw.to(w.dtype)
-            else:
-                dw = torch.zeros_like(w).index_copy_(0, vocab_ids, dw.to(w.dtype))
-        return dh, dw, None, None, None, None, None
+@torch.library.custom_op("stp::masked_logprob_fwd", mutates_args=())
+def _fwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,
+            want_mean: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lse, tgt_logit, mean = _impl(backend, h).forward(h, w, vocab_ids, tgt, inv_temp, want_mean)
+    # Always copied: backends may return views of one buffer, which custom-op outputs must not be (R floats each).
+    return lse.clone(), tgt_logit.clone(), (mean.clone() if want_mean else lse.new_empty(0))
+
+
+@_fwd_op.register_fake
+def _(h, w, vocab_ids, tgt, inv_temp, want_mean, backend):
+    rows = h.shape[0]
+    out = [h.new_empty(rows, dtype=torch.float32) for _ in range(2)]
+    return out[0], out[1], h.new_empty(rows if want_mean else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("stp::masked_logprob_bwd", mutates_args=())
+def _bwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,
+            lse: torch.Tensor, g_tgt: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, need_dh: bool,
+            need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dh, dw = _impl(backend, h).backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw)
+    dh = _own(dh.to(h.dtype)) if need_dh else h.new_empty(0)
+    if not need_dw:
+        dw = w.new_empty(0)
+    elif vocab_ids is None:
+        dw = _own(dw.to(w.dtype))
+    else:  # slot order -> weight rows; ids outside the prior get exactly zero gradient
+        dw = torch.zeros_like(w).index_copy_(0, vocab_ids, dw.to(w.dtype))
+    return dh, dw
+
+
+@_bwd_op.register_fake
+def _(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw, backend):
+    return (torch.empty_like(h) if need_dh else h.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w, vocab_ids, tgt, inv_temp, want_mean, backend = inputs
+    lse, _, mean = output
+    ctx.save_for_backward(h, w, vocab_ids, tgt, lse, mean)
+    ctx.inv_temp, ctx.want_mean, ctx.backend = inv_temp, want_mean, backend
+
+
+def _backward(ctx, g_lse, g_tgt_logit, g_mean):
+    # With p = softmax(z): d lse/dz_v = p_v; d z_t/dz_v = [v == t]; d mean/dz_v = p_v (1 + z_v - mean).
+    # So dz_v = g_tgt [v == t] + p_v (a - b z_v) with a = g_lse + g_mean (1 - mean), b = -g_mean:
+    # the backend contract's form (reference.backend_contract).
+    h, w, vocab_ids, tgt, lse, mean = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dh or need_dw):
+        return None, None, None, None, None, None, None
+    g_tgt = g_tgt_logit.float().contiguous() if g_tgt_logit is not None else torch.zeros_like(lse)
+    a = g_lse.float() if g_lse is not None else torch.zeros_like(lse)
+    b = None
+    if ctx.want_mean and g_mean is not None:
+        b = -g_mean.float()
+        a = a + g_mean.float() * (1.0 - mean)
+    dh, dw = _bwd_op(h, w, vocab_ids, tgt, ctx.inv_temp, lse, g_tgt, a.contiguous(),
+                     None if b is None else b.contiguous(), need_dh, need_dw, ctx.backend)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None, None, None
+
+
+torch.library.register_autograd("stp::masked_logprob_fwd", _backward, setup_context=_setup_context)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """Custom-op outputs may not alias each other or inputs: backends may return views of one buffer."""
+    return t if t._base is None else t.clone()
+
+
+def _impl(backend: str, h: torch.Tensor) -> ModuleType:
+    module = _backends._load("masked_logprob", backend, h.device.type)
+    if module is None:  # resolve() already reported why; reaching here means the environment changed since
+        raise RuntimeError(f"stp_kernels.masked_logprob: backend {backend!r} is no longer available")
+    return module
 
 
 def masked_logprob(
@@ -93,16 +134,17 @@ def masked_logprob(
         to ``hidden`` and ``weight`` for any upstream gradient.
     """
     h, w, tgt, rows, vocab, temperature = _validate(hidden, weight, targets, rows, vocab, temperature)
-    name, impl = _backends.resolve("masked_logprob", backend, h.device)
+    name, _ = _backends.resolve("masked_logprob", backend, h.device)
     if name == "torch":
         return masked_logprob_reference(hidden, weight, targets, rows=rows, vocab=vocab, temperature=temperature,
                                         upcast=torch.float32, return_lse=return_lse, return_entropy=return_entropy)
     if rows is not None:
         h = h.index_select(0, rows)
     slots = tgt if vocab is None else torch.searchsorted(vocab, tgt)
-    logp, lse, ent = _MaskedLogprob.apply(h.contiguous(), w.contiguous(), slots, vocab, 1.0 / temperature,
-                                          return_entropy, impl)
-    extras = ([lse] if return_lse else []) + ([ent] if return_entropy else [])
+    lse, tgt_logit, mean = _fwd_op(h.contiguous(), w.contiguous(), vocab, slots, 1.0 / temperature,
+                                   return_entropy, name)
+    logp = tgt_logit - lse
+    extras = ([lse] if return_lse else []) + ([lse - mean] if return_entropy else [])
     return (logp, *extras) if extras else logp
 
 

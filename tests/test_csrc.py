@@ -29,7 +29,8 @@ def _nvcc() -> str:
 
 def _run(cmd: list[str], cwd: str, timeout: int = 600) -> str:
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    tail = f"{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{tail}"
     return res.stdout + res.stderr
 
 

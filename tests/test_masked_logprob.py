@@ -273,3 +273,29 @@ def test_cpu_extension_checks_its_arguments():
         _cpu.forward(h, w, None, torch.zeros(3, dtype=torch.long), 1.0, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         _cpu.forward(h.T.contiguous().T, w, None, torch.zeros(4, dtype=torch.long), 1.0, False)
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "torch"])
+def test_torch_compile_traces_the_op_without_graph_break(backend, seed):
+    """The backends run behind torch.library custom ops with fake implementations and registered autograd."""
+    from stp_kernels.masked_logprob import _fwd_op
+
+    def logp_and_entropy(h, w, t):
+        lse, tgt_logit, mean = _fwd_op(h, w, None, t, 1.0 / 0.8, True, backend)
+        return tgt_logit - lse, lse - mean
+
+    case = dict(CASES["plain"], temperature=0.8, extras=True)
+    hidden, weight, targets, _, _, grads = _make(seed, "cpu", backend, torch.float32, case)
+    compiled = torch.compile(logp_and_entropy, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (logp_and_entropy, compiled):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = fn(h, w, targets)
+        ((logp * grads[0]).sum() + (ent * grads[1]).sum()).backward()
+        outs.append([logp.detach(), ent.detach(), h.grad, w.grad])
+    for eager, comp in zip(*outs):
+        assert torch.equal(eager, comp), "compiled and eager results differ"
+    ref = _run(masked_logprob_reference, hidden.double(), weight.double(), targets, None, None,
+               [grads[0], torch.zeros_like(grads[0]), grads[1]], case)
+    for o, r in zip(outs[0], [ref[0], ref[2], ref[3], ref[4]]):
+        assert_close(o, r, atol=2e-5 * r.abs().max().item() + 1e-6, rtol=2e-4, what=f"{backend} compiled")
