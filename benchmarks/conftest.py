@@ -29,7 +29,12 @@ def _device_line() -> str:
     if torch.cuda.is_available():
         dev = torch.cuda.get_device_name()
     else:
-        cpu = platform.processor() or platform.machine()
+        cpu = platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
         dev = f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     try:
         import triton
