@@ -1,13 +1,16 @@
 """stp_kernels: fused ops for RL on masked diffusion language models.
 
 ``masked_logprob`` -- LM head + log-softmax + target gather at scored rows only, never materialising [R, V].
+``sample_step`` -- LM head + Gumbel-max sample (in-kernel counter-based noise) + confidence, per denoising step.
 Backends: ``torch`` (plain reference), ``torch_chunked``, ``cpu`` (C++/OpenMP), ``triton``, ``cuda``;
 ``available_backends()`` lists those that can run here and ``backend_status()`` says why the others cannot.
 """
 
 from ._backends import available_backends, backend_status
 from .masked_logprob import masked_logprob
-from .reference import masked_logprob_reference
+from .reference import counter_gumbel, masked_logprob_reference, sample_step_reference
+from .sample_step import sample_step
 
-__all__ = ["available_backends", "backend_status", "masked_logprob", "masked_logprob_reference"]
+__all__ = ["available_backends", "backend_status", "counter_gumbel", "masked_logprob", "masked_logprob_reference",
+           "sample_step", "sample_step_reference"]
 __version__ = "0.1.0"

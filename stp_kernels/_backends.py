@@ -47,6 +47,11 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "triton": "stp_kernels.triton.masked_logprob",
         "cuda": "stp_kernels._cuda",
     },
+    "sample_step": {
+        "torch_chunked": "stp_kernels.torch_chunked_sample_step",
+        "triton": "stp_kernels.triton.sample_step",
+        "cuda": "stp_kernels._cuda_sample_step",
+    },
 }
 
 

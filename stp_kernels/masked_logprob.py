@@ -8,18 +8,15 @@ gathers rows, maps the vocabulary prior and dispatches.
 
 from __future__ import annotations
 
-import math
 from types import ModuleType
 
 import torch
 
 from . import _backends
+from . import _validate as V
 from .reference import masked_logprob_reference
 
 __all__ = ["masked_logprob"]
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 # The backend call as torch.library custom ops (with fake implementations), so that torch.compile traces through
 # it without a graph break. Outputs are the contract's per-row quantities: lse, the target logit and the mean
@@ -150,65 +147,27 @@ def masked_logprob(
 
 def _validate(hidden, weight, targets, rows, vocab, temperature):
     fn = "stp_kernels.masked_logprob"
-    for arg, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(value).__name__}")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"{fn}: hidden must be [N, H] or [B, L, H], got shape {tuple(hidden.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: hidden has dtype {hidden.dtype}; allowed: float32, bfloat16, float16")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{fn}: weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but hidden has {hidden.dtype}; they must match")
-    if weight.device != hidden.device:
-        raise ValueError(f"{fn}: weight is on {weight.device} but hidden is on {hidden.device}")
-    if weight.shape[0] == 0 or hidden.shape[-1] == 0:
-        raise ValueError(f"{fn}: weight has an empty dimension: shape {tuple(weight.shape)}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
-    num_hidden_rows = hidden.numel() // hidden.shape[-1]
+    h, num_hidden_rows = V.head_inputs(fn, hidden, weight)
+    temperature = V.temperature_arg(fn, temperature, allow_zero=False)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{fn}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    tgt = V.int_vector(fn, "targets", targets, hidden.device)
     vocab_size = weight.shape[0]
-    h = hidden.reshape(num_hidden_rows, hidden.shape[-1])
-
-    def int_vector(arg, value):
-        if value.dim() != 1:
-            raise ValueError(f"{fn}: {arg} must be 1-D, got shape {tuple(value.shape)}")
-        if value.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"{fn}: {arg} must hold integers (int64), got dtype {value.dtype}")
-        if value.device != hidden.device:
-            raise ValueError(f"{fn}: {arg} is on {value.device} but hidden is on {hidden.device}")
-        return value.long()
-
-    tgt = int_vector("targets", targets)
-    checks = []  # (message, bool tensor that must be False) evaluated with a single host sync below
-    if rows is not None:
-        rows = int_vector("rows", rows)
-        if rows.numel() != tgt.numel():
-            raise ValueError(
-                f"{fn}: rows has {rows.numel()} entries but targets has {tgt.numel()}; need one target per row")
-        if rows.numel():
-            checks.append((f"rows must lie in [0, {num_hidden_rows}) (the flat rows of hidden)",
-                           (rows < 0).any() | (rows >= num_hidden_rows).any()))
-    elif tgt.numel() != num_hidden_rows:
+    checks = V.Checks(fn)
+    rows = V.rows_arg(fn, rows, num_hidden_rows, hidden.device, checks)
+    if rows is not None and rows.numel() != tgt.numel():
+        raise ValueError(f"{fn}: rows has {rows.numel()} entries but targets has {tgt.numel()}; "
+                         "need one target per row")
+    if rows is None and tgt.numel() != num_hidden_rows:
         raise ValueError(f"{fn}: targets has {tgt.numel()} entries but hidden has {num_hidden_rows} rows; "
                          "pass rows= to score a subset")
     if tgt.numel() == 0:
         raise ValueError(f"{fn}: no rows to score (targets is empty)")
-    checks.append((f"targets must lie in [0, {vocab_size}) (weight has {vocab_size} rows)",
-                   (tgt < 0).any() | (tgt >= vocab_size).any()))
+    checks.add(f"targets must lie in [0, {vocab_size}) (weight has {vocab_size} rows)",
+               (tgt < 0).any() | (tgt >= vocab_size).any())
+    vocab = V.vocab_arg(fn, vocab, vocab_size, hidden.device, checks)
     if vocab is not None:
-        vocab = int_vector("vocab", vocab)
-        if vocab.numel() == 0:
-            raise ValueError(f"{fn}: vocab is empty; it must list at least the target ids")
-        checks.append((f"vocab ids must lie in [0, {vocab_size})", (vocab[0] < 0) | (vocab[-1] >= vocab_size)))
-        if vocab.numel() > 1:
-            checks.append(("vocab must be sorted strictly increasing (unique ids)", (vocab[1:] <= vocab[:-1]).any()))
         slot = torch.searchsorted(vocab, tgt).clamp_(max=vocab.numel() - 1)
-        checks.append(("every target must be in vocab", (vocab[slot] != tgt).any()))
-    flags = torch.stack([c for _, c in checks]).tolist()
-    for (message, _), bad in zip(checks, flags):
-        if bad:
-            raise ValueError(f"{fn}: {message}")
-    return h, weight, tgt, rows, vocab, float(temperature)
+        checks.add("every target must be in vocab", (vocab[slot] != tgt).any())
+    checks.run()
+    return h, weight, tgt, rows, vocab, temperature

@@ -80,3 +80,96 @@ def backend_contract() -> str:
         so g_tgt = g_logp, a = g_lse - g_logp + g_ent * mean, b = g_ent.
     """
     return backend_contract.__doc__ or ""
+
+
+# ------------------------------------------------------------------------------------------------ sample_step
+#
+# Counter-based noise: a pure function of integers, identical on every backend, device, batch layout and process.
+# For seed s (int64), step t, row identity r (int64, e.g. sample_id * canvas_length + position) and token id v:
+#     k      = mix32(s_lo ^ mix32(s_hi ^ mix32(t)))            per call (host)
+#     key_r  = mix32(k ^ mix32(r_lo ^ mix32(r_hi)))             per row  (``row_keys``)
+#     bits   = mix32(key_r ^ mix32(v))                          per (row, token), in the kernel
+#     u      = ((bits >> 8) + 0.5) / 2**24                      in (0, 1), 24 random bits: exact in float32
+#     gumbel = -log(-log(u))                                    float32
+# mix32 is Wellons' "lowbias32" integer finaliser (bijective on 32 bits, bias ~0.17 permille).
+_M1, _M2 = 0x7FEB352D, 0x846CA68B
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32): split c in 16-bit halves so no int64 product overflows."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """lowbias32 on int64 tensors holding uint32 values (or on a Python int)."""
+    if isinstance(x, int):
+        x &= _MASK32
+        x ^= x >> 16
+        x = (x * _M1) & _MASK32
+        x ^= x >> 15
+        x = (x * _M2) & _MASK32
+        return x ^ (x >> 16)
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def call_key(seed: int, step: int) -> int:
+    """The per-call part of the counter: a uint32 from (seed, step)."""
+    return mix32((seed & _MASK32) ^ mix32(((seed >> 32) & _MASK32) ^ mix32(step & _MASK32)))
+
+
+def row_keys(seed: int, step: int, row_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row uint32 keys (as int64) from (seed, step, row identity)."""
+    r = row_ids.long()
+    return mix32(call_key(seed, step) ^ mix32((r & _MASK32) ^ mix32((r >> 32) & _MASK32)))
+
+
+def counter_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """u[r, j] in (0, 1) (float32) for row keys [R] and token ids [T]: the noise every sample_step backend draws."""
+    bits = mix32(keys[:, None] ^ mix32(token_ids.long())[None, :])
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def counter_gumbel(seed: int, step: int, row_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The float32 Gumbel noise [R, T] that ``sample_step`` adds for these rows and tokens (a "fixed noise tensor"
+    for reference samplers and tests)."""
+    u = counter_uniform(row_keys(seed, step, row_ids), token_ids)
+    return -torch.log(-torch.log(u))
+
+
+def sample_step_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    seed: int,
+    step: int,
+    rows: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    vocab: torch.Tensor | None = None,
+    upcast: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise logits and noise: x0 = argmax_v (z_v / T + gumbel_v) (argmax z when T == 0), ties to the lowest
+    id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if rows is not None:
+        h = h.index_select(0, rows)
+    ids = torch.arange(weight.shape[0], device=weight.device) if vocab is None else vocab
+    z = h.to(upcast) @ weight.index_select(0, ids).to(upcast).T
+    if temperature > 0:
+        if row_ids is None:
+            row_ids = rows if rows is not None else torch.arange(h.shape[0], device=h.device)
+        # The float32 noise is added in float32 arithmetic, as the kernels do.
+        score = z.float() / temperature + counter_gumbel(seed, step, row_ids, ids)
+    else:
+        score = z
+    slot = score.argmax(dim=-1)
+    conf = torch.softmax(z, dim=-1).gather(1, slot[:, None])[:, 0]
+    return ids[slot], conf.float()

@@ -1,0 +1,82 @@
+"""``sample_step``: one denoising step's per-position work fused into the LM head.
+
+For each scored row: x0 = argmax_v (z_v / T + g_v) with Gumbel noise g drawn from a counter-based generator
+(``reference.counter_gumbel``: a pure function of seed, step, row identity and token id, computed inside the
+kernel), x0 = argmax z when T == 0, and confidence = softmax(z)[x0] from the untempered logits z = h @ W.T.
+The [rows, vocab] logits and noise are never written. Backends: ``torch`` (reference, materialises), ``torch_chunked``,
+``triton``, ``cuda``; same dispatch as ``masked_logprob``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backends
+from . import _validate as V
+from .reference import row_keys, sample_step_reference
+
+__all__ = ["sample_step"]
+
+
+@torch.no_grad()
+def sample_step(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    seed: int,
+    step: int,
+    rows: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    vocab: torch.Tensor | None = None,
+    backend: str | None = None,
+    return_logp: bool = False,
+):
+    """Sample x0 and its confidence at the scored rows of one denoising step.
+
+    Args:
+        hidden: [N, H] or [B, L, H] final hidden states; weight: [V, H] LM head (same dtype and device).
+        seed, step: integers keying the noise; the same (seed, step, row id, token) always gives the same draw.
+        rows: [R] flat row indices into hidden (None: every row).
+        row_ids: [R] int64 identities of the rows for the noise counter (default: ``rows``, or 0..N-1). Give stable
+            ids (e.g. sample_id * canvas_length + position) so a sample's draws do not depend on its batch.
+        temperature: Gumbel-max temperature; 0 is greedy (argmax, no noise).
+        vocab: sorted int64 token ids of a vocabulary prior; sampling and the confidence softmax use only those.
+        return_logp: also return log softmax(z)[x0].
+
+    Returns: x0 int64 [R] token ids, confidence float32 [R] (and log-confidence float32 [R] when asked).
+    """
+    fn = "stp_kernels.sample_step"
+    h, num_rows = V.head_inputs(fn, hidden, weight)
+    temperature = V.temperature_arg(fn, temperature, allow_zero=True)
+    for arg, value in (("seed", seed), ("step", step)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{fn}: {arg} must be an int, got {type(value).__name__}")
+    checks = V.Checks(fn)
+    rows = V.rows_arg(fn, rows, num_rows, hidden.device, checks)
+    vocab = V.vocab_arg(fn, vocab, weight.shape[0], hidden.device, checks)
+    num_scored = rows.numel() if rows is not None else num_rows
+    if num_scored == 0:
+        raise ValueError(f"{fn}: no rows to sample (rows is empty)")
+    if row_ids is not None:
+        row_ids = V.int_vector(fn, "row_ids", row_ids, hidden.device)
+        if row_ids.numel() != num_scored:
+            raise ValueError(f"{fn}: row_ids has {row_ids.numel()} entries but {num_scored} rows are sampled")
+    checks.run()
+    if row_ids is None:
+        row_ids = rows if rows is not None else torch.arange(num_rows, device=hidden.device)
+
+    name, impl = _backends.resolve("sample_step", backend, h.device)
+    if name == "torch":
+        x0, conf = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
+                                         temperature=temperature, vocab=vocab, upcast=torch.float32)
+        return (x0, conf, conf.log()) if return_logp else (x0, conf)
+    if rows is not None:
+        h = h.index_select(0, rows)
+    keys = row_keys(seed, step, row_ids)
+    greedy = temperature == 0.0
+    slot, z_sel, lse = impl.forward(h.contiguous(), weight.contiguous(), vocab, keys,
+                                    0.0 if greedy else 1.0 / temperature, greedy)
+    x0 = slot if vocab is None else vocab[slot]
+    logp = z_sel - lse
+    return (x0, logp.exp(), logp) if return_logp else (x0, logp.exp())

@@ -1,0 +1,48 @@
+"""``torch_chunked`` backend of ``sample_step``: vocabulary tiles in plain torch (portable fallback).
+
+Contract (shared by every sample_step backend):
+    forward(h, w, vocab_ids, keys, inv_temp, greedy) -> (slot, z_sel, lse)
+        h [R, H], w [V, H] (float32 / bfloat16 / float16), vocab_ids [Vs] int64 or None, keys [R] int64 holding the
+        per-row uint32 counter keys (``reference.row_keys``), inv_temp = 1 / temperature (ignored when greedy).
+        score[r, v] = z[r, v] * inv_temp + gumbel(keys[r], token(v)) (greedy: score = z), z = h @ W[sel].T in fp32;
+        slot = first argmax of score (ties go to the lowest slot), z_sel = z[r, slot], lse = logsumexp_v z[r, v].
+        Never materialises [R, Vs].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import counter_uniform
+
+_BLOCK_ELEMS = 1 << 20  # [R, tile]: noise hashing makes a few int64 temporaries of this size
+
+
+def forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool):
+    num_rows = h.shape[0]
+    vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
+    tile = max(128, min(vocab_size, _BLOCK_ELEMS // max(num_rows, 1)))
+    h32 = h.float()
+    dev = h.device
+    best = torch.full((num_rows,), float("-inf"), device=dev)
+    slot = torch.zeros(num_rows, dtype=torch.long, device=dev)
+    z_sel = torch.zeros(num_rows, device=dev)
+    m = torch.full((num_rows,), float("-inf"), device=dev)
+    s = torch.zeros(num_rows, device=dev)
+    for start in range(0, vocab_size, tile):
+        stop = min(start + tile, vocab_size)
+        tokens = torch.arange(start, stop, device=dev) if vocab_ids is None else vocab_ids[start:stop]
+        z = h32 @ w.index_select(0, tokens).float().T
+        if greedy:
+            score = z
+        else:
+            score = z * inv_temp - torch.log(-torch.log(counter_uniform(keys, tokens)))
+        tmax, targ = score.max(dim=1)  # first maximal index within the tile
+        better = tmax > best  # strict: an earlier tile keeps ties
+        best = torch.where(better, tmax, best)
+        slot = torch.where(better, targ + start, slot)
+        z_sel = torch.where(better, z.gather(1, targ[:, None])[:, 0], z_sel)
+        m_new = torch.maximum(m, z.amax(1))
+        s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+        m = m_new
+    return slot, z_sel, m + torch.log(s)
