@@ -1,0 +1,257 @@
+"""Block-wise masked-diffusion decoding (LLaDA's ``generate``) with spatial and temporal pruning.
+
+Semantics (METHOD.md sections 0-2). The completion canvas of ``gen_length`` positions follows the prompt and starts
+as ``[MASK]`` everywhere except at the anchors of a static prior (spatial pruning), which are placed before the
+first step and never changed. The canvas is decoded in blocks of ``block_length``, left to right, with
+``steps // num_blocks`` steps per block. Each step runs the model once on the whole sequence, samples
+``x0 = argmax(z / T + Gumbel)`` (argmax z at T = 0) with the fused ``stp_kernels.sample_step`` (float32 noise from a
+counter of (seed, step, sample id, position, token), so a sample's draws do not depend on its batch), scores
+confidence = softmax(z)[x0] from the untempered logits, and commits the k most confident still-masked positions up
+to the end of the current block, k from LLaDA's linear schedule over the block's masked count (anchors excluded).
+Committed tokens are never re-masked (a committed x0 that is [MASK] itself, which only an untrained model samples,
+leaves its position masked to compete again, exactly as in LLaDA's algorithm). With ``early_stop=tau`` (temporal
+pruning) a sample stops once floor(tau * gen_length) canvas positions are filled (anchors included; the last step
+transfers only up to that budget); when every sample has stopped, one more forward pass fills every remaining
+``[MASK]`` with its sampled x0.
+
+Because the transfer counts depend only on the masked counts at block starts (known from the anchors), the whole
+schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
+the step loop needs no host synchronisation. Only the optional confidence-threshold mode (data-dependent transfers)
+synchronises once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from stp_kernels import sample_step
+from stp_kernels.reference import counter_uniform, row_keys
+
+__all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "ANCHOR"]
+
+ANCHOR = -1  # trace value of anchor positions (never decoded)
+_FILL_STEP = 0x7FFFFFFF  # noise counter of the one-shot fill, distinct from every regular step
+_RANDOM_REMASK_SALT = 0x5EED0F
+
+
+@dataclass
+class Prior:
+    """Static-prior anchors for a batch: ``tokens`` [B, L'] token ids and ``mask`` [B, L'] bool (True = anchor),
+    L' <= gen_length; positions beyond L' start masked."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class GenerationOutput:
+    """Result of ``generate``. Shapes: B samples, P prompt length (padded), L = gen_length."""
+
+    sequences: torch.Tensor  # [B, P + L] int64: prompt (left-padded as given) then the completion
+    completions: torch.Tensor  # [B, L] int64
+    nfe: torch.Tensor  # [B] int64: forward passes whose output this sample used (steps until done + the fill)
+    one_shot: torch.Tensor  # [B, L] bool: positions filled by the one-shot step of temporal pruning
+    num_one_shot: torch.Tensor  # [B] int64
+    anchors_kept: torch.Tensor  # [B] int64: anchors placed (all are kept unchanged)
+    trace: torch.Tensor  # [B, L] int64: forward-pass index that committed each position; ANCHOR (-1) for anchors
+    forward_passes: int  # forward passes the batch ran (the maximum of nfe)
+
+
+def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's linear schedule: [B] masked counts -> [B, steps] tokens per step (base + 1 for the first remainder)."""
+    base = masked_counts // steps
+    remainder = masked_counts % steps
+    idx = torch.arange(steps, device=masked_counts.device)
+    return base[:, None] + (idx[None, :] < remainder[:, None]).long()
+
+
+def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, remasking, prior,
+                early_stop, cfg_scale, confidence_threshold):
+    fn = "stp.sampler.generate"
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"{fn}: prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
+        raise ValueError(f"{fn}: attention_mask has shape {tuple(attention_mask.shape)}, prompt_ids "
+                         f"{tuple(prompt_ids.shape)}; they must match")
+    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+    if gen_length % block_length:
+        raise ValueError(f"{fn}: gen_length={gen_length} is not divisible by block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"{fn}: steps={steps} is not divisible by the number of blocks "
+                         f"(gen_length / block_length = {num_blocks})")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{fn}: temperature must be a finite number >= 0, got {temperature!r}")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"{fn}: remasking={remasking!r}; allowed: 'low_confidence', 'random'")
+    if early_stop is not None and not (isinstance(early_stop, (int, float)) and 0 < early_stop <= 1):
+        raise ValueError(f"{fn}: early_stop (tau) must be in (0, 1], got {early_stop!r}")
+    if cfg_scale < 0:
+        raise ValueError(f"{fn}: cfg_scale must be >= 0, got {cfg_scale!r}")
+    if confidence_threshold is not None and not 0 < confidence_threshold <= 1:
+        raise ValueError(f"{fn}: confidence_threshold must be in (0, 1], got {confidence_threshold!r}")
+    if prior is not None:
+        if prior.tokens.shape != prior.mask.shape or prior.tokens.dim() != 2:
+            raise ValueError(f"{fn}: prior.tokens {tuple(prior.tokens.shape)} and prior.mask "
+                             f"{tuple(prior.mask.shape)} must both be [B, L'] of the same shape")
+        if prior.tokens.shape[0] != prompt_ids.shape[0]:
+            raise ValueError(f"{fn}: prior has {prior.tokens.shape[0]} rows, the batch has {prompt_ids.shape[0]}")
+        if prior.tokens.shape[1] > gen_length:
+            raise ValueError(f"{fn}: the prior covers {prior.tokens.shape[1]} positions, longer than the canvas "
+                             f"(gen_length={gen_length})")
+    return num_blocks, steps // num_blocks
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    prior: Prior | None = None,
+    early_stop: float | None = None,
+    seed: int | None = None,
+    sample_ids: torch.Tensor | None = None,
+    cfg_scale: float = 0.0,
+    confidence_threshold: float | None = None,
+    vocab: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> GenerationOutput:
+    """Decode completions for a batch of (left-padded) prompts.
+
+    Args:
+        model: a ``stp.models.DiffusionLM`` (``backbone``, ``lm_head_weight``, ``mask_token_id``).
+        prompt_ids: [B, P] int64, left-padded; attention_mask: [B, P] (1 = real token) or None (no padding).
+        gen_length, block_length, steps: canvas length, block size, total denoising steps (LLaDA's meaning).
+        temperature: Gumbel-max temperature (0 = greedy). remasking: "low_confidence" or "random".
+        prior: anchors (spatial pruning). early_stop: tau of temporal pruning (None = off).
+        seed: noise seed (None: drawn from torch's default generator). sample_ids: [B] stable ids for the noise
+            counter (default 0..B-1); the same (seed, sample id) decodes the same way in any batch.
+        cfg_scale: classifier-free guidance (0 = off); the unconditional pass masks the prompt.
+        confidence_threshold: beyond the paper (off by default): also commit every masked position of the block
+            whose confidence exceeds it (the schedule's k is a floor, the budget still applies).
+        vocab: sorted token ids of a vocabulary prior for sampling (None = full vocabulary).
+        backend: ``stp_kernels`` backend for ``sample_step``.
+    """
+    num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
+                                              temperature, remasking, prior, early_stop, cfg_scale,
+                                              confidence_threshold)
+    device = prompt_ids.device
+    batch, plen = prompt_ids.shape
+    total = plen + gen_length
+    mask_id = int(model.mask_token_id)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if sample_ids is None:
+        sample_ids = torch.arange(batch, device=device)
+    sample_ids = sample_ids.to(device=device, dtype=torch.long)
+    weight = model.lm_head_weight
+
+    # ---- canvas: prompt, then [MASK] with anchors in place
+    x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
+    x[:, :plen] = prompt_ids
+    anchor = torch.zeros(batch, gen_length, dtype=torch.bool, device=device)
+    if prior is not None:
+        lp = prior.tokens.shape[1]
+        anchor[:, :lp] = prior.mask.to(device=device, dtype=torch.bool)
+        canvas = x[:, plen:plen + lp]
+        x[:, plen:plen + lp] = torch.where(anchor[:, :lp], prior.tokens.to(device), canvas)
+    attn = torch.ones(batch, total, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        attn[:, :plen] = attention_mask.to(device=device, dtype=torch.long)
+    prompt_real = attn[:, :plen].bool()
+
+    # ---- the schedule, fixed up front: transfers per (sample, global step), cut at the early-stop budget
+    masked_per_block = (~anchor).view(batch, num_blocks, block_length).sum(-1)  # [B, nb]
+    k_sched = transfer_schedule(masked_per_block.reshape(-1), steps_per_block).view(batch, -1)  # [B, steps]
+    anchors_kept = anchor.sum(1)
+    budget = math.floor(early_stop * gen_length) if early_stop is not None else gen_length
+    filled_before = anchors_kept[:, None] + k_sched.cumsum(1) - k_sched  # filled positions before each step
+    k_budget = (budget - filled_before).clamp(min=0).minimum(k_sched)
+    # Done after the first step whose transfers reach the budget (with no early stop: after the last step).
+    reached = filled_before + k_budget >= budget
+    total_steps = k_sched.shape[1]
+    done_step = torch.where(reached.any(1), reached.long().argmax(1), torch.full_like(anchors_kept, total_steps - 1))
+    last_step = int(done_step.max().item()) if early_stop is not None else total_steps - 1  # the one sync
+    active = torch.arange(total_steps, device=device)[None, :] <= done_step[:, None]  # [B, steps]
+
+    trace = torch.full((batch, gen_length), ANCHOR, dtype=torch.long, device=device)
+    nfe = torch.zeros(batch, dtype=torch.long, device=device)
+    one_shot = torch.zeros(batch, gen_length, dtype=torch.bool, device=device)
+    filled = anchors_kept.clone()
+    canvas_idx = torch.arange(gen_length, device=device)
+    batch_idx = torch.arange(batch, device=device)
+
+    def window_hidden(positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B * len(positions), H] at absolute ``positions`` (with CFG folded in)."""
+        rows = (batch_idx[:, None] * total + positions[None, :]).reshape(-1)
+        h = model.backbone(x, attn).reshape(batch * total, -1).index_select(0, rows)
+        if cfg_scale > 0:
+            # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
+            un_x = torch.where(torch.cat([prompt_real, torch.zeros_like(anchor)], 1), mask_id, x)
+            un_h = model.backbone(un_x, attn).reshape(batch * total, -1).index_select(0, rows)
+            h = un_h + (cfg_scale + 1.0) * (h - un_h)
+        return h
+
+    def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
+        row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+        x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
+                               vocab=vocab, backend=backend)
+        if remasking == "random":
+            keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
+            conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]
+        n = canvas_pos.numel()
+        return x0.view(batch, n), conf.view(batch, n)
+
+    forward_passes = 0
+    for step in range(total_steps):
+        # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
+        # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
+        # such a position stays masked and competes again. Fixed shapes: no host sync.
+        canvas_pos = canvas_idx[: (step // steps_per_block + 1) * block_length]
+        if confidence_threshold is None:
+            if step > last_step:
+                break
+            live, kk = active[:, step], k_budget[:, step]
+        else:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
+            live = filled < budget
+            if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
+                continue
+        x0, conf = sample(window_hidden(plen + canvas_pos), canvas_pos, step)
+        still = x[:, plen + canvas_pos] == mask_id  # [B, block]
+        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
+        if confidence_threshold is not None:
+            above = (still & (conf > confidence_threshold)).sum(1)
+            kk = torch.minimum(torch.maximum(k_sched[:, step], above), budget - filled) * live
+        # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
+        order = conf.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, canvas_pos.expand(batch, -1))
+        commit = (rank < kk[:, None]) & still
+        x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
+        trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
+        filled += commit.sum(1)
+        nfe += live.long()
+        forward_passes += 1
+
+    remaining = x[:, plen:] == mask_id
+    if (early_stop is not None or confidence_threshold is not None) and bool(remaining.any()):  # one sync, once
+        x0, _ = sample(window_hidden(plen + canvas_idx), canvas_idx, _FILL_STEP)
+        x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
+        one_shot = remaining
+        trace = torch.where(remaining, forward_passes, trace)
+        nfe += remaining.any(1).long()
+        forward_passes += 1
+    completions = x[:, plen:]
+    return GenerationOutput(sequences=x, completions=completions, nfe=nfe, one_shot=one_shot,
+                            num_one_shot=one_shot.sum(1), anchors_kept=anchors_kept, trace=trace,
+                            forward_passes=forward_passes)
