@@ -1,0 +1,6 @@
+"""Model adapters: LLaDA, Dream and the embedded tiny model as one `DiffusionLM` interface (see base.py)."""
+
+from .base import DiffusionLM, load
+from .tiny import build_tiny, build_tokenizer
+
+__all__ = ["DiffusionLM", "load", "build_tiny", "build_tokenizer"]

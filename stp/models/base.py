@@ -1,0 +1,426 @@
+"""`DiffusionLM`: a transformers causal-LM module run as a bidirectional masked diffusion LM, and `load`.
+
+The trainer needs four things from a model: final hidden states (`backbone`), the LM-head weight, the mask token id
+and whether logits are shifted (Dream). Everything else (sampler, likelihood estimator, fused log-prob kernels) is
+written against this class.
+
+Bidirectional attention in transformers 5.17, and why it is done this way:
+- `LlamaModel.forward` / `Qwen2Model.forward` call `masking_utils.create_causal_mask`, whose
+  `_preprocess_mask_arguments` returns a user-supplied 4-D mask as-is ("early exit"), so a 4-D mask we build is what
+  reaches the attention function, never combined with a causal pattern.
+- `integrations/sdpa_attention.py` sets `is_causal = q_len > 1 and attention_mask is None and module.is_causal`: sdpa
+  only goes causal when no mask is passed AND the attention module says `is_causal=True` (its default). We set
+  `is_causal = False` on every attention module and on the config (then `create_causal_mask` delegates to
+  `create_bidirectional_mask`, which for no padding returns None under sdpa and an all-zero mask under eager).
+- eager attention ADDS the mask to the scores, so a boolean mask would be wrong there; sdpa wants a boolean mask or
+  one of the query's dtype (a float32 mask under bf16 autocast fails). So the padding mask is a boolean [B, 1, 1, L]
+  key mask for sdpa and an additive (0 / finfo.min) [B, 1, 1, L] mask for eager; both broadcast over heads and
+  queries (O(B*L) memory, not O(B*L^2)). Other attention backends (flash, flex) are refused: they ignore 4-D masks.
+- With `attention_mask=None` we pass no mask at all (full attention; lets sdpa pick its flash kernel on GPU), which
+  is bidirectional only because of the `is_causal = False` flags above; tests check it against a reference.
+- Position ids are `cumsum(mask) - 1` clamped at 0, so a left-padded row sees the same RoPE angles as alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SUPPORTED_ATTN = ("sdpa", "eager")
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def make_bidirectional(model: nn.Module) -> None:
+    """Turn every causal flag off: the config's (mask creation) and each attention module's (sdpa `is_causal`)."""
+    config = model.config
+    config.is_causal = False
+    config.use_cache = False
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+
+
+class DiffusionLM(nn.Module):
+    """A masked diffusion LM: bidirectional transformer + LM head, predicting the clean token at every position.
+
+    Attributes: `model` (the transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, kept whole so peft can wrap its
+    projections), `tokenizer` (or None), `mask_token_id`, `eos_token_id`, `pad_token_id`, `shift_logits` (Dream:
+    position i is predicted from the hidden state of i - 1), `name`, `family` ("llada", "dream", "tiny", ...).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, mask_token_id: int, eos_token_id: int, pad_token_id: int,
+                 shift_logits: bool, name: str, family: str = "custom") -> None:
+        super().__init__()
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in SUPPORTED_ATTN:
+            raise ValueError(f"attention implementation {impl!r} is not supported: it would ignore the 4-D padding "
+                             f"mask; use one of {SUPPORTED_ATTN}")
+        vocab = model.get_output_embeddings().weight.shape[0]
+        for field, value in (("mask_token_id", mask_token_id), ("eos_token_id", eos_token_id),
+                             ("pad_token_id", pad_token_id)):
+            if not isinstance(value, int) or not 0 <= value < vocab:
+                raise ValueError(f"{field}={value!r} is not a token id of this model (vocabulary size {vocab})")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mask_token_id = int(mask_token_id)
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self.shift_logits = bool(shift_logits)
+        self.name = name
+        self.family = family
+        make_bidirectional(model)
+        # Recorded in the config so that `save` + `load` restores the same adapter without guessing.
+        config = model.config
+        config.mask_token_id = self.mask_token_id
+        config.eos_token_id = self.eos_token_id
+        config.pad_token_id = self.pad_token_id
+        config.stp_shift_logits = self.shift_logits
+        config.stp_name = self.name
+        config.stp_family = self.family
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(torch.bfloat16)` would also round the RoPE inverse frequencies (a float buffer) to bf16, shifting
+        # angles by up to ~pos * 2^-9 rad; transformers computes them in float32, so rebuild them in float32.
+        super()._apply(fn, recurse)
+        for module in self.model.modules():
+            inv = getattr(module, "inv_freq", None)
+            if isinstance(inv, torch.Tensor) and inv.dtype != torch.float32 and hasattr(module, "config"):
+                with torch.device(inv.device):
+                    fresh = type(module)(config=module.config)
+                module.inv_freq = fresh.inv_freq
+                if hasattr(module, "original_inv_freq"):
+                    module.original_inv_freq = fresh.original_inv_freq
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The [V, H] LM-head weight: the live parameter (gradients and in-place updates reach the model)."""
+        return self.model.get_output_embeddings().weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head_weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head_weight.shape[0]
+
+    def _decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def _key_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] padding mask -> (4-D [B, 1, 1, L] key mask for the attention backend, position ids [B, L])."""
+        mask = attention_mask.to(torch.bool)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        # A row of pure padding would have no key to attend to (NaN under sdpa); let it attend everywhere instead:
+        # its outputs are padding outputs, which nobody reads.
+        mask = mask | ~mask.any(-1, keepdim=True)
+        mask = mask[:, None, None, :]
+        if self.model.config._attn_implementation == "eager":
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            return additive.masked_fill_(~mask, torch.finfo(dtype).min), position_ids
+        return mask, position_ids
+
+    def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, L] (+ padding mask [B, L], 1 = real) -> final-normed hidden states [B, L, H], aligned so that
+        `hidden[:, i] @ lm_head_weight.T` are the logits of position i (the Dream shift is applied here)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        mask4d = position_ids = real = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must be a [batch, length] padding mask like input_ids "
+                                 f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+            dtype = self._decoder().get_input_embeddings().weight.dtype
+            real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+            mask4d, position_ids = self._key_mask(real, dtype)
+        out = self._decoder()(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state  # [B, L, H]
+        if self.shift_logits:
+            # Dream: logits = cat([logits[:, :1], logits[:, :-1]]); the head is linear, so shift the hidden states.
+            shifted = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+            if real is not None:
+                # "Position 0 keeps its own" applies to each row's first REAL token, so a left-padded row equals
+                # the row alone (Dream's own code would feed it the last padding position's state instead; that
+                # token is always a prompt token, whose prediction nobody reads).
+                first = real & (position_ids == 0)
+                shifted = torch.where(first[..., None], hidden, shifted)
+            hidden = shifted
+        return hidden
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] -> [B, L, V] logits in the model dtype. Materialises the full vocabulary: prefer `backbone` plus a
+        masked-row log-prob op in training."""
+        return nn.functional.linear(self.backbone(input_ids, attention_mask), self.lm_head_weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(input_ids, attention_mask)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a directory (model.safetensors + config.json recording the mask token + tokenizer) that `load`
+        reads back identically."""
+        from transformers import PreTrainedModel
+
+        if not isinstance(self.model, PreTrainedModel):
+            raise TypeError(f"save() needs a plain transformers model, got {type(self.model).__name__} "
+                            f"(merge and unload a peft adapter first, or save the adapter with peft)")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoint reading shared by the adapters
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing config.json; cannot tell which model this directory holds")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards named by model.safetensors.index.json."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no 'weight_map' with entries")
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+        return files
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if others:
+        return [directory / name for name in others]
+    bins = sorted(p.name for p in directory.glob("*.bin"))
+    hint = f" (found {bins}: only safetensors checkpoints are read)" if bins else ""
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype of the first floating tensor in the checkpoint, read from the safetensors header only."""
+    for file in files:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, info in header.items():
+            if key != "__metadata__" and info.get("dtype") in _ST_DTYPES:
+                return _ST_DTYPES[info["dtype"]]
+    return torch.float32
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def build_and_load(model_cls, config, files: list[Path], rename: Callable[[str], str | None], *,
+                   dtype: torch.dtype, device: torch.device, zero_fill: tuple[str, ...] = ()) -> nn.Module:
+    """Build `model_cls(config)` without initialising it (meta device), then stream the checkpoint tensors into it
+    one at a time (peak memory ~ one model, not two). `rename` maps a checkpoint key to a parameter name (None:
+    skip the key). Every parameter must be loaded, except names matching a `zero_fill` regex (set to 0)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    model = model.to(dtype=dtype)
+    model.to_empty(device=device)
+    # Non-persistent buffers (the RoPE inverse frequencies) are not in the checkpoint: rebuild that module for real.
+    decoder = model.get_decoder()
+    if hasattr(decoder, "rotary_emb"):
+        with torch.device(device):
+            decoder.rotary_emb = type(decoder.rotary_emb)(config=config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if tied:
+        params.pop("lm_head.weight", None)
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for key, tensor in _iter_tensors(files):
+            if key.endswith("rotary_emb.inv_freq"):  # some exports store the RoPE buffer; it is rebuilt above
+                continue
+            name = rename(key)
+            if name is None:
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {key!r} (as {name!r}) has no place in {model_cls.__name__} "
+                                 f"built from this config; files: {[f.name for f in files]}")
+            target = params[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
+                                 f"{tuple(target.shape)} for {name!r}")
+            target.copy_(tensor)
+            loaded.add(name)
+        missing = [n for n in params if n not in loaded]
+        for name in list(missing):
+            if any(re.fullmatch(p, name) for p in zero_fill):
+                params[name].zero_()
+                missing.remove(name)
+    if missing:
+        raise ValueError(f"checkpoint {[f.name for f in files]} lacks {len(missing)} tensors the model needs, "
+                         f"e.g. {missing[:5]}")
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            raise RuntimeError(f"buffer {name!r} was left uninitialised")
+    model.eval()
+    return model
+
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer, or None when it has no tokenizer files. Custom tokenizer classes (Dream's
+    `DreamTokenizer` lives in remote code) fall back to the plain fast tokenizer over the same files."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((directory / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    errors = []
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - we try the next loader and report all failures together
+        errors.append(f"AutoTokenizer: {type(e).__name__}: {e}")
+    if (directory / "tokenizer.json").is_file():
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(str(directory))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"PreTrainedTokenizerFast: {type(e).__name__}: {e}")
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        try:
+            from transformers import Qwen2Tokenizer
+
+            return Qwen2Tokenizer.from_pretrained(str(directory))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"Qwen2Tokenizer: {type(e).__name__}: {e}")
+    raise ValueError(f"{directory}: has tokenizer files but no loader could read them: " + " | ".join(errors))
+
+
+def _first_id(value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return int(value) if value is not None else None
+
+
+def special_ids(directory: Path, config: dict, tokenizer) -> tuple[int, int, int]:
+    """(mask, eos, pad) token ids: config.json first, then the tokenizer. A missing mask or eos id is an error; pad
+    falls back to eos (LLaDA and Dream pad with their EOS)."""
+    def pick(field: str, tok_attr: str) -> int | None:
+        value = _first_id(config.get(field))
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, tok_attr, None)
+        return value
+
+    mask = pick("mask_token_id", "mask_token_id")
+    if mask is None:
+        where = "the tokenizer defines no mask_token" if tokenizer is not None else "there are no tokenizer files"
+        raise ValueError(f"{directory / 'config.json'}: no mask token: config.json has no 'mask_token_id' and "
+                         f"{where}; add 'mask_token_id' to config.json")
+    eos = pick("eos_token_id", "eos_token_id")
+    if eos is None:
+        raise ValueError(f"{directory / 'config.json'}: no EOS token: config.json has no 'eos_token_id' and the "
+                         f"tokenizer defines no eos_token")
+    pad = pick("pad_token_id", "pad_token_id")
+    return mask, eos, eos if pad is None else pad
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_directory(name_or_path: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub id fetched (or found in the cache) by snapshot_download."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path}: a model is a directory (config.json + safetensors), not a file")
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"{name_or_path}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                    "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise OSError(f"{name_or_path!r} is not a local directory and could not be fetched from the Hugging Face Hub"
+                      f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(e).__name__}: {e}. Download it "
+                      f"where there is network access and pass the local directory instead.") from e
+
+
+def load(name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+         attn_implementation: str = "sdpa") -> DiffusionLM:
+    """Load a masked diffusion LM.
+
+    `name_or_path`: "tiny" (the embedded tiny model, seed 0), a local directory (LLaDA, Dream, or a directory this
+    project saved), or a Hub id. `dtype`: None keeps the checkpoint's stored dtype (float32 for "tiny").
+    `device`: None = CPU. `attn_implementation`: "sdpa" (default) or "eager".
+    """
+    from . import dream, llada, tiny
+
+    if attn_implementation not in SUPPORTED_ATTN:
+        raise ValueError(f"attn_implementation={attn_implementation!r}; allowed: {SUPPORTED_ATTN}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if name_or_path == "tiny":
+        model = tiny.build_tiny(seed=0, attn_implementation=attn_implementation)
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    directory = resolve_directory(name_or_path)
+    config = read_config(directory)
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if llada.is_llada(config):
+        loader = llada.load_llada
+    elif dream.is_dream(config):
+        loader = dream.load_dream
+    elif model_type in ("llama", "qwen2"):
+        loader = _load_saved
+    else:
+        raise ValueError(f"{directory / 'config.json'}: unknown model layout (model_type={model_type!r}, "
+                         f"architectures={architectures}); supported: LLaDA (model_type 'llada', d_model/n_layers), "
+                         f"Dream (model_type 'Dream'), and transformers 'llama'/'qwen2' directories saved by stp")
+    return loader(directory, config, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                  name=name_or_path if not Path(name_or_path).expanduser().is_dir() else directory.name)
+
+
+def _load_saved(directory: Path, config: dict, *, dtype, device, attn_implementation: str, name: str) -> DiffusionLM:
+    """A transformers Llama/Qwen2 `save_pretrained` directory with the mask token in its config (written by `save`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = load_tokenizer(directory)
+    mask, eos, pad = special_ids(directory, config, tokenizer)
+    files = weight_files(directory)
+    config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if config["model_type"] == "llama"
+                             else (Qwen2Config, Qwen2ForCausalLM))
+    hf_config = config_cls.from_pretrained(str(directory), attn_implementation=attn_implementation)
+    model = build_and_load(model_cls, hf_config, files, lambda k: k, dtype=dtype or stored_dtype(files),
+                           device=device)
+    return DiffusionLM(model, tokenizer, mask_token_id=mask, eos_token_id=eos, pad_token_id=pad,
+                       shift_logits=bool(config.get("stp_shift_logits", False)),
+                       name=str(config.get("stp_name", name)), family=str(config.get("stp_family", "custom")))
