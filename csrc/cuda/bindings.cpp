@@ -1,6 +1,7 @@
-// Torch binding of the CUDA masked_logprob kernels (module stp_kernels._C_cuda). The only file of this extension
-// that includes torch: it checks every argument, allocates outputs and scratch with torch's caching allocator and
-// launches on the current stream of the tensors' device. Interface: reference.backend_contract.
+// Torch binding of the CUDA masked_logprob and sample_step kernels (module stp_kernels._C_cuda). The only file of
+// this extension that includes torch: it checks every argument, allocates outputs and scratch with torch's caching
+// allocator and launches on the current stream of the tensors' device. Interfaces: reference.backend_contract
+// (forward, backward) and the contract in stp_kernels/torch_chunked_sample_step.py (sample_step_forward).
 #include <torch/extension.h>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -12,6 +13,7 @@
 #include <tuple>
 
 #include "masked_logprob.h"
+#include "sample_step.h"
 
 namespace {
 
@@ -148,14 +150,89 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   return {dh, dw};
 }
 
+// ------------------------------------------------------------------------------------------------ sample_step
+// Contract: stp_kernels/torch_chunked_sample_step.py (forward(h, w, vocab_ids, keys, inv_temp, greedy)).
+
+stp_ss::SsDtype to_ss_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return stp_ss::SsDtype::kFloat32;
+    case at::kBFloat16: return stp_ss::SsDtype::kBFloat16;
+    case at::kHalf: return stp_ss::SsDtype::kFloat16;
+    default: TORCH_CHECK(false, "stp_kernels._C_cuda: h has dtype ", t, "; allowed: float32, bfloat16, float16");
+  }
+  return stp_ss::SsDtype::kFloat32;  // unreachable
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
+    const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& vocab_ids, const at::Tensor& keys,
+    double inv_temp, bool greedy) {
+  TORCH_CHECK(h.is_cuda(), "stp_kernels._C_cuda: h must be a CUDA tensor, got device ", h.device());
+  TORCH_CHECK(h.dim() == 2, "stp_kernels._C_cuda: h must be [R, H], got shape ", h.sizes());
+  TORCH_CHECK(h.is_contiguous(), "stp_kernels._C_cuda: h must be contiguous");
+  check_cuda(w, "w", h);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1), "stp_kernels._C_cuda: w must be [V, H] with H = ",
+              h.size(1), ", got shape ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == h.scalar_type(), "stp_kernels._C_cuda: w has dtype ", w.scalar_type(),
+              " but h has ", h.scalar_type(), "; they must match");
+  TORCH_CHECK(h.size(1) > 0, "stp_kernels._C_cuda: hidden size must be >= 1, got ", h.size(1));
+  TORCH_CHECK(w.size(0) > 0, "stp_kernels._C_cuda: w has no rows");
+  check_row_vector(keys, "keys", h, at::kLong);
+  stp_ss::SsParams p;
+  p.dtype = to_ss_dtype(h.scalar_type());
+  p.h = h.data_ptr();
+  p.w = w.data_ptr();
+  p.keys = keys.data_ptr<int64_t>();
+  p.R = h.size(0);
+  p.H = h.size(1);
+  p.V = w.size(0);
+  p.Vs = p.V;
+  if (vocab_ids.has_value()) {
+    const at::Tensor& ids = *vocab_ids;
+    check_cuda(ids, "vocab_ids", h);
+    TORCH_CHECK(ids.scalar_type() == at::kLong, "stp_kernels._C_cuda: vocab_ids must be int64, got ",
+                ids.scalar_type());
+    TORCH_CHECK(ids.dim() == 1 && ids.numel() > 0,
+                "stp_kernels._C_cuda: vocab_ids must be a non-empty 1-D tensor, got shape ", ids.sizes());
+    // Range [0, V) is validated by stp_kernels.sample_step; the kernels read w rows through these ids unchecked.
+    p.vocab_ids = ids.data_ptr<int64_t>();
+    p.Vs = ids.numel();
+  }
+  p.greedy = greedy;
+  if (!greedy) {
+    TORCH_CHECK(std::isfinite(inv_temp) && inv_temp > 0,
+                "stp_kernels._C_cuda: inv_temp must be finite and > 0 unless greedy, got ", inv_temp);
+  }
+  p.inv_temp = greedy ? 0.f : static_cast<float>(inv_temp);
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor slot = at::empty({p.R}, h.options().dtype(at::kLong));
+  at::Tensor z_sel = at::empty({p.R}, h.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.R}, h.options().dtype(at::kFloat));
+  if (p.R == 0) return {slot, z_sel, lse};
+  p.slot_out = slot.data_ptr<int64_t>();
+  p.z_sel_out = z_sel.data_ptr<float>();
+  p.lse_out = lse.data_ptr<float>();
+  const size_t ws_bytes = stp_ss::ss_forward_workspace_bytes(p);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, h.options().dtype(at::kByte));
+  p.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
+  p.workspace_bytes = ws_bytes;
+  check_launch(stp_ss::ss_forward(p, at::cuda::getCurrentCUDAStream().stream()), "sample_step_forward");
+  return {slot, z_sel, lse};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CUDA kernels of stp_kernels.masked_logprob (contract: stp_kernels.reference.backend_contract)";
+  m.doc() =
+      "CUDA kernels of stp_kernels.masked_logprob (contract: stp_kernels.reference.backend_contract) and "
+      "stp_kernels.sample_step (contract: stp_kernels.torch_chunked_sample_step)";
   m.def("forward", &forward, "(h, w, vocab_ids, tgt, inv_temp, want_mean) -> (lse, tgt_logit, mean | None)",
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("want_mean"));
   m.def("backward", &backward,
         "(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw) -> (dh | None, dw | None)",
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("g_tgt"), py::arg("a"), py::arg("b"), py::arg("need_dh"), py::arg("need_dw"));
+  m.def("sample_step_forward", &sample_step_forward,
+        "(h, w, vocab_ids, keys, inv_temp, greedy) -> (slot int64, z_sel float32, lse float32); contract: "
+        "stp_kernels.torch_chunked_sample_step",
+        py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("keys"), py::arg("inv_temp"), py::arg("greedy"));
 }

@@ -1,0 +1,257 @@
+"""``triton`` backend of ``sample_step``: tiled LM head + in-kernel counter noise + running argmax / log-sum-exp.
+
+Interface: the contract in ``stp_kernels.torch_chunked_sample_step`` (``forward`` below), the same as
+``torch_chunked``. Layers as in ``triton/masked_logprob.py``: private ``@triton.jit`` kernels, a plain launcher,
+the public function.
+
+Notation: ``R`` scored rows, ``H`` hidden size, ``Vs`` vocabulary slots (``len(vocab_ids)`` or ``V``), token of
+slot ``v`` = ``vocab_ids[v]`` (or ``v``): the weight row gathered for it and the id the noise is keyed by.
+
+Kernels:
+  ``_fwd_kernel``   grid (row tiles, vocab splits). Per vocabulary tile of its split: z = h @ W[tok]^T in fp32
+                    (``tl.dot``), bits = mix32(key_r ^ mix32(tok)) in uint32 arithmetic (``_mix32``, bit-identical
+                    to ``reference.mix32``), u = ((bits >> 8) + 0.5) * 2^-24, g = -log(-log(u)),
+                    score = z * inv_temp + g (GREEDY: score = z). Keeps per row: best score, its slot and its z
+                    (first maximal index within a tile; a later tile replaces only on a strictly greater score, so
+                    ties go to the lowest slot), and an online (max, sum exp) of the untempered z. Writes one
+                    partial per (split, row).
+  ``_merge_kernel`` folds the split partials in split order 0..S-1 (strictly-greater again: an earlier split
+                    keeps ties) -> slot, z_sel, lse.
+[R, Vs] is never written; no atomics, a fixed reduction order: two identical calls are bit-identical.
+
+Numerics: fp32 accumulation (bf16/fp16 operands accumulate in fp32 in ``tl.dot``; fp32 operands use
+``input_precision="ieee"``, not TF32). The noise bits are exact; ``tl.log`` may differ from torch's ``log`` by an
+ulp or so on GPU, which can only flip the argmax at near-ties (score gaps ~1e-6).
+
+Interpreter (``TRITON_INTERPRET=1``): ``tl.dot`` on bf16/fp16 returns garbage there, so ``UPCAST_DOT`` converts
+operands to fp32 first; tiny blocks so test shapes cover several tiles, ragged edges and splits.
+
+Status: verified against ``sample_step_reference`` / ``torch_chunked`` under the interpreter only; GPU compilation,
+launch settings and speed are not yet measured.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["check", "forward"]
+
+
+def check() -> None:
+    """Raise when these kernels cannot run here (importing this module already needs triton)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("no CUDA device and TRITON_INTERPRET != '1' (it must be set before triton is imported)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counter-based noise (reference.mix32 / counter_uniform, bit for bit)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32: multiplies wrap mod 2**32 and shifts of unsigned values are logical."""
+    x = x ^ (x >> 16)
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _gumbel(keys, toks):
+    """float32 Gumbel noise [BLOCK_R, BLOCK_V] from uint32 row keys [BLOCK_R] and uint32 token ids [BLOCK_V]."""
+    bits = _mix32(keys[:, None] ^ _mix32(toks)[None, :])
+    u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24: u in (0, 1), exact
+    return -tl.log(-tl.log(u))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
+                best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr,
+                R, Vs, H, inv_temp, V_PER_SPLIT,
+                BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                HAS_VOCAB: tl.constexpr, GREEDY: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    pid_r = tl.program_id(0)  # row tiles vary fastest, so concurrent programs share the split's weight tiles in L2
+    pid_s = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    h_rows = offs_r.to(tl.int64) * H
+    keys = tl.load(keys_ptr + offs_r, mask=mask_r, other=0).to(tl.uint32)  # int64 holding uint32: truncation
+
+    best = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    slot = tl.zeros((BLOCK_R,), dtype=tl.int64)
+    zsel = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    v_start = pid_s * V_PER_SPLIT
+    v_stop = tl.minimum(v_start + V_PER_SPLIT, Vs)
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_stop
+        if HAS_VOCAB:
+            toks = tl.load(vocab_ptr + offs_v, mask=mask_v, other=0).to(tl.int64)
+        else:
+            toks = tl.where(mask_v, offs_v, 0).to(tl.int64)
+        w_rows = toks * H
+
+        acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+        for k in range(0, H, BLOCK_H):
+            offs_h = k + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            h_t = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=mask_r[:, None] & mask_h[None, :],
+                          other=0.0)
+            w_t = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=mask_v[:, None] & mask_h[None, :],
+                          other=0.0)
+            if UPCAST_DOT:
+                h_t = h_t.to(tl.float32)
+                w_t = w_t.to(tl.float32)
+            acc = tl.dot(h_t, tl.trans(w_t), acc, input_precision=PRECISION)
+        z = tl.where(mask_v[None, :], acc, float("-inf"))  # untempered logits; -inf past the split's edge
+
+        if GREEDY:
+            score = z
+        else:
+            score = tl.where(mask_v[None, :], acc * inv_temp + _gumbel(keys, toks.to(tl.uint32)), float("-inf"))
+        # First maximal column of the tile (explicit, not relying on tl.argmax's tie rule).
+        tmax = tl.max(score, axis=1)
+        cols = tl.arange(0, BLOCK_V)
+        targ = tl.min(tl.where(score == tmax[:, None], cols[None, :], BLOCK_V), axis=1)
+        tz = tl.sum(tl.where(cols[None, :] == targ[:, None], z, 0.0), axis=1)  # z at the tile's argmax
+        better = tmax > best  # strict: an earlier tile keeps ties
+        best = tl.where(better, tmax, best)
+        slot = tl.where(better, v0 + targ.to(tl.int64), slot)
+        zsel = tl.where(better, tz, zsel)
+
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has at least one column inside the split
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)  # exp(-inf) = 0 off the edge
+        m = m_new
+
+    out = pid_s.to(tl.int64) * R + offs_r
+    tl.store(best_ptr + out, best, mask=mask_r)
+    tl.store(slot_ptr + out, slot, mask=mask_r)
+    tl.store(zsel_ptr + out, zsel, mask=mask_r)
+    tl.store(m_ptr + out, m, mask=mask_r)
+    tl.store(s_ptr + out, s, mask=mask_r)
+
+
+@triton.jit
+def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, slot_out, zsel_out, lse_out, R, SPLITS,
+                  BLOCK: tl.constexpr):
+    """Combine per-split partials [SPLITS, R] in split order (fixed order: deterministic; ties to the lower split)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < R
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    slot = tl.zeros((BLOCK,), dtype=tl.int64)
+    zsel = tl.zeros((BLOCK,), dtype=tl.float32)
+    big_m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for i in range(0, SPLITS):
+        b_i = tl.load(best_ptr + i * R + offs, mask=mask, other=float("-inf"))
+        better = b_i > best
+        best = tl.where(better, b_i, best)
+        slot = tl.where(better, tl.load(slot_ptr + i * R + offs, mask=mask, other=0), slot)
+        zsel = tl.where(better, tl.load(zsel_ptr + i * R + offs, mask=mask, other=0.0), zsel)
+        big_m = tl.maximum(big_m, tl.load(m_ptr + i * R + offs, mask=mask, other=0.0))
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, SPLITS):
+        scale = tl.exp(tl.load(m_ptr + i * R + offs, mask=mask, other=0.0) - big_m)
+        s += tl.load(s_ptr + i * R + offs, mask=mask, other=1.0) * scale  # 1.0: no log(0) in masked lanes
+    tl.store(slot_out + offs, slot, mask=mask)
+    tl.store(zsel_out + offs, zsel, mask=mask)
+    tl.store(lse_out + offs, big_m + tl.log(s), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch settings and launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+_MAX_SPLITS = 16  # partials are 5 x splits x R words: small; splits exist for occupancy when R is small
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_r: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+    programs: int  # aim for at least this many programs (row tiles x splits) per launch
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(dtype: torch.dtype, device: torch.device) -> _Config:
+    """One heuristic config (no autotuning). GPU: the masked_logprob forward's tiles, a 64-row tile (sampling
+    batches are often a few hundred rows) and enough vocabulary splits for ~4 programs per SM. Interpreter:
+    16/32-wide tiles so small test shapes still cover ragged edges, several tiles and splits."""
+    if _interpreting() or device.type != "cuda":
+        return _Config(block_r=16, block_v=32, block_h=16, num_warps=1, num_stages=1, programs=4)
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    stages = 2 if dtype == torch.float32 else 3
+    return _Config(block_r=64, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
+
+
+def _split(row_tiles: int, vocab_size: int, block: int, programs: int, splits: int | None) -> tuple[int, int]:
+    """(number of splits, slots per split); every split is non-empty and tile-aligned."""
+    vocab_tiles = triton.cdiv(vocab_size, block)
+    if splits is None:
+        splits = min(_MAX_SPLITS, triton.cdiv(programs, row_tiles))
+    splits = max(1, min(splits, vocab_tiles))
+    per_split = triton.cdiv(vocab_tiles, splits) * block
+    return triton.cdiv(vocab_size, per_split), per_split
+
+
+def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, splits: int | None = None):
+    num_rows, hidden = h.shape
+    vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
+    dev = h.device
+    slot = torch.empty(num_rows, dtype=torch.int64, device=dev)
+    out = torch.empty(2, num_rows, dtype=torch.float32, device=dev)  # z_sel, lse
+    if num_rows == 0:
+        return slot, out[0], out[1]
+    cfg = _config(h.dtype, dev)
+    row_tiles = triton.cdiv(num_rows, cfg.block_r)
+    splits, v_per_split = _split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits)
+    part_f = torch.empty(4, splits, num_rows, dtype=torch.float32, device=dev)  # best, z_sel, m, s
+    part_slot = torch.empty(splits, num_rows, dtype=torch.int64, device=dev)
+    _fwd_kernel[(row_tiles, splits)](
+        h, w, vocab_ids if vocab_ids is not None else keys, keys,
+        part_f[0], part_slot, part_f[1], part_f[2], part_f[3],
+        num_rows, vocab_size, hidden, float(inv_temp), v_per_split,
+        BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), UPCAST_DOT=_interpreting(),
+        PRECISION="ieee" if h.dtype == torch.float32 else "tf32",  # bf16/fp16 operands ignore it
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    block = 32 if _interpreting() else 1024
+    _merge_kernel[(triton.cdiv(num_rows, block),)](
+        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], slot, out[0], out[1], num_rows, splits,
+        BLOCK=block,
+    )
+    return slot, out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function (contract: stp_kernels.torch_chunked_sample_step)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
+            greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(slot int64 [R], z_sel float32 [R], lse float32 [R]); see ``stp_kernels.torch_chunked_sample_step``."""
+    vocab_ids = vocab_ids.contiguous() if vocab_ids is not None else None
+    return _launch_forward(h.contiguous(), w.contiguous(), vocab_ids, keys.long().contiguous(), float(inv_temp),
+                           bool(greedy))
