@@ -1,0 +1,119 @@
+"""MATH (MATH500 for evaluation): competition problems with a LaTeX answer in ``\\boxed{}``.
+
+Data schema (JSONL / JSON / CSV / parquet, one example per row):
+
+    problem:  str             the problem (LaTeX)
+    answer:   str | int       the reference answer ("\\frac{1}{2}"); or, instead,
+    solution: str             a worked solution whose last \\boxed{} holds the answer (d1's training data)
+
+Hub: test = ``HuggingFaceH4/MATH-500`` (500); train = ``ankner/math-500`` train split (d1's training source), whose
+rows carry ``solution``.
+
+Rewards (METHOD.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
+
+    correctness_reward 2.0 if the last \\boxed{} of the completion is equivalent to the reference
+    format_reward      0.5 x ([<answer>...</answer> present] + [\\boxed in the answer: 1, else 0.5])
+
+The format term is 0.25 even for an empty completion ("else 0.5"): that is METHOD.md's formula, kept as is; a constant
+offset changes no GRPO advantage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from . import _d1
+from .base import SYSTEM_PROMPT, Task
+from .data import Where, get_str, load_hub
+from .extract import answer_block
+from .latex import is_equiv, last_boxed
+
+__all__ = ["MATH", "correctness_reward", "format_reward", "reference_answer"]
+
+MATH_INSTRUCTION = (
+    "You are a math expert. You will be given a question to solve. Solve it step by step. "
+    "Wrap the final answer in a \\boxed{}. \n\n"
+)
+
+
+def reference_answer(example: Mapping[str, Any]) -> str:
+    """The reference answer: ``example["answer"]``, unwrapped if it is itself ``\\boxed{...}``.
+
+    >>> reference_answer({"answer": "\\\\boxed{\\\\frac{1}{2}}"})
+    '\\\\frac{1}{2}'
+    """
+    answer = str(example["answer"])
+    boxed = last_boxed(answer) if "\\boxed" in answer else None
+    return boxed if boxed is not None else answer
+
+
+def correctness_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
+    """2.0 if the last ``\\boxed{}`` in the completion is equivalent to the reference answer (``stp.tasks.latex``).
+
+    >>> ex = {"answer": "\\\\frac{1}{2}"}
+    >>> correctness_reward("<answer>\\n$\\\\boxed{0.5}$\\n</answer>", ex), correctness_reward("1/2", ex)
+    (2.0, 0.0)
+    >>> correctness_reward("\\\\frac{1}{2}", ex, d1_compat=True)  # d1: no box -> compares the whole completion
+    2.0
+    """
+    if d1_compat:
+        return _d1.math_correctness(completion, reference_answer(example))
+    return 2.0 if is_equiv(last_boxed(completion), reference_answer(example)) else 0.0
+
+
+def format_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
+    """0.5 x ([answer tags present] + [``\\boxed`` inside the answer, else 0.5]); the whole completion is searched
+    for ``\\boxed`` when it has no answer tags.
+
+    Fixed (vs d1): d1 tests ``"\\boxed" in r`` without a raw string, i.e. for a backspace character followed by
+    "oxed", which never occurs, so the box credit was always the 0.5 fallback (maximum 0.75 instead of 1.0).
+
+    >>> format_reward("<answer>\\n\\\\boxed{2}\\n</answer>", {}), format_reward("<answer>\\n2\\n</answer>", {})
+    (1.0, 0.75)
+    >>> format_reward("<answer>\\n\\\\boxed{2}\\n</answer>", {}, d1_compat=True), format_reward("", {})
+    (0.75, 0.25)
+    """
+    if d1_compat:
+        return _d1.math_format(completion)
+    block = answer_block(completion)
+    searched = completion if block is None else block
+    return 0.5 * ((block is not None) + (1.0 if "\\boxed" in searched else 0.5))
+
+
+@dataclass(frozen=True)
+class MATH(Task):
+    name: ClassVar[str] = "math"
+    reward_functions: ClassVar = (correctness_reward, format_reward)
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The content of the last ``\\boxed{}`` (d1_compat: d1's ``remove_boxed(last_boxed_only_string(...))``)."""
+        if not self.d1_compat:
+            return last_boxed(completion)
+        try:
+            return _d1.remove_boxed(_d1.last_boxed_only_string(completion))
+        except Exception:
+            return completion
+
+    def metric(self, completion: str, example: Mapping[str, Any]) -> float:
+        return correctness_reward(completion, example, d1_compat=self.d1_compat) / 2.0
+
+    def parse_row(self, row: Mapping[str, Any], where: Where) -> dict:
+        problem = get_str(row, ("problem", "question"), where)
+        if row.get("answer") not in (None, ""):
+            answer = get_str(row, ("answer",), where, allow_int=True)
+        else:
+            solution = get_str(row, ("answer", "solution"), where)
+            answer = last_boxed(solution)
+            if answer is None:
+                raise where.error("solution", "no answer given and no balanced \\boxed{...} in the solution")
+        return {**row, "problem": problem, "answer": answer}
+
+    def load_hub(self, split: str) -> list[dict]:
+        if split == "test":
+            return load_hub("HuggingFaceH4/MATH-500", "test", self.parse_row)
+        return load_hub("ankner/math-500", split, self.parse_row)
+
+    def prompt_text(self, example: Mapping[str, Any]) -> str:
+        return f"{SYSTEM_PROMPT}\n\n{MATH_INSTRUCTION}{example['problem']}"
