@@ -46,24 +46,38 @@ def _device_line() -> str:
             f"{datetime.date.today().isoformat()}")
 
 
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
 def _table() -> str:
+    """One markdown table per group. A row is ``record(group=, variant=, base=, **columns)``; numeric columns named
+    "median ms" and "peak MiB" also get a ratio to the group's ``base`` variant."""
     lines = [f"Device: {_device_line()}", ""]
     groups: dict[str, list[dict]] = {}
     for row in ROWS:
         groups.setdefault(row["group"], []).append(row)
     for group, rows in groups.items():
-        base = next((r for r in rows if r["variant"] == "naive_torch"), None)
-        has_floor = any(r.get("floor_ms") for r in rows)
-        lines += [f"**{group}**", ""]
-        head = "| variant | median ms | vs naive | peak MiB | vs naive |" + (" floor fraction |" if has_floor else "")
-        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        base_name = rows[0].get("base")
+        base = next((r for r in rows if r["variant"] == base_name), None)
+        columns = [c for c in rows[0] if c not in ("group", "variant", "base")]
+        head = ["variant"]
+        for c in columns:
+            head.append(c)
+            if c in ("median ms", "peak MiB") and base is not None:
+                head.append(f"vs {base_name}")
+        lines += [f"**{group}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            t_ratio = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
-            m_ratio = f"{r['peak_mib'] / base['peak_mib']:.3f}x" if base and base["peak_mib"] > 0 else "-"
-            line = f"| {r['variant']} | {r['median_ms']:.1f} | {t_ratio} | {r['peak_mib']:.1f} | {m_ratio} |"
-            if has_floor:
-                line += f" {r['floor_ms'] / r['median_ms']:.2f} |" if r.get("floor_ms") else " - |"
-            lines.append(line)
+            cells = [r["variant"]]
+            for c in columns:
+                v = r.get(c)
+                cells.append("-" if v is None else _fmt(v))
+                if c in ("median ms", "peak MiB") and base is not None:
+                    ok = v is not None and base.get(c)
+                    cells.append(f"{v / base[c]:.3f}x" if ok else "-")
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
