@@ -166,10 +166,13 @@ def generate(
         anchor[:, :lp] = prior.mask.to(device=device, dtype=torch.bool)
         canvas = x[:, plen:plen + lp]
         x[:, plen:plen + lp] = torch.where(anchor[:, :lp], prior.tokens.to(device), canvas)
-    attn = torch.ones(batch, total, dtype=torch.long, device=device)
+    # Without padding the model gets no mask at all (sdpa's fastest path); with padding, [B, P + L] key mask.
+    attn = None
+    prompt_real = torch.ones(batch, plen, dtype=torch.bool, device=device)
     if attention_mask is not None:
+        attn = torch.ones(batch, total, dtype=torch.long, device=device)
         attn[:, :plen] = attention_mask.to(device=device, dtype=torch.long)
-    prompt_real = attn[:, :plen].bool()
+        prompt_real = attn[:, :plen].bool()
 
     # ---- the schedule, fixed up front: transfers per (sample, global step), cut at the early-stop budget
     masked_per_block = (~anchor).view(batch, num_blocks, block_length).sum(-1)  # [B, nb]
