@@ -1,0 +1,647 @@
+"""Static priors (spatial pruning, METHOD.md section 1): ``python -m stp.prior`` and the library behind it.
+
+For each training prompt:
+
+1. sample one completion ``s`` of ``gen_length`` tokens from the *base* model (paper setting: T = 0.9, block 32,
+   256 steps, gen length 256, low-confidence remasking) with ``stp.sampler.generate``;
+2. run ONE forward pass on ``[prompt ; [MASK] * len(s)]`` and score token i by ``log p(s_i | prompt, all masked)``
+   (``stp_kernels.masked_logprob`` at the completion rows only; the [rows, vocab] logits are never materialised);
+3. choose the anchors with :func:`select_anchors`: the ``answer_*`` strategies always free every token that overlaps
+   an ``<answer>...</answer>`` block (tags included; an unclosed block runs to the end of the text) or a
+   ``\\boxed{...}`` (from the backslash to the brace-matched closing brace; unclosed: to the end of the text). Of the
+   remaining ``n_rest`` eligible positions, ``int(n_rest * rho)`` are freed -- the lowest-scoring ones
+   (``*low_confidence``) or uniformly random ones (``*random``, from the counter RNG of ``stp_kernels.reference``
+   keyed by (seed, prompt id): no global RNG). Ties are broken by position (the earlier position is freed first).
+   The other ``n_rest - int(n_rest * rho)`` positions are the anchors, fixed at their absolute canvas positions.
+
+End of sequence. The canvas is ``gen_length`` positions and the completion keeps all of them (absolute positions
+are what anchors mean), but only the *content* -- positions before the first EOS -- can hold anchors. The first EOS
+and everything after it (EOS / padding) are never anchors, for two reasons: (a) an anchored EOS at position p would
+cap every later rollout of that prompt at p tokens (its first EOS can then be no later than p), so RL could never
+lengthen the answer beyond the base model's one sample; (b) trailing EOS padding is typically what an instruct
+model predicts most confidently for a fully masked tail (expected for LLaDA, not measured here), so with rho = 0.95
+the 5% anchor budget would go mostly to padding and the prior would fix little content. Those positions are free
+(decoded in rollouts; in the likelihood they are the padding positions that are always masked). They do not count
+in ``n_rest``. A completion without EOS has no padding: every position is content. A position still holding
+``[MASK]`` (an untrained model can sample [MASK] as its own x0) is never an anchor either (an anchor must be a real
+token).
+
+The JSONL file, one line per prompt (``PRIOR_FORMAT`` = 1)::
+
+    {"format": 1, "prompt_id": "<16 hex: sha256 of the prompt text>", "index": <position in the split>,
+     "prompt": "<prompt text>" | null, "prompt_length": <tokens>,
+     "completion_ids": [gen_length ints], "anchor_mask": "0101...": gen_length chars, 1 = anchor,
+     "kinds": gen_length chars: a anchor, f freed (low score / random), s answer or boxed span, e first EOS and after,
+              m [MASK] token,
+     "valid_length": first EOS index + 1 (gen_length without EOS), "n_rest": int, "n_anchors": int,
+     "scores": [gen_length floats, log p(s_i | prompt, all masked)] (absent with --no-scores),
+     "settings": {"model", "task", "split", "source", "data", "rho", "strategy", "gen_length", "block_length",
+                  "steps", "temperature", "remasking", "seed", "dtype"}}
+
+Command line (every flag is checked before the model loads; an error names the flag, its value and what is allowed)::
+
+    python -m stp.prior --model NAME_OR_PATH --task NAME [--split train] [--data PATH] [--source file|hub|generated]
+        [--limit N] --out PATH.jsonl [--rho 0.95] [--strategy answer_low_confidence] [--gen-length 256]
+        [--block-length 32] [--steps 256] [--temperature 0.9] [--seed 0] [--batch-size 8] [--device cpu|cuda[:i]]
+        [--dtype auto|float32|bfloat16|float16] [--no-scores] [--backend NAME]
+
+``--seed`` keys the sampling noise and the random strategies; procedurally generated data (``--source generated``)
+always uses its generator's seed 0, so the prompt set does not change with ``--seed``. Remasking is fixed to the
+paper's ``low_confidence``. Prompts are the task's chat-formatted prompts (``Task.format_prompt``); a trainer finds
+the prior of a prompt by ``prompt_id(prompt_text)``.
+
+Every line carries the settings; a rerun must use the same ones (a different one is refused, naming it), and skips
+the prompts already in the file. Lines are written, flushed and fsync'ed once per batch, so a killed run loses at
+most the batch in flight; the torn trailing line such a kill can leave is dropped with a warning (and cut off the
+file before appending). A corrupt line anywhere else is an error naming the file and line number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stp_kernels import masked_logprob
+from stp_kernels.reference import counter_uniform, row_keys
+
+__all__ = ["STRATEGIES", "PRIOR_FORMAT", "Selection", "PriorFileError", "TornLineWarning", "prompt_id",
+           "sample_id_of", "free_spans", "select_anchors", "score_completions", "build_priors", "load_priors",
+           "read_prior_file", "to_sampler_prior", "main"]
+
+STRATEGIES = ("answer_low_confidence", "low_confidence", "random", "answer_random")
+PRIOR_FORMAT = 1
+_RANDOM_STEP = 0x9F1A0C5  # counter "step" of the random strategies (distinct from the sampler's steps)
+# Settings that identify a prior file (a rerun must match them all), with the CLI flag each comes from.
+SETTING_FLAGS = {"model": "--model", "task": "--task", "split": "--split", "source": "--source", "data": "--data",
+                 "rho": "--rho", "strategy": "--strategy", "gen_length": "--gen-length",
+                 "block_length": "--block-length", "steps": "--steps", "temperature": "--temperature",
+                 "remasking": "remasking", "seed": "--seed", "dtype": "--dtype"}
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PriorFileError(ValueError):
+    """A prior file that cannot be used: a corrupt line (named by file and line number) or mismatched settings."""
+
+
+class TornLineWarning(UserWarning):
+    """The last line of a prior file is incomplete (a run was killed while writing it); it is dropped."""
+
+
+# ---------------------------------------------------------------------------------------------------- identities
+
+
+def prompt_id(prompt: str | Sequence[int]) -> str:
+    """Stable id of a prompt: the first 16 hex digits of the SHA-256 of its text (token prompts: of their ids)."""
+    if isinstance(prompt, str):
+        data = prompt.encode("utf-8")
+    else:
+        data = ("ids:" + ",".join(str(int(t)) for t in prompt)).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def sample_id_of(pid: str) -> int:
+    """The 40-bit integer of a prompt id that keys its sampling noise and random selection (so a prompt samples
+    the same completion in any batch, and ``sample_id * gen_length + position`` stays far inside int64)."""
+    return int(pid[:10], 16)
+
+
+# ----------------------------------------------------------------------------------------------------- selection
+
+
+@dataclass
+class Selection:
+    """Anchor choice for one completion of L positions (all [L] bool tensors on the CPU)."""
+
+    anchors: torch.Tensor  # True = anchor (fixed at this absolute position)
+    span: torch.Tensor  # always free: inside <answer>...</answer> or \boxed{...} (answer_* strategies)
+    ended: torch.Tensor  # the first EOS and everything after it (never anchors)
+    masked: torch.Tensor  # positions holding [MASK] (never anchors)
+    freed: torch.Tensor  # eligible positions freed by score / at random
+    valid_length: int  # first EOS index + 1, or L without EOS
+    n_rest: int  # eligible positions: content, not span, not [MASK]
+
+    @property
+    def n_anchors(self) -> int:
+        return int(self.anchors.sum())
+
+    def kinds(self) -> str:
+        """One char per position: a anchor, f freed, s span, e EOS/padding, m [MASK] (in that precedence)."""
+        out = []
+        for a, f, s, e, m in zip(self.anchors.tolist(), self.freed.tolist(), self.span.tolist(),
+                                 self.ended.tolist(), self.masked.tolist()):
+            out.append("a" if a else "e" if e else "m" if m else "s" if s else "f" if f else "?")
+        return "".join(out)
+
+
+def free_spans(text: str) -> list[tuple[int, int]]:
+    """Character intervals [start, end) of ``text`` always kept free: each ``<answer>...</answer>`` block with its
+    tags (unclosed: to the end) and each ``\\boxed{...}`` from the backslash to its brace-matched ``}`` (unclosed:
+    to the end).
+
+    >>> free_spans(r"x \\boxed{a{b}c} y <answer>7</answer>!")
+    [(2, 15), (18, 36)]
+    """
+    spans = []
+    start = 0
+    while (i := text.find("<answer>", start)) >= 0:
+        j = text.find("</answer>", i + len("<answer>"))
+        end = len(text) if j < 0 else j + len("</answer>")
+        spans.append((i, end))
+        start = end
+    start = 0
+    while (i := text.find("\\boxed{", start)) >= 0:
+        depth, k = 0, i + len("\\boxed")
+        end = len(text)
+        while k < len(text):
+            if text[k] == "{":
+                depth += 1
+            elif text[k] == "}":
+                depth -= 1
+                if depth == 0:
+                    end = k + 1
+                    break
+            k += 1
+        spans.append((i, end))
+        start = i + len("\\boxed{")
+    return sorted(spans)
+
+
+def _token_char_spans(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """(decoded text, [start, end) character interval of each token): from the decodings of every prefix, so it
+    holds for any tokenizer (byte-level BPE included), not only those with offset mappings."""
+    kwargs = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    prefixes = tokenizer.batch_decode([ids[:k] for k in range(len(ids) + 1)], **kwargs)
+    bounds = [len(p) for p in prefixes]
+    for k in range(1, len(bounds)):  # a partial multi-byte character may shorten a prefix: keep them monotone
+        bounds[k] = max(bounds[k], bounds[k - 1])
+    return prefixes[-1], [(bounds[k], bounds[k + 1]) for k in range(len(ids))]
+
+
+def _random_scores(seed: int, sample_id: int, length: int) -> torch.Tensor:
+    """Uniforms in (0, 1) per position from (seed, sample id, position): the counter RNG, no global state."""
+    keys = row_keys(int(seed), _RANDOM_STEP, torch.tensor([int(sample_id)], dtype=torch.long))
+    return counter_uniform(keys, torch.arange(length, dtype=torch.long))[0]
+
+
+def _check_rho_strategy(rho, strategy, fn: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{fn}: strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
+        raise ValueError(f"{fn}: rho={rho!r}; allowed: a number in [0, 1]")
+
+
+def select_anchors(scores, completion_ids, tokenizer=None, *, rho: float, strategy: str, seed: int = 0,
+                   sample_id: int = 0, eos_token_id: int | None = None,
+                   mask_token_id: int | None = None) -> Selection:
+    """Choose the anchors of one completion (pure: no model, no global RNG).
+
+    Args:
+        scores: [L] one-step log-probabilities log p(s_i | prompt, all masked) (any float sequence; unused by the
+            random strategies).
+        completion_ids: [L] the completion's token ids (the whole canvas, EOS padding included).
+        tokenizer: decodes the content to find ``<answer>`` and ``\\boxed{}`` spans (needed by ``answer_*``
+            strategies); also supplies the default EOS and mask ids.
+        rho: fraction of the eligible positions to free (the paper's rho; anchors = the rest).
+        strategy: one of ``STRATEGIES``.
+        seed, sample_id: key of the random strategies' counter RNG (the CLI uses ``sample_id_of(prompt_id)``).
+        eos_token_id, mask_token_id: default to the tokenizer's.
+    """
+    fn = "stp.prior.select_anchors"
+    _check_rho_strategy(rho, strategy, fn)
+    ids = torch.as_tensor(completion_ids, dtype=torch.long).flatten().cpu()
+    length = ids.numel()
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if mask_token_id is None:
+        mask_token_id = getattr(tokenizer, "mask_token_id", None)
+    pos = torch.arange(length)
+    ended = torch.zeros(length, dtype=torch.bool)
+    valid_length = length
+    if eos_token_id is not None:
+        hits = (ids == int(eos_token_id)).nonzero()
+        if hits.numel():
+            valid_length = int(hits[0, 0]) + 1
+            ended = pos >= valid_length - 1
+    masked = (ids == int(mask_token_id)) if mask_token_id is not None else torch.zeros(length, dtype=torch.bool)
+    span = torch.zeros(length, dtype=torch.bool)
+    content = valid_length - 1 if bool(ended.any()) else length  # positions before the first EOS
+    if strategy.startswith("answer_") and content > 0:
+        if tokenizer is None:
+            raise ValueError(f"{fn}: strategy {strategy!r} needs a tokenizer to find <answer> and \\boxed{{}} spans")
+        text, tok_spans = _token_char_spans(ids[:content].tolist(), tokenizer)
+        for a, b in free_spans(text):
+            for k, (s, e) in enumerate(tok_spans):
+                if (s < b and e > a) or (s == e and a <= s < b):
+                    span[k] = True
+    eligible = ~ended & ~masked & ~span
+    n_rest = int(eligible.sum())
+    n_free = int(n_rest * rho)
+    if strategy.endswith("random"):
+        key = _random_scores(seed, sample_id, length).double()
+    else:
+        if scores is None:
+            raise ValueError(f"{fn}: strategy {strategy!r} needs scores (one per completion token)")
+        key = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+        if key.numel() != length:
+            raise ValueError(f"{fn}: scores has {key.numel()} entries, completion_ids {length}")
+        key = torch.nan_to_num(key, nan=-math.inf)
+    cand = pos[eligible]
+    order = cand[torch.argsort(key[eligible], stable=True)]  # ascending score, ties by position
+    freed = torch.zeros(length, dtype=torch.bool)
+    freed[order[:n_free]] = True
+    anchors = eligible & ~freed
+    return Selection(anchors=anchors, span=span, ended=ended, masked=masked, freed=freed,
+                     valid_length=valid_length, n_rest=n_rest)
+
+
+# ------------------------------------------------------------------------------------------------------- building
+
+
+def _encode(model, prompts, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Prompts (texts, token-id lists, or a [B, P] tensor with optional padding mask) -> left-padded ids, mask and
+    the per-prompt keys used for ids (text, or the unpadded id list)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt tensor must be [B, P], got shape {tuple(prompts.shape)}")
+        mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
+        prompts = [row[m.bool()].tolist() for row, m in zip(prompts.cpu(), mask.cpu())]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts")
+    if all(isinstance(p, str) for p in prompts):
+        if model.tokenizer is None:
+            raise ValueError("text prompts need a model with a tokenizer; pass token ids instead")
+        seqs = [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        keys: list = prompts
+    else:
+        seqs = [[int(t) for t in p] for p in prompts]
+        keys = seqs
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("empty prompt")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), int(model.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask, keys
+
+
+@torch.no_grad()
+def score_completions(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      completions: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """[B, L] float32 log p(s_i | prompt, all masked): one forward pass on [prompt ; [MASK] * L], log-probs at the
+    completion rows only (``masked_logprob``)."""
+    batch, plen = prompt_ids.shape
+    length = completions.shape[1]
+    device = model.device
+    x = torch.full((batch, plen + length), int(model.mask_token_id), dtype=torch.long, device=device)
+    x[:, :plen] = prompt_ids.to(device)
+    attn = None
+    if attention_mask is not None:
+        attn = torch.ones(batch, plen + length, dtype=torch.long, device=device)
+        attn[:, :plen] = attention_mask.to(device)
+    hidden = model.backbone(x, attn)
+    total = plen + length
+    starts = torch.arange(batch, device=device)[:, None] * total + plen
+    rows = (starts + torch.arange(length, device=device)).reshape(-1)
+    logp = masked_logprob(hidden.reshape(batch * total, -1), model.lm_head_weight,
+                          completions.to(device).reshape(-1), rows=rows, backend=backend)
+    return logp.view(batch, length).float().cpu()
+
+
+def build_priors(model, prompts, *, rho: float, strategy: str, gen_length: int = 256, block_length: int = 32,
+                 steps: int = 256, temperature: float = 0.9, seed: int, remasking: str = "low_confidence",
+                 attention_mask: torch.Tensor | None = None, indices: Sequence[int] | None = None,
+                 settings: Mapping[str, Any] | None = None,
+                 keep_scores: bool = True, keep_prompt: bool = True, backend: str | None = None) -> list[dict]:
+    """Static priors for a batch of prompts: one JSON-ready record per prompt (schema in the module docstring).
+
+    ``prompts``: texts (tokenised without special tokens: render the chat template first), token-id lists, or a
+    [B, P] tensor (``attention_mask`` marks real tokens). ``indices``: each prompt's position in its dataset
+    (default 0..B-1). ``settings``: extra identity fields recorded (the CLI adds model, task, split, data...).
+    The completion of a prompt depends on (seed, prompt id) only, not on the batch it is in (noise is keyed by
+    ``sample_id_of(prompt_id)``); ``backend`` is the ``stp_kernels`` backend of sampling and scoring.
+    """
+    from stp import sampler
+
+    _check_rho_strategy(rho, strategy, "stp.prior.build_priors")
+    ids, mask, keys = _encode(model, prompts, attention_mask)
+    pids = [prompt_id(k) for k in keys]
+    if indices is None:
+        indices = list(range(len(pids)))
+    if len(indices) != len(pids):
+        raise ValueError(f"indices has {len(indices)} entries for {len(pids)} prompts")
+    device = model.device
+    sample_ids = torch.tensor([sample_id_of(p) for p in pids], dtype=torch.long, device=device)
+    out = sampler.generate(model, ids.to(device), attention_mask=mask.to(device), gen_length=gen_length,
+                           block_length=block_length, steps=steps, temperature=temperature, remasking=remasking,
+                           seed=seed, sample_ids=sample_ids, backend=backend)
+    completions = out.completions.cpu()
+    scores = score_completions(model, ids, mask, completions, backend=backend)
+    recorded = {"model": getattr(model, "name", None), "rho": rho, "strategy": strategy, "gen_length": gen_length,
+                "block_length": block_length, "steps": steps, "temperature": temperature,
+                "remasking": remasking, "seed": seed, **(settings or {})}
+    records = []
+    for b, pid in enumerate(pids):
+        sel = select_anchors(scores[b], completions[b], model.tokenizer, rho=rho, strategy=strategy, seed=seed,
+                             sample_id=sample_id_of(pid), eos_token_id=model.eos_token_id,
+                             mask_token_id=model.mask_token_id)
+        rec = {"format": PRIOR_FORMAT, "prompt_id": pid, "index": int(indices[b]),
+               "prompt": keys[b] if keep_prompt and isinstance(keys[b], str) else None,
+               "prompt_length": int(mask[b].sum()), "completion_ids": completions[b].tolist(),
+               "anchor_mask": "".join("1" if a else "0" for a in sel.anchors.tolist()), "kinds": sel.kinds(),
+               "valid_length": sel.valid_length, "n_rest": sel.n_rest, "n_anchors": sel.n_anchors}
+        if keep_scores:
+            # Exact float32 values (not rounded): select_anchors on the stored scores reproduces the anchor mask.
+            rec["scores"] = [v if math.isfinite(v) else -3.0e38 for v in scores[b].tolist()]
+        rec["settings"] = dict(recorded)
+        records.append(rec)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------ the file
+
+
+def _check_record(rec, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise PriorFileError(f"{where}: a line must be a JSON object, got {type(rec).__name__}")
+    for field, kind in (("prompt_id", str), ("completion_ids", list), ("anchor_mask", str), ("settings", dict)):
+        if not isinstance(rec.get(field), kind):
+            raise PriorFileError(f"{where}: field {field!r} missing or not a {kind.__name__}")
+    if rec.get("format") != PRIOR_FORMAT:
+        raise PriorFileError(f"{where}: format {rec.get('format')!r}; this version reads format {PRIOR_FORMAT}")
+    n = len(rec["completion_ids"])
+    if len(rec["anchor_mask"]) != n or set(rec["anchor_mask"]) - {"0", "1"}:
+        raise PriorFileError(f"{where}: anchor_mask must be {n} chars of 0/1 (one per completion token)")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in rec["completion_ids"]):
+        raise PriorFileError(f"{where}: completion_ids must be ints")
+    if "scores" in rec and (not isinstance(rec["scores"], list) or len(rec["scores"]) != n):
+        raise PriorFileError(f"{where}: scores must be a list of {n} numbers")
+
+
+def read_prior_file(path: str | os.PathLike) -> tuple[list[dict], int, bool]:
+    """(records in file order, byte length of the complete lines, whether a torn trailing line was dropped).
+
+    A line that is not a valid record is an error naming file and line, except the last line when it has no
+    newline and does not parse (a kill while writing it): that one is dropped with a ``TornLineWarning``."""
+    path = Path(path)
+    data = path.read_bytes()
+    records: list[dict] = []
+    seen: dict[str, int] = {}
+    good_end = 0
+    torn = False
+    offset = 0
+    lines = data.split(b"\n")  # the last element is what follows the last newline (b"" for a whole file)
+    for lineno, raw in enumerate(lines, start=1):
+        last = lineno == len(lines)
+        offset += len(raw) + (0 if last else 1)
+        if not raw.strip():  # blank lines carry nothing
+            if not last:
+                good_end = offset
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if last:  # no newline after it: the torn tail of a killed run
+                warnings.warn(f"{where}: incomplete last line ({len(raw)} bytes, {e}); dropping it (a run was "
+                              f"killed while writing it): its prompt will be redone", TornLineWarning, stacklevel=2)
+                torn = True
+                break
+            raise PriorFileError(f"{where}: corrupt line: not valid JSON ({e})") from None
+        _check_record(rec, where)
+        if rec["prompt_id"] in seen:
+            raise PriorFileError(f"{where}: prompt_id {rec['prompt_id']} already at line {seen[rec['prompt_id']]}")
+        seen[rec["prompt_id"]] = lineno
+        records.append(rec)
+        good_end = offset
+    return records, good_end, torn
+
+
+def load_priors(path: str | os.PathLike) -> dict[str, dict]:
+    """The records of a prior file by prompt id (see ``prompt_id``); a torn last line is dropped with a warning."""
+    records, _, _ = read_prior_file(path)
+    return {rec["prompt_id"]: rec for rec in records}
+
+
+def to_sampler_prior(records: Sequence[Mapping[str, Any]], gen_length: int,
+                     device: torch.device | str | None = None):
+    """``stp.sampler.Prior`` for a batch (one record per row, in order): tokens and anchor mask [B, gen_length].
+    A record longer than the canvas is cut when its cut part has no anchor, otherwise refused."""
+    from stp.sampler import Prior
+
+    tokens = torch.zeros(len(records), gen_length, dtype=torch.long)
+    mask = torch.zeros(len(records), gen_length, dtype=torch.bool)
+    for b, rec in enumerate(records):
+        ids, anchors = rec["completion_ids"], rec["anchor_mask"]
+        if len(anchors) != len(ids):
+            raise ValueError(f"record {rec.get('prompt_id')}: anchor_mask and completion_ids differ in length")
+        if "1" in anchors[gen_length:]:
+            raise ValueError(f"record {rec.get('prompt_id')}: anchors at position >= gen_length={gen_length} "
+                             f"(the prior was built for a {len(ids)}-token canvas)")
+        n = min(len(ids), gen_length)
+        tokens[b, :n] = torch.tensor(ids[:n], dtype=torch.long)
+        mask[b, :n] = torch.tensor([c == "1" for c in anchors[:n]], dtype=torch.bool)
+    return Prior(tokens=tokens.to(device), mask=mask.to(device))
+
+
+# -------------------------------------------------------------------------------------------------------- the CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stp.prior", description="Build the static priors (anchors) of a "
+                                "task's prompts with a base model (METHOD.md section 1).")
+    p.add_argument("--model", required=True, help="'tiny', a local model directory, or a Hub id")
+    p.add_argument("--task", required=True, help="gsm8k, math, countdown, sudoku")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data", default=None, help="a local data file (default: the task's default source)")
+    p.add_argument("--source", default=None, help="file, hub or generated (default: file with --data, else the "
+                   "task's default)")
+    p.add_argument("--limit", default=None, help="only the first N prompts")
+    p.add_argument("--out", required=True, help="output .jsonl (appended to / resumed)")
+    p.add_argument("--rho", default="0.95")
+    p.add_argument("--strategy", default="answer_low_confidence")
+    p.add_argument("--gen-length", default="256")
+    p.add_argument("--block-length", default="32")
+    p.add_argument("--steps", default="256")
+    p.add_argument("--temperature", default="0.9")
+    p.add_argument("--seed", default="0")
+    p.add_argument("--batch-size", default="8")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="auto", help=f"{', '.join(_DTYPES)} (auto: the checkpoint's)")
+    p.add_argument("--no-scores", action="store_true", help="do not store the per-token scores")
+    p.add_argument("--backend", default=None, help="stp_kernels backend (default: the fastest available)")
+    return p
+
+
+def _validate(args, parser) -> dict:
+    """Every flag checked (no model, no data loaded yet); returns the parsed values."""
+    from stp.tasks import TASKS
+
+    def fail(flag, value, allowed):
+        parser.error(f"{flag}={value!r} is not allowed; allowed: {allowed}")
+
+    def as_int(flag, value, low=1):
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            fail(flag, value, f"an integer >= {low}")
+        if v < low:
+            fail(flag, value, f"an integer >= {low}")
+        return v
+
+    def as_float(flag, value, low, high, what):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            fail(flag, value, what)
+        if not (math.isfinite(v) and low <= v <= high):
+            fail(flag, value, what)
+        return v
+
+    v: dict[str, Any] = {}
+    looks_local = args.model.startswith(("/", "./", "../", "~")) or args.model.count("/") > 1
+    if args.model != "tiny" and looks_local and not Path(args.model).expanduser().is_dir():
+        fail("--model", args.model, "'tiny', an existing model directory, or a Hub id (org/name)")
+    if args.task not in TASKS:
+        fail("--task", args.task, ", ".join(TASKS))
+    task_cls = TASKS[args.task]
+    if args.split not in task_cls.splits:
+        fail("--split", args.split, ", ".join(task_cls.splits))
+    if args.source is not None and args.source not in ("file", "hub", "generated"):
+        fail("--source", args.source, "file, hub, generated")
+    source = args.source or ("file" if args.data is not None else task_cls.default_source)
+    if source == "file" and args.data is None:
+        fail("--source", source, "hub or generated without --data (source 'file' needs --data PATH)")
+    data = None
+    if args.data is not None:
+        path = Path(args.data).expanduser()
+        if not path.is_file():
+            fail("--data", args.data, "an existing data file (.jsonl, .json, .csv, .parquet)")
+        data = str(path.resolve())
+    v["limit"] = None if args.limit is None else as_int("--limit", args.limit)
+    v["rho"] = as_float("--rho", args.rho, 0.0, 1.0, "a number in [0, 1]")
+    if args.strategy not in STRATEGIES:
+        fail("--strategy", args.strategy, ", ".join(STRATEGIES))
+    gen = as_int("--gen-length", args.gen_length)
+    block = as_int("--block-length", args.block_length)
+    if gen % block:
+        fail("--block-length", args.block_length, f"a divisor of --gen-length={gen}")
+    steps = as_int("--steps", args.steps)
+    if steps % (gen // block):
+        fail("--steps", args.steps, f"a multiple of the number of blocks (--gen-length / --block-length = "
+             f"{gen // block})")
+    v["temperature"] = as_float("--temperature", args.temperature, 0.0, math.inf, "a finite number >= 0")
+    v["seed"] = as_int("--seed", args.seed, low=0)
+    v["batch_size"] = as_int("--batch-size", args.batch_size)
+    if args.dtype not in _DTYPES:
+        fail("--dtype", args.dtype, ", ".join(_DTYPES))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        fail("--device", device, "a torch device such as cpu, cuda, cuda:0")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail("--device", device, "cpu (no CUDA device is available here)")
+    if args.backend is not None:
+        from stp_kernels import available_backends
+
+        names = list(available_backends())
+        if args.backend not in names:
+            fail("--backend", args.backend, ", ".join(names))
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        fail("--out", args.out, "a file path (this is a directory)")
+    if not out.parent.exists():
+        fail("--out", args.out, "a path in an existing directory")
+    v.update(gen_length=gen, block_length=block, steps=steps, device=dev, out=out, source=source, data=data)
+    v["settings"] = {"model": args.model, "task": args.task, "split": args.split, "source": source, "data": data,
+                     "rho": v["rho"], "strategy": args.strategy, "gen_length": gen, "block_length": block,
+                     "steps": steps, "temperature": v["temperature"], "remasking": "low_confidence",
+                     "seed": v["seed"], "dtype": args.dtype}
+    return v
+
+
+def _check_settings(records: list[dict], settings: dict, path: Path) -> None:
+    for lineno, rec in enumerate(records, start=1):
+        theirs = rec["settings"]
+        for key, ours in settings.items():
+            if theirs.get(key, "<missing>") != ours:
+                flag = SETTING_FLAGS.get(key, key)
+                raise PriorFileError(f"{path}:{lineno} was written with {flag} {theirs.get(key, '<missing>')!r}; "
+                                     f"this run has {flag} {ours!r}. One file holds one setting: rerun with the "
+                                     f"same {flag} or write to another --out")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from stp import models
+    from stp.tasks import get_task
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    v = _validate(args, parser)
+    out: Path = v["out"]
+    settings = v["settings"]
+    done: set[str] = set()
+    try:
+        if out.exists():
+            records, good_end, torn = read_prior_file(out)
+            _check_settings(records, settings, out)
+            done = {r["prompt_id"] for r in records}
+            if torn or good_end != out.stat().st_size:
+                with open(out, "r+b") as f:  # cut the torn tail so that appended lines start on a fresh line
+                    f.truncate(good_end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if good_end and not out.read_bytes().endswith(b"\n"):
+                with open(out, "ab") as f:
+                    f.write(b"\n")
+    except PriorFileError as e:
+        raise SystemExit(f"stp.prior: error: {e}") from None
+
+    task = get_task(args.task)
+    examples = task.load(args.split, v["data"], source=v["source"], n=v["limit"])  # generators: their seed 0
+    model = models.load(args.model, dtype=_DTYPES[args.dtype], device=v["device"])
+    if model.tokenizer is None:
+        raise SystemExit(f"stp.prior: error: model {args.model!r} has no tokenizer; prompts cannot be rendered")
+    todo: list[tuple[int, str]] = []
+    queued = set(done)
+    for index, example in enumerate(examples):
+        text = task.format_prompt(example, model.tokenizer)
+        pid = prompt_id(text)
+        if pid not in queued:  # finished earlier, or a duplicate prompt of this split
+            queued.add(pid)
+            todo.append((index, text))
+    print(f"stp.prior: {len(examples)} prompts, {len(done)} already in {out}, {len(todo)} to build",
+          file=sys.stderr)
+    bs = v["batch_size"]
+    with tqdm(total=len(todo), unit="prompt", desc="priors", file=sys.stderr) as bar, open(out, "a") as f:
+        for start in range(0, len(todo), bs):
+            chunk = todo[start:start + bs]
+            recs = build_priors(model, [t for _, t in chunk], indices=[i for i, _ in chunk], rho=v["rho"],
+                                strategy=args.strategy, gen_length=v["gen_length"], block_length=v["block_length"],
+                                steps=v["steps"], temperature=v["temperature"], seed=v["seed"],
+                                settings=settings, keep_scores=not args.no_scores, backend=args.backend)
+            f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
