@@ -8,9 +8,10 @@ Backends: ``torch`` (plain reference), ``torch_chunked``, ``cpu`` (C++/OpenMP), 
 
 from ._backends import available_backends, backend_status
 from .masked_logprob import masked_logprob
+from .noise_masks import noise_masks
 from .reference import counter_gumbel, masked_logprob_reference, sample_step_reference
 from .sample_step import sample_step
 
 __all__ = ["available_backends", "backend_status", "counter_gumbel", "masked_logprob", "masked_logprob_reference",
-           "sample_step", "sample_step_reference"]
+           "noise_masks", "sample_step", "sample_step_reference"]
 __version__ = "0.1.0"
