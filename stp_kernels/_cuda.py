@@ -12,28 +12,31 @@ from types import ModuleType
 import torch
 
 _ext: ModuleType | None = None
+_REBUILD = "STP_CUDA=1 pip install --no-build-isolation -e . on a machine with the CUDA toolkit"
+
+
+def extension(entry_point: str) -> ModuleType:
+    """The compiled ``stp_kernels._C_cuda``, checked to provide ``entry_point``; ImportError saying how to build it."""
+    global _ext
+    if _ext is None:
+        try:
+            from . import _C_cuda  # torch must be imported first: the extension links against libtorch
+        except ImportError as exc:
+            raise ImportError(f"stp_kernels._C_cuda is not built (stp_kernels was installed without CUDA): "
+                              f"reinstall with {_REBUILD} (import error: {exc})") from exc
+        _ext = _C_cuda
+    if not hasattr(_ext, entry_point):
+        raise ImportError(f"stp_kernels._C_cuda predates {entry_point}: rebuild it with {_REBUILD}")
+    return _ext
 
 
 def check() -> None:
     """Raise ImportError (with how to build it) when the compiled extension is missing."""
-    global _ext
-    if _ext is not None:
-        return
-    try:
-        from . import _C_cuda  # torch must be imported first: the extension links against libtorch
-    except ImportError as exc:
-        raise ImportError(
-            "stp_kernels._C_cuda is not built (stp_kernels was installed without CUDA): reinstall with "
-            "STP_CUDA=1 pip install --no-build-isolation -e . on a machine with the CUDA toolkit "
-            f"(import error: {exc})"
-        ) from exc
-    _ext = _C_cuda
+    extension("forward")
 
 
 def _module() -> ModuleType:
-    check()
-    assert _ext is not None
-    return _ext
+    return extension("forward")
 
 
 def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,

@@ -24,6 +24,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "common.cuh"
 #include <mma.h>
 
 #include <cstdint>
@@ -33,10 +35,13 @@ namespace stp_mlp {
 namespace {
 
 using namespace nvcuda;
+using stp_cuda::kFull;
+using stp_cuda::to_float;
+using stp_cuda::warp_max;
+using stp_cuda::warp_sum;
 
 constexpr int kThreads = 256;  // every kernel: 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFull = 0xffffffffu;
 // Forward: aim for this many blocks (row tiles x vocabulary splits): ~4 waves at 2 blocks/SM on 132 SMs.
 constexpr int64_t kFwdTargetBlocks = 1024;
 // Backward: each dz scratch buffer holds at most this many elements ([R, chunk]): 128 MiB in float32, and two
@@ -61,9 +66,6 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <typename T> __device__ __forceinline__ float to_float(T x);  // bf16 / fp16 only
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
 
 // A row-major matrix L(o, i), o in [0, n_outer), i in [0, n_inner): element i of global row
 // row(o) = ids ? ids[row_off + o] : row_off + o, at ptr + row(o) * ld + i. Reads outside are zeros.
@@ -330,19 +332,6 @@ struct BlockGemm {
     __syncthreads();
   }
 };
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-
-// Butterfly sum: every lane ends with the same bits (each level adds two commuted copies of the same partials).
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
-  return x;
-}
 
 // ------------------------------------------------------------------------------------------------- forward
 

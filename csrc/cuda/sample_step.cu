@@ -25,15 +25,21 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common.cuh"
+
 #include <cmath>
 #include <cstdint>
 
 namespace stp_ss {
 namespace {
 
+using stp_cuda::kFull;
+using stp_cuda::to_float;
+using stp_cuda::warp_max;
+using stp_cuda::warp_sum;
+
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int BM = 64, BN = 64, BK = 32;                 // block tile: rows x slots x hidden step
 constexpr int kTM = BM / 16, kTN = BN / 16;              // outputs per thread: kTM x kTN
 constexpr int kRowsPerWarp = BM / kWarps;                // epilogue: rows per warp
@@ -49,10 +55,6 @@ static_assert(kRowsPerWarp <= 32 && BN % 32 == 0, "epilogue layout");
 
 __host__ __device__ inline int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
 
 // lowbias32 (reference.mix32): uint32 multiplies wrap mod 2^32, shifts of unsigned values are logical.
 __device__ __forceinline__ uint32_t mix32(uint32_t x) {
@@ -70,19 +72,6 @@ __device__ __forceinline__ float gumbel(uint32_t key, uint32_t tok_mix) {
   const uint32_t bits = mix32(key ^ tok_mix);
   const float u = (static_cast<float>(bits >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
   return -logf(-logf(u));  // accurate logf (no fast-math), u in (0, 1): finite
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-
-// Butterfly sum: every lane ends with the same bits (each level adds two commuted copies of the same partials).
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
-  return x;
 }
 
 // Warp argmax over (score, col) pairs: the larger score wins, equal scores go to the lower column. A total order
