@@ -1,0 +1,364 @@
+"""stp.config: presets, layering (defaults < preset < YAML < flags), YAML round trip, validation messages, CLI."""
+
+import dataclasses
+import textwrap
+
+import pytest
+import yaml
+
+from stp import config as C
+from stp.config import PRESETS, SECTIONS, ConfigError, TrainConfig, parse_args, resolve
+
+STP_TASKS = ("gsm8k", "math", "countdown", "sudoku")
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    return {f"{s}.{k}": v for s in SECTIONS for k, v in getattr(cfg, s).to_dict().items()}
+
+
+def _write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_validates_and_round_trips(name, tmp_path):
+    cfg = resolve(preset=name)
+    assert cfg.preset == name
+    assert cfg.run.output_dir == f"runs/{name}"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.validate() == cfg
+    path = tmp_path / "saved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert parse_args(["--config", str(path)]) == cfg  # the saved config reproduces the run (its preset included)
+
+
+def test_default_is_tiny_and_equals_the_dataclass_defaults():
+    assert parse_args([]) == resolve() == resolve(preset="tiny")
+    assert TrainConfig() == resolve("tiny")
+    cfg = TrainConfig()
+    assert cfg.model.name_or_path == "tiny" and cfg.run.task == "countdown" and cfg.run.data_source == "generated"
+    assert cfg.model.lora_target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj")
+
+
+@pytest.mark.parametrize("task", STP_TASKS)
+def test_llada_presets_have_the_paper_settings(task):
+    c = resolve(f"llada-{task}")
+    assert (c.model.name_or_path, c.model.dtype, c.model.use_lora) == ("GSAI-ML/LLaDA-8B-Instruct", "bfloat16", True)
+    assert (c.model.lora_r, c.model.lora_alpha, c.model.lora_dropout) == (128, 64, 0.05)
+    g = c.grpo
+    assert (g.epsilon, g.beta, g.num_iterations, g.num_generations, g.prompts_per_step) == (0.2, 0.04, 4, 6, 2)
+    assert (g.adam_beta1, g.adam_beta2, g.weight_decay, g.learning_rate) == (0.9, 0.99, 0.1, 3e-6)
+    assert (g.lr_scheduler_type, g.max_grad_norm, g.scale_rewards) == ("constant_with_warmup", 0.2, True)
+    assert g.max_steps == (4000 if task == "math" else 6000)
+    r = c.rollout
+    assert (r.gen_length, r.block_length, r.steps, r.temperature, r.max_prompt_length, r.early_stop) == (
+        256, 32, 128, 0.9, 200, 0.95)
+    assert c.prior.enabled and c.prior.rho == (0.85 if task == "math" else 0.95)
+    assert c.prior.strategy == "answer_low_confidence"
+    assert (c.estimator.estimator, c.estimator.num_draws, c.estimator.score) == ("stp", 3, "all")
+    assert c.run.mixed_precision == "bf16" and c.run.task == task
+
+
+@pytest.mark.parametrize("base", ["tiny", *STP_TASKS])
+def test_baselines_differ_from_stp_exactly_where_documented(base):
+    stp_name = base if base == "tiny" else f"llada-{base}"
+    stp = _flat(resolve(stp_name))
+    d1_mu = {"tiny": 4, "gsm8k": 12, "math": 12, "countdown": 8, "sudoku": 8}[base]
+    expected = {
+        f"d1-{base}": {"estimator.estimator": "d1", "estimator.num_draws": 1, "prior.enabled": False,
+                       "rollout.early_stop": None, "grpo.epsilon": 0.5, "grpo.num_iterations": d1_mu,
+                       "grpo.scale_rewards": False},
+        f"elbo-{base}": {"estimator.estimator": "elbo", "prior.enabled": False, "rollout.early_stop": None},
+    }
+    for name, diff in expected.items():
+        got = _flat(resolve(name))
+        changed = {k: got[k] for k in got if got[k] != stp[k] and k != "run.output_dir"}
+        assert changed == diff, name
+        assert PRESETS[name].notes, f"{name} must document its deviations"
+
+
+def test_presets_table_lists_every_preset():
+    table = C.presets_table()
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + len(PRESETS)
+    for name in PRESETS:
+        assert f"`{name}`" in table
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_choices_match_the_modules_that_consume_them():
+    from stp import likelihood, prior
+    from stp.models import base
+    from stp.tasks import TASKS
+
+    assert C.ESTIMATORS == likelihood.ESTIMATORS and C.SCORE_MODES == likelihood.SCORE_MODES
+    assert C.MASK_SCHEMES == likelihood.MASK_SCHEMES and C.STRATEGIES == prior.STRATEGIES
+    assert C.ATTN_IMPLEMENTATIONS == base.SUPPORTED_ATTN
+    task_field = next(f for f in dataclasses.fields(C.RunConfig) if f.name == "task")
+    assert set(task_field.metadata["choices"]) == set(TASKS)
+
+
+def test_estimator_section_gives_the_losss_likelihood_config():
+    lk = resolve("llada-gsm8k").estimator.to_likelihood_config(backend="reference")
+    assert (lk.estimator, lk.num_draws, lk.score, lk.backend) == ("stp", 3, "all", "reference")
+
+
+# ---------------------------------------------------------------------------------------------------- precedence
+
+
+def test_precedence_defaults_preset_yaml_flags(tmp_path):
+    path = _write(tmp_path, """
+        grpo:
+          learning_rate: 1.0e-6
+          beta: 0.01
+        """)
+    base = resolve("llada-gsm8k")
+    assert base.grpo.learning_rate == 3e-6 and base.grpo.epsilon == 0.2  # preset over dataclass defaults
+    from_file = parse_args(["--preset", "llada-gsm8k", "--config", str(path)])
+    assert (from_file.grpo.learning_rate, from_file.grpo.beta, from_file.grpo.epsilon) == (1e-6, 0.01, 0.2)
+    flags = parse_args(["--preset", "llada-gsm8k", "--config", str(path), "--grpo.learning_rate", "2e-6",
+                        "--grpo.epsilon=0.3"])
+    assert (flags.grpo.learning_rate, flags.grpo.beta, flags.grpo.epsilon) == (2e-6, 0.01, 0.3)
+    assert flags.rollout.gen_length == 256  # untouched preset value
+
+
+def test_yaml_preset_key_is_used_unless_the_flag_overrides_it(tmp_path):
+    path = _write(tmp_path, "preset: d1-math\nrun:\n  seed: 7\n")
+    cfg = parse_args(["--config", str(path)])
+    assert (cfg.preset, cfg.estimator.estimator, cfg.run.seed) == ("d1-math", "d1", 7)
+    assert parse_args(["--config", str(path), "--preset", "tiny"]).preset == "tiny"
+
+
+def test_cli_value_forms():
+    cfg = parse_args(["--run.resume", "--rollout.early_stop", "none", "--model.lora_target_modules", "q_proj,v_proj",
+                      "--no-run.tensorboard", "--run.d1_compat", "true", "--grpo.scale_rewards", "false"])
+    assert cfg.run.resume is True and cfg.run.tensorboard is False and cfg.run.d1_compat is True
+    assert cfg.rollout.early_stop is None and cfg.grpo.scale_rewards is False
+    assert cfg.model.lora_target_modules == ("q_proj", "v_proj")
+    cfg = parse_args(["--run.resume", "--no-run.resume"])
+    assert cfg.run.resume is False
+
+
+def test_yaml_strings_that_are_numbers_are_accepted(tmp_path):
+    # PyYAML reads 1e-6 (no dot) as a string: accepted as the number it spells.
+    path = _write(tmp_path, "grpo:\n  learning_rate: 1e-6\nrollout:\n  early_stop: null\n")
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.grpo.learning_rate == 1e-6 and cfg.rollout.early_stop is None
+
+
+# ------------------------------------------------------------------------------------------------- round trips
+
+
+def test_to_dict_from_dict_and_yaml_round_trip_after_overrides():
+    cfg = parse_args(["--preset", "elbo-math", "--grpo.learning_rate", "1e-5", "--run.data_path", "x.jsonl",
+                      "--estimator.memory_budget", "1000000"])
+    d = cfg.to_dict()
+    assert TrainConfig.from_dict(d) == cfg
+    assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert isinstance(d["model"]["lora_target_modules"], list)
+
+
+def test_main_prints_resolved_yaml(capsys):
+    assert C.main(["--preset", "llada-gsm8k", "--print"]) == 0
+    out = capsys.readouterr().out
+    assert TrainConfig.from_dict(yaml.safe_load(out)) == resolve("llada-gsm8k")
+    assert C.main(["--grpo.epsilon", "0"]) == 2
+    assert "grpo.epsilon" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize("flag, value, field, allowed", [
+    ("grpo.epsilon", "-0.1", "grpo.epsilon", "> 0"),
+    ("grpo.beta", "-1", "grpo.beta", ">= 0"),
+    ("grpo.num_generations", "1", "grpo.num_generations", ">= 2"),
+    ("grpo.num_iterations", "0", "grpo.num_iterations", ">= 1"),
+    ("grpo.learning_rate", "abc", "grpo.learning_rate", "a finite number"),
+    ("grpo.learning_rate", "nan", "grpo.learning_rate", "a finite number"),
+    ("grpo.lr_scheduler_type", "step", "grpo.lr_scheduler_type", "constant_with_warmup"),
+    ("grpo.gradient_accumulation_steps", "3", "grpo.gradient_accumulation_steps", "a divisor of"),
+    ("rollout.block_length", "24", "rollout.block_length", "a divisor of rollout.gen_length=64"),
+    ("rollout.steps", "3", "rollout.steps", "a multiple of the number of blocks"),
+    ("rollout.early_stop", "1.5", "rollout.early_stop", "(0, 1]"),
+    ("rollout.gen_length", "1.5", "rollout.gen_length", "an integer"),
+    ("rollout.remasking", "entropy", "rollout.remasking", "low_confidence"),
+    ("prior.rho", "2", "prior.rho", "[0, 1]"),
+    ("prior.strategy", "best", "prior.strategy", "answer_low_confidence"),
+    ("estimator.estimator", "vrpo", "estimator.estimator", "'stp', 'elbo', 'd1'"),
+    ("estimator.num_draws", "0", "estimator.num_draws", ">= 1"),
+    ("estimator.prompt_mask_prob", "1.5", "estimator.prompt_mask_prob", "[0, 1]"),
+    ("model.dtype", "int8", "model.dtype", "bfloat16"),
+    ("model.lora_dropout", "1", "model.lora_dropout", "[0, 1)"),
+    ("model.load_in_4bit", "maybe", "model.load_in_4bit", "true or false"),
+    ("run.task", "mbpp", "run.task", "gsm8k"),
+    ("run.device", "gpu", "run.device", "cuda:N"),
+    ("run.mixed_precision", "fp8", "run.mixed_precision", "bf16"),
+    ("run.max_nan_steps", "0", "run.max_nan_steps", ">= 1"),
+])
+def test_bad_flag_names_field_value_allowed_and_flag(flag, value, field, allowed):
+    with pytest.raises(ConfigError) as info:
+        parse_args([f"--{flag}", value])
+    err = info.value
+    msg = str(err)
+    assert err.field == field and field in msg
+    assert value.lstrip("-") in msg or repr(err.value) in msg
+    assert "allowed:" in msg and allowed in msg
+    assert msg.startswith(f"command line --{flag}:")
+
+
+@pytest.mark.parametrize("argv, field, allowed", [
+    (["--preset", "d1-gsm8k", "--prior.enabled"], "prior.enabled", "only the 'stp' estimator takes anchors"),
+    (["--estimator.score", "elbo"], "estimator.score", "RESULTS.md"),
+    (["--preset", "elbo-gsm8k", "--estimator.score", "elbo", "--estimator.mask_scheme", "block"], "estimator.score",
+     "random_count"),
+    (["--no-model.use_lora"], "grpo.beta", "model.use_lora"),
+    (["--no-model.use_lora", "--grpo.beta", "0", "--model.load_in_4bit"], "model.load_in_4bit", "use_lora"),
+    (["--prior.build_block_length", "24"], "prior.build_block_length", "a divisor of rollout.gen_length=64"),
+    (["--prior.build_steps", "3"], "prior.build_steps", "a multiple of the number of prior blocks"),
+    (["--preset", "llada-gsm8k", "--run.data_source", "generated"], "run.data_source", "countdown, sudoku"),
+    (["--run.data_source", "file"], "run.data_source", "needs run.data_path"),
+    (["--preset", "nope"], "preset", "llada-gsm8k"),
+])
+def test_cross_field_rules(argv, field, allowed):
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv)
+    assert info.value.field == field and field in str(info.value) and allowed in str(info.value)
+
+
+def test_cross_field_rule_passes_once_fixed():
+    cfg = parse_args(["--preset", "d1-gsm8k"])
+    assert not cfg.prior.enabled and cfg.prior_path is None
+    cfg = parse_args(["--preset", "elbo-gsm8k", "--estimator.score", "elbo"])  # no anchors: allowed
+    assert cfg.estimator.score == "elbo"
+    cfg = parse_args(["--no-model.use_lora", "--grpo.beta", "0"])
+    assert not cfg.model.use_lora and cfg.prior_path == "runs/tiny/priors.jsonl"
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ConfigError, match=r"^grpo\.epsilon=-0\.1 is not allowed; allowed: a number > 0$"):
+        C.GRPOConfig(epsilon=-0.1)
+    with pytest.raises(ConfigError, match="rollout.block_length=48"):
+        C.RolloutConfig(gen_length=256, block_length=48)
+    with pytest.raises(ConfigError, match="prior.enabled"):
+        TrainConfig(estimator=C.EstimatorConfig(estimator="d1"))
+    with pytest.raises(ConfigError, match="model.lora_r=True"):
+        C.ModelConfig(lora_r=True)
+    assert isinstance(TrainConfig(model={"lora_r": 8}).model, C.ModelConfig)
+
+
+def test_validate_after_in_place_change():
+    cfg = TrainConfig()
+    cfg.grpo.epsilon = 0
+    with pytest.raises(ConfigError, match="grpo.epsilon"):
+        cfg.validate()
+
+
+def test_unknown_flag_suggests_close_ones():
+    with pytest.raises(ConfigError, match=r"unknown argument '--grpo.epsilom'; did you mean --grpo.epsilon"):
+        parse_args(["--grpo.epsilom", "0.3"])
+
+
+# ----------------------------------------------------------------------------------------------------------- YAML
+
+
+def test_unknown_yaml_keys_name_the_key_line_and_allowed(tmp_path):
+    path = _write(tmp_path, "grpo:\n  epsilon: 0.3\n  epsilom: 0.3\n")
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(path)])
+    msg = str(info.value)
+    assert msg.startswith(f"{path}, line 3:") and "grpo.epsilom" in msg and "epsilon" in msg and "beta" in msg
+    path = _write(tmp_path, "optimizer:\n  lr: 1\n", "top.yaml")
+    with pytest.raises(ConfigError, match=r"top.yaml, line 1: unknown key 'optimizer'; allowed top-level keys: "
+                                          r"preset, model, rollout"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="unknown key 'optimizer'"):
+        TrainConfig.from_dict({"optimizer": {}})
+
+
+def test_bad_yaml_value_reports_its_line(tmp_path):
+    path = _write(tmp_path, """
+        # a comment
+        model:
+          lora_r: 8
+        grpo:
+          beta: 0.0
+          epsilon: -0.5
+        """)
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--config", str(path)])
+    assert str(info.value) == f"{path}, line 7: grpo.epsilon=-0.5 is not allowed; allowed: a number > 0"
+    assert info.value.origin == f"{path}, line 7"
+    # A flag that fixes the value wins over the file.
+    assert parse_args(["--config", str(path), "--grpo.epsilon", "0.2"]).grpo.epsilon == 0.2
+
+
+def test_cross_field_error_in_yaml_names_the_line(tmp_path):
+    path = _write(tmp_path, "rollout:\n  gen_length: 64\n  block_length: 48\n")
+    with pytest.raises(ConfigError, match=r"line 3: rollout.block_length=48 is not allowed; allowed: a divisor"):
+        parse_args(["--config", str(path)])
+
+
+def test_yaml_syntax_error_and_duplicate_key_report_the_line(tmp_path):
+    path = _write(tmp_path, "grpo:\n  beta: 0.1\n  epsilon: [0.2\nrun:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml, line \d+: invalid YAML"):
+        parse_args(["--config", str(path)])
+    path = _write(tmp_path, "grpo:\n  beta: 0.1\n  beta: 0.2\n", "dup.yaml")
+    with pytest.raises(ConfigError, match=r"dup.yaml, line 3: duplicate key grpo.beta \(first on line 2\)"):
+        parse_args(["--config", str(path)])
+    path = _write(tmp_path, "- 1\n- 2\n", "list.yaml")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_args(["--config", str(path)])
+    path = _write(tmp_path, "grpo: 3\n", "scalar.yaml")
+    with pytest.raises(ConfigError, match=r"scalar.yaml, line 1: grpo=3 is not allowed; allowed: a mapping"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_empty_yaml_file_is_the_preset(tmp_path):
+    path = _write(tmp_path, "# nothing\n")
+    assert parse_args(["--config", str(path)]) == resolve()
+
+
+def test_preset_origin_reported_for_preset_values_made_invalid_by_a_flag():
+    # gen_length from the flag, block_length from the preset: the error names the block length (and its origin).
+    with pytest.raises(ConfigError, match=r"^preset 'llada-gsm8k': rollout.block_length=32 .*gen_length=48"):
+        parse_args(["--preset", "llada-gsm8k", "--rollout.gen_length", "48"])
+
+
+# ------------------------------------------------------------------------------------------------------ help text
+
+
+def test_every_field_has_help_and_a_flag():
+    parser = C.build_parser()
+    text = parser.format_help()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata.get("help", "")) > 10, f"{section}.{f.name} has no help text"
+            assert f"--{section}.{f.name}" in text
+    assert "(default: 0.2)" in text and "--preset NAME" in text and "d1-gsm8k" in text
+
+
+def test_help_shows_the_presets_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--preset", "d1-gsm8k", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.5, from preset 'd1-gsm8k')" in out
+
+
+def test_check_environment(tmp_path):
+    TrainConfig().check_environment()
+    with pytest.raises(ConfigError, match="run.data_path='nowhere.jsonl' is not allowed; allowed: an existing"):
+        parse_args(["--run.data_path", "nowhere.jsonl", "--run.data_source", "file"]).check_environment()
+    out = tmp_path / "afile"
+    out.write_text("")
+    with pytest.raises(ConfigError, match="run.output_dir"):
+        parse_args(["--run.output_dir", str(out)]).check_environment()
