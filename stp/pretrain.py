@@ -1,0 +1,525 @@
+"""The starting checkpoint of the embedded default run: masked-diffusion SFT of the tiny model on a task's generator.
+
+``python -m stp.pretrain`` (no arguments) builds exactly the checkpoint that ``ensure_pretrained()`` caches for
+``python -m stp.train``; ``--out DIR`` writes it elsewhere. Everything is procedural and seeded: the same settings
+give the same weights (CPU, same torch and thread count).
+
+Compact prompt (``compact_prompt``; the tiny model's prompt format). d1's prompts carry a ~500-character system
+prompt, i.e. ~500 tokens under the tiny model's character-level tokenizer: far too slow for RL on a CPU. The tiny
+model gets the puzzle alone, in one user turn of the chat template (no system turn)::
+
+    <|user|>\\nsudoku 4123030034121034<|eos|>\\n<|assistant|>\\n          (29 tokens)
+    <|user|>\\ncountdown 44 19 35 -> 98<|eos|>\\n<|assistant|>\\n
+
+``compact_task(name)`` is the task with this prompt (same rewards, metric, data), to pass to ``stp.eval.evaluate``
+and to the trainer.
+
+Reference completions (``reference_completion``), in the d1 format with the tags as single tokens::
+
+    sudoku:    <reasoning>04 empty</reasoning>\\n<answer>4123234134121234</answer>      (29 tokens)
+    countdown: <reasoning>(44+19)+35=98</reasoning>\\n<answer>(44+19)+35</answer>
+
+padded with EOS to ``gen_length`` (so the model learns to stop).
+
+Objective (LLaDA's SFT loss): per example t ~ U(eps, 1]; each completion token (EOS padding included) is masked
+with probability t (the t of a batch are stratified: (i + u) / B in a random order); the prompt is never masked; loss =
+sum over masked tokens of -log p(token) / t, divided by the number of completion tokens (gen_length), averaged over
+the batch. Log-probabilities come from ``stp_kernels.masked_logprob`` at the masked rows only (no full logits).
+AdamW, linear warm-up then cosine decay to 10 %. All randomness comes from ``torch.Generator`` objects seeded from
+``seed`` (model init, batch order, mask draws) and from the task's seeded generator: no global RNG is read or set.
+
+What SFT is meant to teach: the format (tags, copying the givens, stopping), not the answer. The defaults are
+tuned so the result answers in the right format nearly always but fills the empty cells only partly right, leaving
+room for RL (numbers in ``pretrain.json`` of the output and in the module's ``__main__`` report). ``answer_noise``
+(fraction of the empty cells of each reference answer replaced by a random digit) can weaken it further.
+
+Output directory: ``DiffusionLM.save`` files (``config.json``, ``model.safetensors``, tokenizer files) plus
+``pretrain.json``: settings, their hash, wall time, the final loss, and the held-out reward / metric (greedy, the
+compact prompt, ``eval_examples`` test puzzles) of the initial and of the pretrained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["DEFAULTS", "PretrainError", "compact_prompt", "compact_task", "reference_completion", "default_settings",
+           "settings_hash", "make_batch", "sft_loss", "pretrain", "ensure_pretrained", "default_cache_dir", "main"]
+
+FORMAT_VERSION = 1
+INFO_FILE = "pretrain.json"
+PRETRAIN_TASKS = ("sudoku", "countdown")
+MASK_EPS = 1e-3
+
+# Defaults per task; every key is a keyword of `pretrain` (and a CLI flag). The model keys go to `build_tiny`.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "sudoku": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
+                   block_length=32, n_train=4000, data_seed=0, answer_noise=0.0, eval_examples=32, eval_seed=0,
+                   hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
+    "countdown": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=64,
+                      block_length=32, n_train=4000, data_seed=0, answer_noise=0.0, eval_examples=32, eval_seed=0,
+                      hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
+}
+MODEL_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+
+
+class PretrainError(ValueError):
+    """A bad setting, naming the argument (or flag), the value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------- prompt, answers
+
+
+def compact_prompt(task: str, example: Mapping[str, Any]) -> str:
+    """The tiny model's prompt text (one user turn, no system prompt): the puzzle and nothing else.
+
+    >>> compact_prompt("sudoku", {"puzzle": "4123030034121034"})
+    'sudoku 4123030034121034'
+    >>> compact_prompt("countdown", {"nums": [44, 19, 35], "target": 98})
+    'countdown 44 19 35 -> 98'
+    """
+    if task == "sudoku":
+        return f"sudoku {example['puzzle']}"
+    if task == "countdown":
+        return f"countdown {' '.join(str(n) for n in example['nums'])} -> {example['target']}"
+    raise PretrainError(f"task={task!r}: no compact prompt; allowed: {', '.join(PRETRAIN_TASKS)}")
+
+
+def compact_task(name: str, *, d1_compat: bool = False):
+    """The task ``name`` with ``compact_prompt`` as its prompt text (rewards, metric and data unchanged)."""
+    from stp.tasks import TASKS
+
+    if name not in PRETRAIN_TASKS:
+        raise PretrainError(f"task={name!r}: allowed: {', '.join(PRETRAIN_TASKS)}")
+    base = TASKS[name]
+
+    def prompt_text(self, example):
+        return compact_prompt(self.name, example)
+
+    cls = type(f"Compact{base.__name__}", (base,), {"prompt_text": prompt_text, "__module__": __name__,
+                                                      "__doc__": f"{base.__name__} with the compact prompt."})
+    return cls(d1_compat=d1_compat)
+
+
+def _noisy_grid(example: Mapping[str, Any], answer_noise: float, gen: torch.Generator | None) -> str:
+    solution = example["solution"]
+    if answer_noise <= 0 or gen is None:
+        return solution
+    cells = list(solution)
+    for i, p in enumerate(example["puzzle"]):
+        if p == "0" and torch.rand((), generator=gen).item() < answer_noise:
+            cells[i] = "1234"[int(torch.randint(0, 4, (), generator=gen))]
+    return "".join(cells)
+
+
+def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise: float = 0.0,
+                         generator: torch.Generator | None = None) -> str:
+    """The SFT target: a short reasoning and the answer in d1's format.
+
+    >>> reference_completion("sudoku", {"puzzle": "4123030034121034", "solution": "4123234134121234"})
+    '<reasoning>04 empty</reasoning>\\n<answer>4123234134121234</answer>'
+    >>> reference_completion("countdown", {"nums": [44, 19, 35], "target": 98, "solution": "(44 + 19) + 35"})
+    '<reasoning>(44+19)+35=98</reasoning>\\n<answer>(44+19)+35</answer>'
+    """
+    if task == "sudoku":
+        empty = example["puzzle"].count("0")
+        grid = _noisy_grid(example, answer_noise, generator)
+        return f"<reasoning>{empty:02d} empty</reasoning>\n<answer>{grid}</answer>"
+    if task == "countdown":
+        from stp.tasks.countdown import solve
+
+        expr = example.get("solution") or solve(list(example["nums"]), example["target"])
+        if expr is None:
+            raise PretrainError(f"countdown example {dict(example)!r} has no solution")
+        expr = expr.replace(" ", "")
+        return f"<reasoning>{expr}={example['target']}</reasoning>\n<answer>{expr}</answer>"
+    raise PretrainError(f"task={task!r}: no reference completion; allowed: {', '.join(PRETRAIN_TASKS)}")
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PretrainError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def validate_settings(s: Mapping[str, Any], *, flags: bool = False) -> None:
+    """Every check that can run before any work; PretrainError naming the argument (``--flag`` with ``flags``)."""
+    def n(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else key
+
+    if s["task"] not in PRETRAIN_TASKS:
+        raise PretrainError(f"{n('task')}={s['task']!r}: allowed: {', '.join(PRETRAIN_TASKS)}")
+    for key, minimum in (("steps", 1), ("batch_size", 1), ("gen_length", 1), ("block_length", 1), ("n_train", 1),
+                         ("eval_examples", 0), ("warmup", 0), ("seed", 0), ("data_seed", 0), ("eval_seed", 0),
+                         ("hidden_size", 8), ("num_hidden_layers", 1), ("intermediate_size", 1),
+                         ("num_attention_heads", 1)):
+        _check_int(n(key), s[key], minimum)
+    for key, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
+                                 ("answer_noise", 0.0, 1.0, False)):
+        v = s[key]
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or (v <= lo if lo_open else v < lo) or v > hi):
+            raise PretrainError(f"{n(key)}={v!r}: must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+    if s["gen_length"] % s["block_length"]:
+        raise PretrainError(f"{n('gen_length')}={s['gen_length']} is not a multiple of {n('block_length')}="
+                            f"{s['block_length']}; allowed: a positive multiple of the block length")
+    if s["hidden_size"] % s["num_attention_heads"] or (s["hidden_size"] // s["num_attention_heads"]) % 2:
+        raise PretrainError(f"{n('hidden_size')}={s['hidden_size']} must split into {n('num_attention_heads')}="
+                            f"{s['num_attention_heads']} heads of an even size (RoPE)")
+    # The longest reference completion must fit the canvas (sudoku: fixed 28 tokens; countdown: up to ~40).
+    need = _max_completion_tokens(s["task"])
+    if s["gen_length"] < need:
+        raise PretrainError(f"{n('gen_length')}={s['gen_length']}: {s['task']} reference completions need up to "
+                            f"{need} tokens; allowed: a multiple of {n('block_length')} >= {need}")
+
+
+def _max_completion_tokens(task: str) -> int:
+    # sudoku: 1 + len("10 empty") + 1 + 1 + 1 + 16 + 1; countdown: expressions of three numbers < 100 are at most
+    # 12 characters ("(99*99)-99" style, with one pair of brackets): 1 + 12 + 1 + 3 + 1 + 1 + 1 + 12 + 1.
+    return 29 if task == "sudoku" else 33
+
+
+def default_settings(task: str = "sudoku", **overrides) -> dict[str, Any]:
+    """The complete settings of a pretraining run: the task's ``DEFAULTS`` updated by ``overrides`` (checked)."""
+    if task not in DEFAULTS:
+        raise PretrainError(f"task={task!r}: allowed: {', '.join(PRETRAIN_TASKS)}")
+    unknown = sorted(set(overrides) - set(DEFAULTS[task]))
+    if unknown:
+        raise PretrainError(f"unknown setting(s) {unknown}; allowed: {', '.join(DEFAULTS[task])}")
+    out = {"task": task, **DEFAULTS[task], **overrides}
+    validate_settings(out)
+    return out
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """16 hex digits: SHA-256 of the canonical JSON of the settings, the format version and the torch version."""
+    blob = json.dumps({**settings, "format": FORMAT_VERSION, "torch": torch.__version__.split("+")[0]},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- data, loss
+
+
+def _encode_examples(tokenizer, task, examples: Sequence[Mapping[str, Any]], gen_length: int, answer_noise: float,
+                     generator: torch.Generator | None):
+    """Left-padded prompts [N, P] with their mask, and EOS-padded reference completions [N, gen_length]."""
+    prompts, completions = [], []
+    for ex in examples:
+        prompt = task.format_prompt(ex, tokenizer)
+        prompts.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        text = reference_completion(task.name, ex, answer_noise=answer_noise, generator=generator)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > gen_length:
+            raise PretrainError(f"gen_length={gen_length}: the reference completion {text!r} has {len(ids)} tokens")
+        completions.append(ids + [tokenizer.eos_token_id] * (gen_length - len(ids)))
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        prompt_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[r, width - len(p):] = 1
+    return prompt_ids, prompt_mask, torch.tensor(completions, dtype=torch.long)
+
+
+def make_batch(model, task: str, examples: Sequence[Mapping[str, Any]], gen_length: int) -> dict[str, torch.Tensor]:
+    """A batch {prompt_ids, prompt_mask, completion} of reference completions for ``examples``."""
+    ids, mask, comp = _encode_examples(model.tokenizer, compact_task(task), examples, gen_length, 0.0, None)
+    return {"prompt_ids": ids, "prompt_mask": mask, "completion": comp}
+
+
+def sft_loss(model, batch: Mapping[str, torch.Tensor], generator: torch.Generator, *, eps: float = MASK_EPS,
+             backend: str | None = None) -> torch.Tensor:
+    """LLaDA's SFT loss on one batch (see the module docstring); mask draws from ``generator``."""
+    from stp_kernels import masked_logprob
+
+    prompt_ids, prompt_mask, completion = batch["prompt_ids"], batch["prompt_mask"], batch["completion"]
+    b, g = completion.shape
+    p = prompt_ids.shape[1]
+    # Stratified draws (each t is U(eps, 1] marginally; the batch covers (eps, 1] evenly): lower variance.
+    u = (torch.arange(b, dtype=torch.float64) + torch.rand((), generator=generator, dtype=torch.float64)) / b
+    t = (eps + (1.0 - eps) * u[torch.randperm(b, generator=generator)]).float()
+    masked = torch.rand(b, g, generator=generator) < t[:, None]
+    noisy = completion.masked_fill(masked, model.mask_token_id)
+    ids = torch.cat([prompt_ids, noisy], 1)
+    attn = None
+    if not bool(prompt_mask.all()):
+        attn = torch.cat([prompt_mask, torch.ones_like(completion)], 1)
+    hidden = model.backbone(ids, attn)  # [B, P + G, H]
+    rb, rc = masked.nonzero(as_tuple=True)
+    if rb.numel() == 0:  # nothing masked anywhere (all t tiny): a zero loss that still has a graph
+        return hidden.sum() * 0.0
+    rows = rb * (p + g) + p + rc
+    logp = masked_logprob(hidden, model.lm_head_weight, completion[rb, rc], rows=rows, backend=backend)
+    return -(logp / t[rb]).sum() / (b * g)
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def _evaluate(model, task, examples, settings) -> dict[str, float]:
+    from stp.eval import evaluate
+
+    g = settings["gen_length"]
+    res = evaluate(model, task, examples, gen_length=g, block_length=settings["block_length"], steps=g // 2,
+                   batch_size=min(32, len(examples)), progress=False)
+    return {"reward": res["mean_reward"], "metric": res["accuracy"], "eos_rate": res["eos_rate"],
+            "format_rate": sum(r["answer"] is not None for r in res["records"]) / len(res["records"]),
+            "seconds": res["seconds"], "example_completion": res["records"][0]["completion"]}
+
+
+def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False,
+             **settings) -> Path:
+    """Masked-diffusion SFT of a fresh tiny model on ``task``'s generator; writes ``out_dir`` and returns it.
+
+    ``settings``: any key of ``DEFAULTS[task]`` (steps, batch_size, lr, weight_decay, warmup, seed, gen_length,
+    block_length, n_train, data_seed, answer_noise, eval_examples, eval_seed and the model sizes); the rest keep
+    their defaults. ``out_dir`` must not exist or be empty (``overwrite`` replaces it); it is written atomically
+    (a temporary sibling directory renamed at the end).
+    """
+    from tqdm.auto import tqdm
+
+    from stp.models import build_tiny
+
+    s = default_settings(task, **settings)
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PretrainError(f"out_dir={str(out_dir)!r} exists and is not empty (pass overwrite=True / --overwrite)")
+    start = time.time()
+    seed = s["seed"]
+    model = build_tiny(seed, **{k: s[k] for k in MODEL_KEYS}, num_key_value_heads=s["num_attention_heads"])
+    ctask = compact_task(task)
+    tokenizer = model.tokenizer
+    train = ctask.load("train", source="generated", n=s["n_train"], seed=s["data_seed"])
+    test = ctask.load("test", source="generated", n=s["eval_examples"], seed=s["eval_seed"]) if s["eval_examples"] \
+        else []
+    noise_gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    prompt_ids, prompt_mask, completion = _encode_examples(tokenizer, ctask, train, s["gen_length"],
+                                                           s["answer_noise"], noise_gen)
+
+    before = _evaluate(model, ctask, test, s) if test else None
+
+    order_gen = torch.Generator().manual_seed(seed * 1_000_003 + 1)
+    mask_gen = torch.Generator().manual_seed(seed * 1_000_003 + 2)
+    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embed" not in name]
+    no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in name)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s["lr"], betas=(0.9, 0.99))
+    model.train()
+    n, bs = len(train), s["batch_size"]
+    perm, pos = torch.randperm(n, generator=order_gen), 0
+    losses: list[float] = []
+    bar = tqdm(range(s["steps"]), desc=f"pretrain {task}", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = []
+        while len(idx) < bs:
+            if pos >= n:
+                perm, pos = torch.randperm(n, generator=order_gen), 0
+            take = perm[pos:pos + bs - len(idx)]
+            idx = [*idx, *take.tolist()]
+            pos += len(take)
+        idx_t = torch.tensor(idx)
+        pm = prompt_mask[idx_t]
+        cut = int((pm.sum(1).max()).item())  # drop the columns of left padding no row of this batch uses
+        batch = {"prompt_ids": prompt_ids[idx_t][:, -cut:], "prompt_mask": pm[:, -cut:],
+                 "completion": completion[idx_t]}
+        for group in opt.param_groups:
+            group["lr"] = s["lr"] * _lr_factor(step, s["steps"], s["warmup"])
+        loss = sft_loss(model, batch, mask_gen)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"pretrain: non-finite loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.item()))
+        if step % 10 == 0 or step == s["steps"] - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    model.eval()
+    train_seconds = time.time() - start
+
+    after = _evaluate(model, ctask, test, s) if test else None
+    info = {
+        "format": FORMAT_VERSION,
+        "settings": s,
+        "settings_hash": settings_hash(s),
+        "prompt_format": "compact: one user turn '" + compact_prompt(task, train[0]) + "' (stp.pretrain."
+                         "compact_prompt), no system prompt",
+        "example_prompt": ctask.format_prompt(train[0], tokenizer),
+        "example_completion": reference_completion(task, train[0]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first10": sum(losses[:10]) / len(losses[:10]),
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.time() - start,
+        "eval": {"examples": len(test), "split": "test", "greedy": True, "gen_length": s["gen_length"],
+                 "block_length": s["block_length"], "steps": s["gen_length"] // 2, "before": before, "after": after},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": "python -m stp.pretrain " + " ".join(_cli_args(s)),
+    }
+    _write_atomic(out_dir, model, info, overwrite=overwrite)
+    return out_dir
+
+
+def _write_atomic(out_dir: Path, model, info: Mapping[str, Any], *, overwrite: bool) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            if overwrite or (out_dir.is_dir() and not any(out_dir.iterdir())):
+                shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cli_args(s: Mapping[str, Any]) -> list[str]:
+    """The flags that differ from the task's defaults (so the command reproduces these settings)."""
+    out = [] if s["task"] == "sudoku" else ["--task", s["task"]]
+    for key, default in DEFAULTS[s["task"]].items():
+        if s[key] != default:
+            out += ["--" + key.replace("_", "-"), str(s[key])]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$STP_CACHE_DIR/pretrained``, else ``$XDG_CACHE_HOME/stp/pretrained``, else ``~/.cache/stp/pretrained``."""
+    if os.environ.get("STP_CACHE_DIR"):
+        return Path(os.environ["STP_CACHE_DIR"]).expanduser() / "pretrained"
+    base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() if os.environ.get("XDG_CACHE_HOME") else \
+        Path.home() / ".cache"
+    return base / "stp" / "pretrained"
+
+
+def cached_path(task: str = "sudoku", cache_dir: str | os.PathLike | None = None, **settings) -> Path:
+    """Where ``ensure_pretrained`` keeps the checkpoint of these settings: ``<cache_dir>/<task>-<settings hash>``."""
+    s = default_settings(task, **settings)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / f"{task}-{settings_hash(s)}"
+
+
+def _complete(path: Path, want: str) -> bool:
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("settings_hash") == want and (path / "model.safetensors").is_file()
+
+
+def ensure_pretrained(task: str = "sudoku", cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
+                      **settings) -> Path:
+    """The cached starting checkpoint for ``task`` (default settings unless overridden), built on first use.
+
+    Building happens in a temporary directory renamed into place, so an interrupted build leaves no checkpoint
+    behind and two processes racing both end with the same complete directory."""
+    s = default_settings(task, **settings)
+    path = cached_path(task, cache_dir, **settings)
+    want = settings_hash(s)
+    if _complete(path, want):
+        return path
+    if path.exists():  # not ours or incomplete (cannot come from our atomic writes): move it aside, rebuild
+        stale = path.with_name(f".{path.name}.stale-{os.getpid()}")
+        os.rename(path, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    print(f"stp.pretrain: building the starting checkpoint {path} (once; "
+          f"`python -m stp.pretrain {' '.join(_cli_args(s))}` rebuilds it)", file=sys.stderr)
+    try:
+        pretrain(task, out_dir=path, progress=progress, **{k: v for k, v in s.items() if k != "task"})
+    except OSError:
+        if _complete(path, want):  # another process finished first
+            return path
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS["sudoku"]
+    p = argparse.ArgumentParser(
+        prog="python -m stp.pretrain",
+        description="Masked-diffusion SFT of the embedded tiny model on a task's generator: the starting checkpoint "
+                    "of the default RL run. With no --out, writes the cache directory ensure_pretrained() uses.")
+    p.add_argument("--task", default="sudoku", help=f"one of: {', '.join(PRETRAIN_TASKS)} [sudoku]")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory [the ensure_pretrained cache path]")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="cache root when --out is not given "
+                   "[$STP_CACHE_DIR/pretrained or ~/.cache/stp/pretrained]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    helps = {"steps": "optimizer steps", "batch_size": "examples per step", "lr": "peak AdamW learning rate",
+             "weight_decay": "AdamW weight decay", "warmup": "linear warm-up steps", "seed": "model/order/mask seed",
+             "gen_length": "completion canvas length (multiple of --block-length)", "block_length": "block length",
+             "n_train": "generated training puzzles", "data_seed": "seed of the training-puzzle generator",
+             "answer_noise": "fraction of reference empty cells replaced by a random digit",
+             "eval_examples": "held-out test puzzles scored at the end (0: none)",
+             "eval_seed": "seed of the held-out puzzle generator", "hidden_size": "model width",
+             "num_hidden_layers": "layers", "intermediate_size": "MLP width", "num_attention_heads": "heads"}
+    for key, default in d.items():
+        typ = float if isinstance(default, float) else int
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None,
+                       help=f"{helps[key]} [{default} for sudoku" + (
+                           f", {DEFAULTS['countdown'][key]} for countdown]" if DEFAULTS['countdown'][key] != default
+                           else "]"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in DEFAULTS["sudoku"] if getattr(args, k) is not None}
+    try:
+        if args.task not in PRETRAIN_TASKS:
+            raise PretrainError(f"--task {args.task!r}: allowed: {', '.join(PRETRAIN_TASKS)}")
+        s = {"task": args.task, **DEFAULTS[args.task], **overrides}
+        validate_settings(s, flags=True)
+        out = Path(args.out).expanduser() if args.out else cached_path(args.task, args.cache_dir, **overrides)
+        if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
+            raise PretrainError(f"--out {str(out)!r}: exists and is not empty; pass --overwrite to replace it")
+    except PretrainError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    path = pretrain(args.task, out_dir=out, progress=not args.no_progress, overwrite=args.overwrite, **overrides)
+    info = json.loads((path / INFO_FILE).read_text())
+    ev = info["eval"]
+    print(f"wrote {path} in {info['wall_seconds']:.1f} s (training {info['train_seconds']:.1f} s); loss "
+          f"{info['loss_first10']:.3f} -> {info['loss_last10']:.3f}")
+    if ev["before"] is not None:
+        for name in ("before", "after"):
+            e = ev[name]
+            print(f"  held-out ({ev['examples']} test puzzles, greedy, gen {ev['gen_length']}) {name:6s}: reward "
+                  f"{e['reward']:.3f}, metric {e['metric']:.3f}, answer-format {e['format_rate']:.2f}, "
+                  f"EOS {e['eos_rate']:.2f}; e.g. {e['example_completion']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
