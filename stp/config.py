@@ -196,8 +196,10 @@ class ModelConfig(_Section):
 
     section: ClassVar[str] = "model"
 
-    name_or_path: str = _f("tiny", "'tiny' (the embedded tiny model), a local model directory (LLaDA, Dream, or one "
-                           "saved by stp) or a Hugging Face Hub id such as GSAI-ML/LLaDA-8B-Instruct")
+    name_or_path: str = _f("pretrained:sudoku", "'pretrained:TASK' (the embedded tiny model after `python -m "
+                           "stp.pretrain --task TASK`, built and cached on first use), 'tiny' (the embedded tiny "
+                           "model, random weights), a local model directory (LLaDA, Dream, or one saved by stp) or a "
+                           "Hugging Face Hub id such as GSAI-ML/LLaDA-8B-Instruct")
     dtype: str = _f("auto", "dtype the base weights are loaded in (auto: the checkpoint's stored dtype)",
                     choices=DTYPES)
     attn_implementation: str = _f("sdpa", "attention kernel of the backbone", choices=ATTN_IMPLEMENTATIONS)
@@ -215,6 +217,9 @@ class ModelConfig(_Section):
     def __post_init__(self):
         self._coerce_all()
         self._need("name_or_path", bool(self.name_or_path.strip()), "a non-empty name or path")
+        if self.name_or_path.startswith("pretrained:"):
+            self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown"),
+                       "'pretrained:sudoku' or 'pretrained:countdown' (the tasks stp.pretrain knows)")
         self._positive("lora_r", "lora_alpha")
         self._need("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a number in [0, 1)")
         self._need("lora_target_modules", len(self.lora_target_modules) > 0 and all(
@@ -230,9 +235,9 @@ class RolloutConfig(_Section):
 
     section: ClassVar[str] = "rollout"
 
-    gen_length: int = _f(64, "completion canvas length L in tokens")
+    gen_length: int = _f(32, "completion canvas length L in tokens")
     block_length: int = _f(32, "semi-autoregressive block size; must divide gen_length")
-    steps: int = _f(32, "total denoising steps over the canvas; a multiple of gen_length / block_length")
+    steps: int = _f(16, "total denoising steps over the canvas; a multiple of gen_length / block_length")
     temperature: float = _f(0.9, "Gumbel-max sampling temperature of training rollouts (0 = greedy)")
     remasking: str = _f("low_confidence", "which masked positions are committed each step", choices=REMASKING)
     early_stop: float | None = _f(0.95, "tau of temporal pruning: stop once floor(tau * gen_length) positions are "
@@ -380,8 +385,11 @@ class RunConfig(_Section):
 
     section: ClassVar[str] = "run"
 
-    task: str = _f("countdown", "task and reward functions (stp.tasks)", choices=("gsm8k", "math", "countdown",
-                                                                                    "sudoku"))
+    task: str = _f("sudoku", "task and reward functions (stp.tasks)", choices=("gsm8k", "math", "countdown",
+                                                                                 "sudoku"))
+    prompt_format: str = _f("compact", "'chat': the task's chat prompt with d1's system prompt (the paper's); "
+                            "'compact': one short user turn (stp.pretrain.compact_task), for the tiny model, whose "
+                            "character tokenizer makes d1's prompt ~500 tokens", choices=("chat", "compact"))
     data_path: str | None = _f(None, "a local training data file (.jsonl, .json, .csv, .parquet); none = data_source")
     data_source: str | None = _f("generated", "where training and held-out data come from; none = 'file' with "
                                  "data_path, else the task's default (gsm8k, math, countdown: hub; sudoku: "
@@ -414,6 +422,8 @@ class RunConfig(_Section):
                    "auto, cpu, cuda, cuda:N, mps, xpu or xpu:N")
         self._need("data_source", self.data_source != "file" or self.data_path is not None,
                    "'hub', 'generated' or none while run.data_path is none ('file' needs run.data_path)")
+        self._need("prompt_format", self.prompt_format == "chat" or self.task in ("sudoku", "countdown"),
+                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku and countdown)")
         if self.data_source == "generated":
             from stp.tasks import TASKS
             from stp.tasks.base import Task
@@ -603,7 +613,7 @@ _PAPER = {
              "warmup_steps": 10, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99, "max_grad_norm": 0.2,
              "max_steps": 6000},
     "run": {"data_source": None, "mixed_precision": "bf16", "save_every": 100, "eval_every": 500,
-            "eval_examples": 256},
+            "eval_examples": 256, "prompt_format": "chat"},
 }
 # Per task: rho 0.95 (GSM8K, Countdown), 0.85 (MATH); 6000 steps (GSM8K, Countdown), 4000 (MATH). The paper states
 # neither for Sudoku: GSM8K's values are used. d1's inner iterations: 12 (GSM8K, MATH), 8 (Countdown, Sudoku).
@@ -612,8 +622,8 @@ _TASKS = {"gsm8k": {"rho": 0.95, "max_steps": 6000, "d1_mu": 12},
           "countdown": {"rho": 0.95, "max_steps": 6000, "d1_mu": 8},
           "sudoku": {"rho": 0.95, "max_steps": 6000, "d1_mu": 8}}
 
-_TINY_DESCRIPTION = ("the default: the embedded tiny model (~0.8 M parameters, char-level) on procedurally generated "
-                     "Countdown, sized for a 2-core CPU")
+_TINY_DESCRIPTION = ("the default: the embedded tiny model (~0.9 M parameters, char-level), pretrained by "
+                     "stp.pretrain, on procedurally generated 4x4 Sudoku, sized for a 2-core CPU")
 
 
 def _d1_of(stp: Preset, name: str, mu: int) -> Preset:
@@ -647,7 +657,9 @@ def _elbo_of(stp: Preset, name: str) -> Preset:
 def _build_presets() -> dict[str, Preset]:
     tiny = Preset("tiny", _TINY_DESCRIPTION, {}, notes=(
         "the dataclass defaults are exactly this preset",
-        "sizes cut for 2 CPU cores (G 4, 4 prompts/step, mu 2, K 2, L 64 / block 32 / 32 steps, 40 steps); "
+        "the starting checkpoint is stp.pretrain's (4x4 Sudoku, compact prompt, held-out reward ~0.56); "
+        "sizes cut for 2 CPU cores (G 4, 4 prompts/step, mu 2, K 2, L 32 / block 32 / 16 steps as pretrained, "
+        "40 steps); "
         "algorithm knobs as the paper (eps 0.2, beta 0.04, T 0.9, tau 0.95, rho 0.95, AdamW (0.9, 0.99) wd 0.1, "
         "clip 0.2); lr 5e-4 and LoRA r 16 / alpha 32 / dropout 0 for a model 10^4 times smaller",
     ))

@@ -41,7 +41,9 @@ def test_default_is_tiny_and_equals_the_dataclass_defaults():
     assert parse_args([]) == resolve() == resolve(preset="tiny")
     assert TrainConfig() == resolve("tiny")
     cfg = TrainConfig()
-    assert cfg.model.name_or_path == "tiny" and cfg.run.task == "countdown" and cfg.run.data_source == "generated"
+    assert cfg.model.name_or_path == "pretrained:sudoku" and cfg.run.task == "sudoku"
+    assert cfg.run.data_source == "generated" and cfg.run.prompt_format == "compact"
+    assert (cfg.rollout.gen_length, cfg.rollout.block_length, cfg.rollout.steps) == (32, 32, 16)
     assert cfg.model.lora_target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj")
 
@@ -184,8 +186,8 @@ def test_main_prints_resolved_yaml(capsys):
     ("grpo.learning_rate", "nan", "grpo.learning_rate", "a finite number"),
     ("grpo.lr_scheduler_type", "step", "grpo.lr_scheduler_type", "constant_with_warmup"),
     ("grpo.gradient_accumulation_steps", "3", "grpo.gradient_accumulation_steps", "a divisor of"),
-    ("rollout.block_length", "24", "rollout.block_length", "a divisor of rollout.gen_length=64"),
-    ("rollout.steps", "3", "rollout.steps", "a multiple of the number of blocks"),
+    ("rollout.block_length", "24", "rollout.block_length", "a divisor of rollout.gen_length=32"),
+    ("rollout.steps", "0", "rollout.steps", "an integer >= 1"),
     ("rollout.early_stop", "1.5", "rollout.early_stop", "(0, 1]"),
     ("rollout.gen_length", "1.5", "rollout.gen_length", "an integer"),
     ("rollout.remasking", "entropy", "rollout.remasking", "low_confidence"),
@@ -220,8 +222,12 @@ def test_bad_flag_names_field_value_allowed_and_flag(flag, value, field, allowed
      "random_count"),
     (["--no-model.use_lora"], "grpo.beta", "model.use_lora"),
     (["--no-model.use_lora", "--grpo.beta", "0", "--model.load_in_4bit"], "model.load_in_4bit", "use_lora"),
-    (["--prior.build_block_length", "24"], "prior.build_block_length", "a divisor of rollout.gen_length=64"),
-    (["--prior.build_steps", "3"], "prior.build_steps", "a multiple of the number of prior blocks"),
+    (["--prior.build_block_length", "24"], "prior.build_block_length", "a divisor of rollout.gen_length=32"),
+    (["--rollout.gen_length", "64", "--prior.build_steps", "3"], "prior.build_steps",
+     "a multiple of the number of prior blocks"),
+    (["--rollout.gen_length", "64", "--rollout.steps", "3"], "rollout.steps", "a multiple of the number of blocks"),
+    (["--run.task", "gsm8k", "--run.data_source", "hub"], "run.prompt_format", "'chat' for task 'gsm8k'"),
+    (["--model.name_or_path", "pretrained:math"], "model.name_or_path", "'pretrained:sudoku'"),
     (["--preset", "llada-gsm8k", "--run.data_source", "generated"], "run.data_source", "countdown, sudoku"),
     (["--run.data_source", "file"], "run.data_source", "needs run.data_path"),
     (["--preset", "nope"], "preset", "llada-gsm8k"),

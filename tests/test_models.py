@@ -312,3 +312,17 @@ def test_hub_id_offline_and_bad_paths(tmp_path: Path, monkeypatch: pytest.Monkey
         load(str(tmp_path / "file"))
     with pytest.raises(ValueError, match="attn_implementation"):
         load("tiny", attn_implementation="flash_attention_2")
+
+
+def test_pretrained_name_resolves_through_stp_pretrain(tmp_path, monkeypatch):
+    """'pretrained:TASK' loads the checkpoint stp.pretrain.ensure_pretrained returns (built once, then cached)."""
+    import stp.pretrain
+
+    saved = tmp_path / "ckpt"
+    build_tiny(seed=3).save(saved)
+    asked = []
+    monkeypatch.setattr(stp.pretrain, "ensure_pretrained", lambda task: asked.append(task) or saved)
+    model = load("pretrained:sudoku")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert asked == ["sudoku"]
+    assert torch.equal(model.logits(ids), build_tiny(seed=3).logits(ids))

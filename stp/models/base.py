@@ -379,11 +379,17 @@ def load(name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.d
          attn_implementation: str = "sdpa") -> DiffusionLM:
     """Load a masked diffusion LM.
 
-    `name_or_path`: "tiny" (the embedded tiny model, seed 0), a local directory (LLaDA, Dream, or a directory this
-    project saved), or a Hub id. `dtype`: None keeps the checkpoint's stored dtype (float32 for "tiny").
+    `name_or_path`: "tiny" (the embedded tiny model, seed 0), "pretrained:TASK" (the tiny model after
+    `python -m stp.pretrain --task TASK`, built and cached on first use), a local directory (LLaDA, Dream, or a
+    directory this project saved), or a Hub id. `dtype`: None keeps the checkpoint's stored dtype (float32 for "tiny").
     `device`: None = CPU. `attn_implementation`: "sdpa" (default) or "eager".
     """
     from . import dream, llada, tiny
+
+    if name_or_path.startswith("pretrained:"):
+        from stp.pretrain import ensure_pretrained  # stp.pretrain imports this module: import at call time
+
+        name_or_path = str(ensure_pretrained(task=name_or_path.split(":", 1)[1]))
 
     if attn_implementation not in SUPPORTED_ATTN:
         raise ValueError(f"attn_implementation={attn_implementation!r}; allowed: {SUPPORTED_ATTN}")
