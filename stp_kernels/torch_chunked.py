@@ -57,7 +57,6 @@ def backward(h, w, vocab_ids, tgt, inv_temp: float, lse, g_tgt, a, b, need_dh: b
     h32 = h.float()
     dh = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=h.device) if need_dh else None
     dw = torch.empty(vocab_size, hidden_size, dtype=torch.float32, device=h.device) if need_dw else None
-    rows = torch.arange(num_rows, device=h.device)
     tile = _tile(num_rows, vocab_size)
     for start in range(0, vocab_size, tile):
         stop = min(start + tile, vocab_size)
@@ -66,7 +65,9 @@ def backward(h, w, vocab_ids, tgt, inv_temp: float, lse, g_tgt, a, b, need_dh: b
         coef = a[:, None] if b is None else a[:, None] - b[:, None] * z
         dz = torch.exp(z - lse[:, None]).mul_(coef)
         inside = (tgt >= start) & (tgt < stop)
-        dz.index_put_((rows[inside], tgt[inside] - start), g_tgt[inside], accumulate=True)
+        # Target term at the rows whose target is in this tile; fixed shapes, no boolean indexing (no host sync).
+        local = (tgt - start).clamp(0, stop - start - 1)[:, None]
+        dz.scatter_add_(1, local, torch.where(inside, g_tgt, torch.zeros_like(g_tgt))[:, None])
         dz.mul_(inv_temp)
         if dh is not None:
             dh.addmm_(dz, w_tile)
