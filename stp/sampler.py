@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stp_kernels import sample_step
+from stp_kernels import _validate, sample_step
 from stp_kernels.reference import counter_uniform, row_keys
 
 __all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "ANCHOR"]
@@ -156,6 +156,10 @@ def generate(
         sample_ids = torch.arange(batch, device=device)
     sample_ids = sample_ids.to(device=device, dtype=torch.long)
     weight = model.lm_head_weight
+    if vocab is not None:  # checked once here: sample_step then skips its per-call (host-syncing) range checks
+        checks = _validate.Checks("stp.sampler.generate")
+        vocab = _validate.vocab_arg("stp.sampler.generate", vocab, weight.shape[0], device, checks)
+        checks.run()
 
     # ---- canvas: prompt, then [MASK] with anchors in place
     x = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
@@ -209,7 +213,7 @@ def generate(
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
         row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
         x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
-                               vocab=vocab, backend=backend)
+                               vocab=vocab, backend=backend, check_inputs=False)
         if remasking == "random":
             keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
             conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]

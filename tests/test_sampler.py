@@ -189,6 +189,7 @@ def test_random_remasking_and_threshold_decoding(model):
         (dict(gen_length=8, block_length=8, steps=8,
               prior=Prior(tokens=torch.zeros(1, 9, dtype=torch.long), mask=torch.ones(1, 9, dtype=torch.bool))),
          "longer than the canvas"),
+        (dict(gen_length=8, block_length=8, steps=8, vocab=torch.tensor([5, 3, 9])), "sorted strictly increasing"),
     ],
 )
 def test_bad_arguments(model, kwargs, message):
