@@ -34,57 +34,24 @@ summation order), and block sizes are small so ragged edges and vocabulary/row s
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INTERPRETER_CONFIG, Config, interpreting, logits_tile, precision, slot_tokens, split
 
 __all__ = ["check", "forward", "backward"]
 
 
 def check() -> None:
     """Raise when these kernels cannot run here (importing this module already needs triton)."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not interpreting():
         raise RuntimeError("no CUDA device and TRITON_INTERPRET != '1' (it must be set before triton is imported)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared tile helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
-                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """z[BLOCK_R, BLOCK_V] = <h[r], W[sel(v)]> * inv_temp in fp32; -inf in vocabulary columns past the edge.
-
-    ``h_rows`` / ``w_rows`` are int64 element offsets of each row's start (row index * H).
-    """
-    acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
-    for k in range(0, H, BLOCK_H):
-        offs_h = k + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        h_t = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=mask_r[:, None] & mask_h[None, :], other=0.0)
-        w_t = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=mask_v[:, None] & mask_h[None, :], other=0.0)
-        if UPCAST_DOT:
-            h_t = h_t.to(tl.float32)
-            w_t = w_t.to(tl.float32)
-        acc = tl.dot(h_t, tl.trans(w_t), acc, input_precision=PRECISION)
-    z = acc * inv_temp
-    return tl.where(mask_v[None, :], z, float("-inf"))
-
-
-@triton.jit
-def _weight_rows(vocab_ptr, offs_v, mask_v, H, HAS_VOCAB: tl.constexpr):
-    """int64 offset of the weight row of each vocabulary slot: sel(v) * H (rows past the edge point at row 0)."""
-    if HAS_VOCAB:
-        ids = tl.load(vocab_ptr + offs_v, mask=mask_v, other=0).to(tl.int64)
-    else:
-        ids = tl.where(mask_v, offs_v, 0).to(tl.int64)
-    return ids * H
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,9 +84,9 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, tgt_ptr, m_ptr, s_ptr, sz_ptr, zt_ptr,
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_stop
-        w_rows = _weight_rows(vocab_ptr, offs_v, mask_v, H, HAS_VOCAB)
-        z = _logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
-                         BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
+        w_rows = slot_tokens(vocab_ptr, offs_v, mask_v, HAS_VOCAB) * H
+        z = logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
+                        BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has at least one column inside the split
         scale = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])  # 0 in masked columns (z = -inf)
@@ -237,9 +204,9 @@ def _dh_kernel(h_ptr, w_ptr, vocab_ptr, tgt_ptr, lse_ptr, g_ptr, a_ptr, b_ptr, d
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_stop
-        w_rows = _weight_rows(vocab_ptr, offs_v, mask_v, H, HAS_VOCAB)
-        z = _logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
-                         BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
+        w_rows = slot_tokens(vocab_ptr, offs_v, mask_v, HAS_VOCAB) * H
+        z = logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
+                        BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
         dz = _dlogits_tile(z, offs_v, mask_r, mask_v, tgt, lse, g_tgt, a, b, inv_temp, HAS_B)
         dz_hi, dz_lo = _split_dz(dz, w_ptr.dtype.element_ty, UPCAST_DOT)
         for k in range(0, H, BLOCK_H):
@@ -269,7 +236,7 @@ def _dw_kernel(h_ptr, w_ptr, vocab_ptr, tgt_ptr, lse_ptr, g_ptr, a_ptr, b_ptr, d
     pid_s = tl.program_id(1)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < Vs
-    w_rows = _weight_rows(vocab_ptr, offs_v, mask_v, H, HAS_VOCAB)
+    w_rows = slot_tokens(vocab_ptr, offs_v, mask_v, HAS_VOCAB) * H
     dw_rows = pid_s.to(tl.int64) * Vs * H + offs_v.to(tl.int64) * H  # slot order, not weight-row order
 
     r_start = pid_s * R_PER_SPLIT
@@ -285,8 +252,8 @@ def _dw_kernel(h_ptr, w_ptr, vocab_ptr, tgt_ptr, lse_ptr, g_ptr, a_ptr, b_ptr, d
         b = a  # placeholder, unused unless HAS_B
         if HAS_B:
             b = tl.load(b_ptr + offs_r, mask=mask_r, other=0.0)
-        z = _logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
-                         BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
+        z = logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
+                        BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
         dz = _dlogits_tile(z, offs_v, mask_r, mask_v, tgt, lse, g_tgt, a, b, inv_temp, HAS_B)
         dz_hi, dz_lo = _split_dz(dz, h_ptr.dtype.element_ty, UPCAST_DOT)
         dz_hi_t = tl.trans(dz_hi)
@@ -315,21 +282,7 @@ def _dw_kernel(h_ptr, w_ptr, vocab_ptr, tgt_ptr, lse_ptr, g_ptr, a_ptr, b_ptr, d
 _MAX_SPLITS = 8
 
 
-@dataclass(frozen=True)
-class _Config:
-    block_r: int
-    block_v: int
-    block_h: int
-    num_warps: int
-    num_stages: int
-    programs: int  # aim for at least this many programs (row tiles x splits) per launch
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _config(kind: str, dtype: torch.dtype, device: torch.device) -> _Config:
+def _config(kind: str, dtype: torch.dtype, device: torch.device) -> Config:
     """Block sizes from a small heuristic (no autotuning: one config per kernel kind and dtype).
 
     GPU: 128-wide tiles along the dimension the kernel sums over (vocabulary for dh, rows for dw) halve the
@@ -337,30 +290,15 @@ def _config(kind: str, dtype: torch.dtype, device: torch.device) -> _Config:
     within Hopper's 228 KiB shared memory. fp32 operands are twice as wide, so fewer stages. Two programs per SM.
     Interpreter: 16/32-wide tiles, so small test shapes still cover ragged edges and several splits.
     """
-    if _interpreting() or device.type != "cuda":
-        return _Config(block_r=16, block_v=32, block_h=16, num_warps=1, num_stages=1, programs=4)
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_CONFIG
     programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     stages = 2 if dtype == torch.float32 else 3
     if kind == "dw":
-        return _Config(block_r=128, block_v=64, block_h=64, num_warps=8, num_stages=stages, programs=programs)
+        return Config(block_r=128, block_v=64, block_h=64, num_warps=8, num_stages=stages, programs=programs)
     if kind == "dh":
-        return _Config(block_r=64, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
-    return _Config(block_r=128, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
-
-
-def _split(outer_tiles: int, inner_size: int, block: int, programs: int, splits: int | None) -> tuple[int, int]:
-    """(number of splits, elements per split) of the inner dimension; every split is non-empty and tile-aligned."""
-    inner_tiles = triton.cdiv(inner_size, block)
-    if splits is None:
-        splits = min(_MAX_SPLITS, triton.cdiv(programs, outer_tiles))
-    splits = max(1, min(splits, inner_tiles))
-    per_split = triton.cdiv(inner_tiles, splits) * block
-    return triton.cdiv(inner_size, per_split), per_split
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dot (TF32 would cost ~1e-3 relative error); bf16/fp16 ignore this setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+        return Config(block_r=64, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
+    return Config(block_r=128, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
 
 
 def _launch_forward(h, w, vocab_ids, tgt, inv_temp: float, want_mean: bool, splits: int | None = None):
@@ -368,17 +306,17 @@ def _launch_forward(h, w, vocab_ids, tgt, inv_temp: float, want_mean: bool, spli
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
     cfg = _config("fwd", h.dtype, h.device)
     row_tiles = triton.cdiv(num_rows, cfg.block_r)
-    splits, v_per_split = _split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits)
+    splits, v_per_split = split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits, _MAX_SPLITS)
     part = torch.empty(4, splits, num_rows, dtype=torch.float32, device=h.device)  # m, s, sz, z_tgt
     _fwd_kernel[(row_tiles, splits)](
         h, w, vocab_ids if vocab_ids is not None else tgt, tgt, part[0], part[1], part[2], part[3],
         num_rows, vocab_size, hidden, inv_temp, v_per_split,
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        HAS_VOCAB=vocab_ids is not None, WANT_MEAN=want_mean, UPCAST_DOT=_interpreting(),
-        PRECISION=_precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_VOCAB=vocab_ids is not None, WANT_MEAN=want_mean, UPCAST_DOT=interpreting(),
+        PRECISION=precision(h.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty(3, num_rows, dtype=torch.float32, device=h.device)  # lse, tgt_logit, mean
-    block = 32 if _interpreting() else 1024
+    block = 32 if interpreting() else 1024
     _merge_kernel[(triton.cdiv(num_rows, block),)](
         part[0], part[1], part[2], part[3], out[0], out[1], out[2], num_rows, splits,
         BLOCK=block, WANT_MEAN=want_mean,
@@ -386,40 +324,27 @@ def _launch_forward(h, w, vocab_ids, tgt, inv_temp: float, want_mean: bool, spli
     return out[0], out[1], (out[2] if want_mean else None)
 
 
-def _launch_dh(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, splits: int | None = None):
+def _launch_grad(kind: str, h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, splits: int | None = None):
+    """dh (kind "dh": grid row tiles x vocabulary splits) or dw (kind "dw": vocabulary tiles x row splits), fp32."""
     num_rows, hidden = h.shape
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
-    cfg = _config("dh", h.dtype, h.device)
-    row_tiles = triton.cdiv(num_rows, cfg.block_r)
-    splits, v_per_split = _split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits)
-    dh = torch.zeros(splits, num_rows, hidden, dtype=torch.float32, device=h.device)
-    _dh_kernel[(row_tiles, splits)](
-        h, w, vocab_ids if vocab_ids is not None else tgt, tgt, lse, g_tgt, a, b if b is not None else a, dh,
-        num_rows, vocab_size, hidden, inv_temp, v_per_split,
+    cfg = _config(kind, h.dtype, h.device)
+    if kind == "dh":
+        kernel, outer_tiles, out_rows = _dh_kernel, triton.cdiv(num_rows, cfg.block_r), num_rows
+        splits, per_split = split(outer_tiles, vocab_size, cfg.block_v, cfg.programs, splits, _MAX_SPLITS)
+    else:
+        kernel, outer_tiles, out_rows = _dw_kernel, triton.cdiv(vocab_size, cfg.block_v), vocab_size
+        splits, per_split = split(outer_tiles, num_rows, cfg.block_r, cfg.programs, splits, _MAX_SPLITS)
+    part = torch.zeros(splits, out_rows, hidden, dtype=torch.float32, device=h.device)
+    kernel[(outer_tiles, splits)](
+        h, w, vocab_ids if vocab_ids is not None else tgt, tgt, lse, g_tgt, a, b if b is not None else a, part,
+        num_rows, vocab_size, hidden, inv_temp, per_split,
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        HAS_VOCAB=vocab_ids is not None, HAS_B=b is not None, UPCAST_DOT=_interpreting(),
-        PRECISION=_precision(h.dtype), SPLIT_DZ=h.dtype != torch.float32,
+        HAS_VOCAB=vocab_ids is not None, HAS_B=b is not None, UPCAST_DOT=interpreting(),
+        PRECISION=precision(h.dtype), SPLIT_DZ=h.dtype != torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _sum_splits(dh)
-
-
-def _launch_dw(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, splits: int | None = None):
-    num_rows, hidden = h.shape
-    vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
-    cfg = _config("dw", h.dtype, h.device)
-    vocab_tiles = triton.cdiv(vocab_size, cfg.block_v)
-    splits, r_per_split = _split(vocab_tiles, num_rows, cfg.block_r, cfg.programs, splits)
-    dw = torch.zeros(splits, vocab_size, hidden, dtype=torch.float32, device=h.device)
-    _dw_kernel[(vocab_tiles, splits)](
-        h, w, vocab_ids if vocab_ids is not None else tgt, tgt, lse, g_tgt, a, b if b is not None else a, dw,
-        num_rows, vocab_size, hidden, inv_temp, r_per_split,
-        BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        HAS_VOCAB=vocab_ids is not None, HAS_B=b is not None, UPCAST_DOT=_interpreting(),
-        PRECISION=_precision(h.dtype), SPLIT_DZ=h.dtype != torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return _sum_splits(dw)
+    return _sum_splits(part)
 
 
 def _sum_splits(part: torch.Tensor) -> torch.Tensor:
@@ -457,6 +382,6 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
     lse, g_tgt, a = lse.float().contiguous(), g_tgt.float().contiguous(), a.float().contiguous()
     b = b.float().contiguous() if b is not None else None
     args = (h, w, vocab_ids, tgt, float(inv_temp), lse, g_tgt, a, b)
-    dh = _launch_dh(*args) if need_dh else None
-    dw = _launch_dw(*args) if need_dw else None
+    dh = _launch_grad("dh", *args) if need_dh else None
+    dw = _launch_grad("dw", *args) if need_dw else None
     return dh, dw

@@ -32,19 +32,18 @@ launch settings and speed are not yet measured.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INTERPRETER_CONFIG, Config, interpreting, logits_tile, precision, slot_tokens, split
 
 __all__ = ["check", "forward"]
 
 
 def check() -> None:
     """Raise when these kernels cannot run here (importing this module already needs triton)."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not interpreting():
         raise RuntimeError("no CUDA device and TRITON_INTERPRET != '1' (it must be set before triton is imported)")
 
 
@@ -100,30 +99,14 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_stop
-        if HAS_VOCAB:
-            toks = tl.load(vocab_ptr + offs_v, mask=mask_v, other=0).to(tl.int64)
-        else:
-            toks = tl.where(mask_v, offs_v, 0).to(tl.int64)
-        w_rows = toks * H
-
-        acc = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
-        for k in range(0, H, BLOCK_H):
-            offs_h = k + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < H
-            h_t = tl.load(h_ptr + h_rows[:, None] + offs_h[None, :], mask=mask_r[:, None] & mask_h[None, :],
-                          other=0.0)
-            w_t = tl.load(w_ptr + w_rows[:, None] + offs_h[None, :], mask=mask_v[:, None] & mask_h[None, :],
-                          other=0.0)
-            if UPCAST_DOT:
-                h_t = h_t.to(tl.float32)
-                w_t = w_t.to(tl.float32)
-            acc = tl.dot(h_t, tl.trans(w_t), acc, input_precision=PRECISION)
-        z = tl.where(mask_v[None, :], acc, float("-inf"))  # untempered logits; -inf past the split's edge
-
+        toks = slot_tokens(vocab_ptr, offs_v, mask_v, HAS_VOCAB)  # [BLOCK_V] token ids: the noise counter
+        # untempered logits [BLOCK_R, BLOCK_V]; -inf past the split's edge
+        z = logits_tile(h_ptr, w_ptr, h_rows, toks * H, mask_r, mask_v, H, 1.0,
+                        BLOCK_R, BLOCK_V, BLOCK_H, UPCAST_DOT, PRECISION)
         if GREEDY:
             score = z
         else:
-            score = tl.where(mask_v[None, :], acc * inv_temp + _gumbel(keys, toks.to(tl.uint32)), float("-inf"))
+            score = tl.where(mask_v[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32)), float("-inf"))
         # First maximal column of the tile (explicit, not relying on tl.argmax's tie rule).
         tmax = tl.max(score, axis=1)
         cols = tl.arange(0, BLOCK_V)
@@ -179,39 +162,15 @@ def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, slot_out, zsel_out
 _MAX_SPLITS = 16  # partials are 5 x splits x R words: small; splits exist for occupancy when R is small
 
 
-@dataclass(frozen=True)
-class _Config:
-    block_r: int
-    block_v: int
-    block_h: int
-    num_warps: int
-    num_stages: int
-    programs: int  # aim for at least this many programs (row tiles x splits) per launch
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _config(dtype: torch.dtype, device: torch.device) -> _Config:
+def _config(dtype: torch.dtype, device: torch.device) -> Config:
     """One heuristic config (no autotuning). GPU: the masked_logprob forward's tiles, a 64-row tile (sampling
     batches are often a few hundred rows) and enough vocabulary splits for ~4 programs per SM. Interpreter:
     16/32-wide tiles so small test shapes still cover ragged edges, several tiles and splits."""
-    if _interpreting() or device.type != "cuda":
-        return _Config(block_r=16, block_v=32, block_h=16, num_warps=1, num_stages=1, programs=4)
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_CONFIG
     programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     stages = 2 if dtype == torch.float32 else 3
-    return _Config(block_r=64, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
-
-
-def _split(row_tiles: int, vocab_size: int, block: int, programs: int, splits: int | None) -> tuple[int, int]:
-    """(number of splits, slots per split); every split is non-empty and tile-aligned."""
-    vocab_tiles = triton.cdiv(vocab_size, block)
-    if splits is None:
-        splits = min(_MAX_SPLITS, triton.cdiv(programs, row_tiles))
-    splits = max(1, min(splits, vocab_tiles))
-    per_split = triton.cdiv(vocab_tiles, splits) * block
-    return triton.cdiv(vocab_size, per_split), per_split
+    return Config(block_r=64, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
 
 
 def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, splits: int | None = None):
@@ -224,7 +183,7 @@ def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, splits
         return slot, out[0], out[1]
     cfg = _config(h.dtype, dev)
     row_tiles = triton.cdiv(num_rows, cfg.block_r)
-    splits, v_per_split = _split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits)
+    splits, v_per_split = split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits, _MAX_SPLITS)
     part_f = torch.empty(4, splits, num_rows, dtype=torch.float32, device=dev)  # best, z_sel, m, s
     part_slot = torch.empty(splits, num_rows, dtype=torch.int64, device=dev)
     _fwd_kernel[(row_tiles, splits)](
@@ -232,11 +191,11 @@ def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, splits
         part_f[0], part_slot, part_f[1], part_f[2], part_f[3],
         num_rows, vocab_size, hidden, float(inv_temp), v_per_split,
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), UPCAST_DOT=_interpreting(),
-        PRECISION="ieee" if h.dtype == torch.float32 else "tf32",  # bf16/fp16 operands ignore it
+        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), UPCAST_DOT=interpreting(),
+        PRECISION=precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    block = 32 if _interpreting() else 1024
+    block = 32 if interpreting() else 1024
     _merge_kernel[(triton.cdiv(num_rows, block),)](
         part_f[0], part_slot, part_f[1], part_f[2], part_f[3], slot, out[0], out[1], num_rows, splits,
         BLOCK=block,
