@@ -9,6 +9,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "test_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,52 +22,11 @@
 using stp_mlp::MlpDtype;
 using stp_mlp::MlpParams;
 
-#define CK(call)                                                                                    \
-  do {                                                                                              \
-    const cudaError_t err_ = (call);                                                                \
-    if (err_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                 \
-    }                                                                                               \
-  } while (0)
-
 namespace {
 
-struct Rng {  // splitmix64: fixed seed, identical on every machine
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  uint64_t next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
-  double sym() { return 2.0 * uniform() - 1.0; }                            // [-1, 1)
-};
-
-const char* dtype_name(MlpDtype d) {
-  return d == MlpDtype::kFloat32 ? "fp32" : d == MlpDtype::kBFloat16 ? "bf16" : "fp16";
-}
-
-// Rounds x to the dtype (so the reference sees exactly the values the GPU reads) and appends its bits.
-float round_to(MlpDtype d, float x, std::vector<uint8_t>& bytes) {
-  if (d == MlpDtype::kFloat32) {
-    const uint8_t* p = reinterpret_cast<const uint8_t*>(&x);
-    bytes.insert(bytes.end(), p, p + 4);
-    return x;
-  }
-  if (d == MlpDtype::kBFloat16) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(x);
-    const uint8_t* p = reinterpret_cast<const uint8_t*>(&b);
-    bytes.insert(bytes.end(), p, p + 2);
-    return __bfloat162float(b);
-  }
-  const __half hv = __float2half_rn(x);
-  const uint8_t* p = reinterpret_cast<const uint8_t*>(&hv);
-  bytes.insert(bytes.end(), p, p + 2);
-  return __half2float(hv);
-}
+using stp_test::dtype_name;
+using stp_test::Rng;
+using stp_test::round_to;
 
 struct Case {
   const char* name;

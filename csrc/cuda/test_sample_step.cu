@@ -11,6 +11,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "test_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,55 +24,11 @@
 using stp_ss::SsDtype;
 using stp_ss::SsParams;
 
-#define CK(call)                                                                                    \
-  do {                                                                                              \
-    const cudaError_t err_ = (call);                                                                \
-    if (err_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                 \
-    }                                                                                               \
-  } while (0)
-
 namespace {
 
-struct Rng {  // splitmix64: fixed seed, identical on every machine
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed) {}
-  uint64_t next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
-  double normal() {                                                         // Box-Muller
-    const double u1 = 1.0 - uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-  }
-};
-
-const char* dtype_name(SsDtype d) {
-  return d == SsDtype::kFloat32 ? "fp32" : d == SsDtype::kBFloat16 ? "bf16" : "fp16";
-}
-
-// Rounds x to the dtype (so the reference sees exactly the values the GPU reads) and appends its bits.
-float round_to(SsDtype d, float x, std::vector<uint8_t>& bytes) {
-  if (d == SsDtype::kFloat32) {
-    const uint8_t* p = reinterpret_cast<const uint8_t*>(&x);
-    bytes.insert(bytes.end(), p, p + 4);
-    return x;
-  }
-  if (d == SsDtype::kBFloat16) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(x);
-    const uint8_t* p = reinterpret_cast<const uint8_t*>(&b);
-    bytes.insert(bytes.end(), p, p + 2);
-    return __bfloat162float(b);
-  }
-  const __half b = __float2half_rn(x);
-  const uint8_t* p = reinterpret_cast<const uint8_t*>(&b);
-  bytes.insert(bytes.end(), p, p + 2);
-  return __half2float(b);
-}
+using stp_test::dtype_name;
+using stp_test::Rng;
+using stp_test::round_to;
 
 // Host lowbias32, written independently of the kernel's (uint32_t arithmetic wraps mod 2^32).
 uint32_t host_mix32(uint32_t x) {
