@@ -45,9 +45,8 @@ void check_row_vector(const at::Tensor& t, const char* name, const at::Tensor& h
               h.size(0), "] (one per row of h), got ", t.sizes());
 }
 
-// Checks h, w, vocab_ids, tgt and fills the problem part of the params.
-MlpParams problem(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& vocab_ids,
-                  const at::Tensor& tgt, double inv_temp) {
+// Shared by every op: h [R, H] and w [V, H] on one CUDA device, contiguous, same dtype, non-empty.
+void check_head(const at::Tensor& h, const at::Tensor& w) {
   TORCH_CHECK(h.is_cuda(), "stp_kernels._C_cuda: h must be a CUDA tensor, got device ", h.device());
   TORCH_CHECK(h.dim() == 2, "stp_kernels._C_cuda: h must be [R, H], got shape ", h.sizes());
   TORCH_CHECK(h.is_contiguous(), "stp_kernels._C_cuda: h must be contiguous");
@@ -56,9 +55,32 @@ MlpParams problem(const at::Tensor& h, const at::Tensor& w, const std::optional<
               h.size(1), ", got shape ", w.sizes());
   TORCH_CHECK(w.scalar_type() == h.scalar_type(), "stp_kernels._C_cuda: w has dtype ", w.scalar_type(),
               " but h has ", h.scalar_type(), "; they must match");
-  TORCH_CHECK(h.size(1) > 0 && h.size(1) <= (int64_t(1) << 21), "stp_kernels._C_cuda: hidden size must be in [1, 2^21], got ",
-              h.size(1));
+  TORCH_CHECK(h.size(1) > 0, "stp_kernels._C_cuda: hidden size must be >= 1, got ", h.size(1));
   TORCH_CHECK(w.size(0) > 0, "stp_kernels._C_cuda: w has no rows");
+}
+
+// The vocabulary prior's ids (nullptr without one) and the slot count Vs. Sortedness, uniqueness and the range
+// [0, V) are validated in Python (stp_kernels.masked_logprob / sample_step, one host sync there); the kernels read
+// w rows through these ids without checking them.
+const int64_t* vocab_slots(const std::optional<at::Tensor>& vocab_ids, const at::Tensor& h, const at::Tensor& w,
+                           int64_t* vs) {
+  *vs = w.size(0);
+  if (!vocab_ids.has_value()) return nullptr;
+  const at::Tensor& ids = *vocab_ids;
+  check_cuda(ids, "vocab_ids", h);
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "stp_kernels._C_cuda: vocab_ids must be int64, got ",
+              ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 1 && ids.numel() > 0,
+              "stp_kernels._C_cuda: vocab_ids must be a non-empty 1-D tensor, got shape ", ids.sizes());
+  *vs = ids.numel();
+  return ids.data_ptr<int64_t>();
+}
+
+// Checks h, w, vocab_ids, tgt and fills the problem part of the params.
+MlpParams problem(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& vocab_ids,
+                  const at::Tensor& tgt, double inv_temp) {
+  check_head(h, w);
+  TORCH_CHECK(h.size(1) <= (int64_t(1) << 21), "stp_kernels._C_cuda: hidden size must be <= 2^21, got ", h.size(1));
   TORCH_CHECK(h.size(0) <= INT32_MAX, "stp_kernels._C_cuda: at most 2^31 - 1 rows, got ", h.size(0));
   check_row_vector(tgt, "tgt", h, at::kLong);
   MlpParams p;
@@ -69,19 +91,7 @@ MlpParams problem(const at::Tensor& h, const at::Tensor& w, const std::optional<
   p.R = h.size(0);
   p.H = h.size(1);
   p.V = w.size(0);
-  p.Vs = p.V;
-  if (vocab_ids.has_value()) {
-    const at::Tensor& ids = *vocab_ids;
-    check_cuda(ids, "vocab_ids", h);
-    TORCH_CHECK(ids.scalar_type() == at::kLong, "stp_kernels._C_cuda: vocab_ids must be int64, got ",
-                ids.scalar_type());
-    TORCH_CHECK(ids.dim() == 1 && ids.numel() > 0, "stp_kernels._C_cuda: vocab_ids must be a non-empty 1-D tensor, got shape ",
-                ids.sizes());
-    // Sortedness, uniqueness and range [0, V) are validated by stp_kernels.masked_logprob (one host sync there);
-    // the kernels read w rows through these ids without checking them.
-    p.vocab_ids = ids.data_ptr<int64_t>();
-    p.Vs = ids.numel();
-  }
+  p.vocab_ids = vocab_slots(vocab_ids, h, w, &p.Vs);
   TORCH_CHECK(p.Vs <= INT32_MAX, "stp_kernels._C_cuda: at most 2^31 - 1 vocabulary slots, got ", p.Vs);
   TORCH_CHECK(std::isfinite(inv_temp) && inv_temp > 0, "stp_kernels._C_cuda: inv_temp must be finite and > 0, got ",
               inv_temp);
@@ -166,16 +176,7 @@ stp_ss::SsDtype to_ss_dtype(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
     const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& vocab_ids, const at::Tensor& keys,
     double inv_temp, bool greedy) {
-  TORCH_CHECK(h.is_cuda(), "stp_kernels._C_cuda: h must be a CUDA tensor, got device ", h.device());
-  TORCH_CHECK(h.dim() == 2, "stp_kernels._C_cuda: h must be [R, H], got shape ", h.sizes());
-  TORCH_CHECK(h.is_contiguous(), "stp_kernels._C_cuda: h must be contiguous");
-  check_cuda(w, "w", h);
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == h.size(1), "stp_kernels._C_cuda: w must be [V, H] with H = ",
-              h.size(1), ", got shape ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == h.scalar_type(), "stp_kernels._C_cuda: w has dtype ", w.scalar_type(),
-              " but h has ", h.scalar_type(), "; they must match");
-  TORCH_CHECK(h.size(1) > 0, "stp_kernels._C_cuda: hidden size must be >= 1, got ", h.size(1));
-  TORCH_CHECK(w.size(0) > 0, "stp_kernels._C_cuda: w has no rows");
+  check_head(h, w);
   check_row_vector(keys, "keys", h, at::kLong);
   stp_ss::SsParams p;
   p.dtype = to_ss_dtype(h.scalar_type());
@@ -185,18 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
   p.R = h.size(0);
   p.H = h.size(1);
   p.V = w.size(0);
-  p.Vs = p.V;
-  if (vocab_ids.has_value()) {
-    const at::Tensor& ids = *vocab_ids;
-    check_cuda(ids, "vocab_ids", h);
-    TORCH_CHECK(ids.scalar_type() == at::kLong, "stp_kernels._C_cuda: vocab_ids must be int64, got ",
-                ids.scalar_type());
-    TORCH_CHECK(ids.dim() == 1 && ids.numel() > 0,
-                "stp_kernels._C_cuda: vocab_ids must be a non-empty 1-D tensor, got shape ", ids.sizes());
-    // Range [0, V) is validated by stp_kernels.sample_step; the kernels read w rows through these ids unchecked.
-    p.vocab_ids = ids.data_ptr<int64_t>();
-    p.Vs = ids.numel();
-  }
+  p.vocab_ids = vocab_slots(vocab_ids, h, w, &p.Vs);
   p.greedy = greedy;
   if (!greedy) {
     TORCH_CHECK(std::isfinite(inv_temp) && inv_temp > 0,
