@@ -470,8 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m stp.eval",
         description="Evaluate a masked diffusion LM on a task under the d1 protocol (greedy, block 32, "
                     "steps = gen_length / 2); writes per-example JSONL (resumable) and a summary JSON.")
-    p.add_argument("--model", required=True, help="'tiny', a local model directory, or a Hub id")
+    p.add_argument("--model", required=True, help="'tiny', 'pretrained:TASK', a local model directory, or a Hub id")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter directory to merge into --model first (the 'adapter' directory of a "
+                        "`python -m stp.train` run)")
     p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--prompt-format", default=None, choices=("chat", "compact"),
+                   help="chat: the task's chat prompt (d1's); compact: stp.pretrain's one-line prompt (sudoku, "
+                        "countdown), which the embedded tiny model reads [compact for the tiny model, else chat]")
     p.add_argument("--gen-length", type=int, default=256,
                    help="completion length; d1: 128, 256, 512 (any multiple of --block-length) [256]")
     p.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_LENGTH, help="block length [32]")
@@ -498,11 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_tiny(model: str) -> bool:
+    """Whether --model names the embedded tiny model ('tiny', 'pretrained:TASK' or a directory saved from it)."""
+    if model == "tiny" or model.startswith("pretrained:"):
+        return True
+    config = Path(model).expanduser() / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("stp_family") == "tiny"
+    except (OSError, ValueError):
+        return False
+
+
 def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     """Every check that can run before loading data or the model; EvalError naming the flag, value and allowed."""
     if args.task not in TASKS:
         raise EvalError(f"--task {args.task!r}: unknown task; allowed: {', '.join(TASKS)}")
-    task = get_task(args.task, d1_compat=args.d1_compat)
+    if args.prompt_format is None:
+        args.prompt_format = "compact" if _is_tiny(args.model) and args.task in ("sudoku", "countdown") else "chat"
+    if args.prompt_format == "compact":
+        from stp.pretrain import PRETRAIN_TASKS, compact_task
+
+        if args.task not in PRETRAIN_TASKS:
+            raise EvalError(f"--prompt-format compact with --task {args.task!r}: the compact prompt exists for "
+                            f"{', '.join(PRETRAIN_TASKS)}; allowed for {args.task}: chat")
+        task = compact_task(args.task, d1_compat=args.d1_compat)
+    else:
+        task = get_task(args.task, d1_compat=args.d1_compat)
     if args.steps is None:
         args.steps = args.gen_length // 2 if args.gen_length > 0 else args.gen_length
     check_decoding(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
@@ -521,6 +548,9 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
         raise EvalError("--source 'file' needs --data PATH")
     if args.dtype not in DTYPES:
         raise EvalError(f"--dtype {args.dtype!r}: allowed: {', '.join(DTYPES)}")
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise EvalError(f"--adapter {args.adapter!r}: no adapter_config.json in that directory (expected the "
+                        f"'adapter' directory of a `python -m stp.train` run)")
     try:
         device = torch.device(args.device if args.device is not None else
                               ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -534,6 +564,16 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     if out.exists() and not out.is_file():
         raise EvalError(f"--output {args.output!r}: exists and is not a file")
     return task, device
+
+
+def _adapter_identity(adapter: str | None) -> str | None:
+    """The adapter's part of the settings: its path and the SHA-256 of its weights (another adapter at the same path
+    is then another setting, and a results file made with the old one is refused)."""
+    if adapter is None:
+        return None
+    weights = Path(adapter) / "adapter_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "missing"
+    return f"{adapter}@{digest}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -551,6 +591,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvalError(f"no examples in {task.name} split {args.split!r} (source {source!r})")
         identity = {"model": args.model, "dtype": args.dtype, "split": args.split, "source": source,
                     "data": args.data, "data_seed": args.data_seed if source == "generated" else None}
+        if args.prompt_format == "compact":  # absent for chat: results files made before the flag keep their hash
+            identity["prompt_format"] = "compact"
+        if args.adapter is not None:  # absent otherwise: results files made without adapters keep their hash
+            identity["adapter"] = _adapter_identity(args.adapter)
         settings = eval_settings(task, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                  temperature=args.temperature, max_prompt_length=args.max_prompt_length,
                                  seed=args.seed, identity=identity)
@@ -567,6 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stp.eval: {task.name} {args.split}: {len(examples)} examples, {len(examples) - todo} already in "
                   f"{output}, {todo} to generate; loading {args.model!r}", file=sys.stderr)
             model = models.load(args.model, dtype=DTYPES[args.dtype], device=device)
+            if args.adapter is not None:
+                try:
+                    models.merge_adapter(model, args.adapter)
+                except ValueError as e:
+                    raise EvalError(f"--adapter {args.adapter!r}: {e}") from e
         result = evaluate(model, task, examples, gen_length=args.gen_length, block_length=args.block_length,
                           steps=args.steps, batch_size=args.batch_size, output=output, temperature=args.temperature,
                           max_prompt_length=args.max_prompt_length, seed=args.seed, identity=identity,

@@ -15,9 +15,11 @@ from stp import eval as stp_eval  # noqa: E402
 from stp.eval import EvalError, EvalWarning, ResumeError, evaluate, main, summary_path  # noqa: E402
 from stp.tasks import get_task  # noqa: E402
 
-# Small and fast: one block of 32, 16 steps, prompts cut to 64 tokens (the char-level prompts are ~500 tokens).
+# Small and fast: one block of 32, 16 steps, prompts cut to 64 tokens (the char-level prompts are ~500 tokens). The
+# CLI tests read the chat prompt (the tiny model's default is the compact one: tested on its own below).
 GEN = dict(gen_length=32, block_length=32, steps=16, max_prompt_length=64)
-CLI_GEN = ["--gen-length", "32", "--block-length", "32", "--steps", "16", "--max-prompt-length", "64"]
+CLI_GEN = ["--gen-length", "32", "--block-length", "32", "--steps", "16", "--max-prompt-length", "64",
+           "--prompt-format", "chat"]
 ROW_KEYS = {"index", "id", "settings_hash", "settings", "example_sha", "example", "prompt", "prompt_tokens",
             "prompt_truncated", "completion", "completion_tokens", "hit_eos", "answer", "metric", "rewards", "reward",
             "nfe"}
@@ -129,6 +131,8 @@ def test_cli_sudoku_with_data_file(tmp_path, capsys):
     (["--limit", "0"], "--limit 0"),
     (["--temperature", "-1"], "--temperature=-1.0"),
     (["--data", "/nonexistent/file.jsonl"], "--data '/nonexistent/file.jsonl': no such file"),
+    (["--task", "gsm8k", "--prompt-format", "compact"], "--prompt-format compact with --task 'gsm8k'"),
+    (["--adapter", "/nonexistent/adapter"], "--adapter '/nonexistent/adapter': no adapter_config.json"),
 ])
 def test_cli_bad_flags_fail_before_loading(extra, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(stp.models, "load", no_load)
@@ -158,11 +162,75 @@ def test_cli_settings_mismatch_before_loading(tiny, tmp_path, monkeypatch, capsy
     before = out.read_bytes()
     with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny", "--task", "countdown", "--source", "generated", "--limit", "3", "--gen-length",
-              "32", "--steps", "32", "--max-prompt-length", "64", "--output", str(out)])
+              "32", "--steps", "32", "--max-prompt-length", "64", "--prompt-format", "chat", "--output", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "different settings" in err and "'steps': file has 16, this run 32" in err
     assert out.read_bytes() == before
+
+
+def _lora_adapter(tmp_path):
+    """A saved LoRA adapter of the tiny model with non-zero B (peft starts B at 0: the merge would be a no-op),
+    and the peft-wrapped model it came from."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = stp.models.load("tiny")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                         "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    lm.model = peft_model
+    return tmp_path / "adapter", lm
+
+
+def test_merge_adapter_matches_the_peft_model(tmp_path):
+    adapter, wrapped = _lora_adapter(tmp_path)
+    ids = torch.randint(0, wrapped.lm_head_weight.shape[0], (2, 12), generator=torch.Generator().manual_seed(1))
+    ids[:, 6:] = wrapped.mask_token_id
+    with torch.no_grad():
+        expected = wrapped.logits(ids).double()
+        base = stp.models.load("tiny")
+        plain = base.logits(ids).double()
+        merged = stp.models.merge_adapter(base, adapter)
+        got = merged.logits(ids).double()
+    assert (expected - plain).abs().max() > 1e-2  # the adapter changes the model
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert isinstance(merged.model, type(stp.models.load("tiny").model))  # plain transformers model again
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        stp.models.merge_adapter(stp.models.load("tiny"), tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="no adapter_model.safetensors"):
+        stp.models.merge_adapter(stp.models.load("tiny"), tmp_path / "bin")
+
+
+def test_cli_adapter_and_compact_prompt(tmp_path, capsys):
+    """--adapter merges the trainer's adapter; the tiny model reads the compact prompt by default; the rows equal
+    evaluate() on the merged model in memory."""
+    from stp.pretrain import compact_task
+
+    adapter, _ = _lora_adapter(tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert main(["--model", "tiny", "--adapter", str(adapter), "--task", "sudoku", "--source", "generated",
+                 "--limit", "3", "--gen-length", "32", "--block-length", "32", "--steps", "16", "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = read_rows(out)
+    task = compact_task("sudoku")
+    check_rows(rows, task, 3)
+    assert rows[0]["prompt"].startswith("<|user|>\nsudoku ") and not any(r["prompt_truncated"] for r in rows)
+    assert rows[0]["settings"]["prompt_format"] == "compact"
+    assert rows[0]["settings"]["adapter"].startswith(f"{adapter}@")
+    merged = stp.models.merge_adapter(stp.models.load("tiny"), adapter)
+    examples = task.load("test", source="generated", n=3)
+    ref = evaluate(merged, task, examples, gen_length=32, block_length=32, steps=16, progress=False)
+    assert [r["completion"] for r in rows] == [r["completion"] for r in ref["records"]]
+    plain = evaluate(stp.models.load("tiny"), task, examples, gen_length=32, block_length=32, steps=16,
+                     progress=False)
+    assert [r["completion"] for r in plain["records"]] != [r["completion"] for r in ref["records"]]
 
 
 # ------------------------------------------------------------------------------------------------------- library

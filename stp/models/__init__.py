@@ -1,6 +1,6 @@
 """Model adapters: LLaDA, Dream and the embedded tiny model as one `DiffusionLM` interface (see base.py)."""
 
-from .base import DiffusionLM, load
+from .base import DiffusionLM, load, merge_adapter
 from .tiny import build_tiny, build_tokenizer
 
-__all__ = ["DiffusionLM", "load", "build_tiny", "build_tokenizer"]
+__all__ = ["DiffusionLM", "load", "merge_adapter", "build_tiny", "build_tokenizer"]

@@ -430,3 +430,28 @@ def _load_saved(directory: Path, config: dict, *, dtype, device, attn_implementa
     return DiffusionLM(model, tokenizer, mask_token_id=mask, eos_token_id=eos, pad_token_id=pad,
                        shift_logits=bool(config.get("stp_shift_logits", False)),
                        name=str(config.get("stp_name", name)), family=str(config.get("stp_family", "custom")))
+
+
+def merge_adapter(model: DiffusionLM, adapter_dir: str | os.PathLike) -> DiffusionLM:
+    """Fold a peft LoRA adapter (the ``adapter/`` directory ``stp.train`` writes: ``adapter_config.json`` +
+    ``adapter_model.safetensors``) into ``model``'s weights, in place; returns ``model``.
+
+    The adapter must have been trained on this base (same module names and shapes): peft's loader raises on missing
+    or mis-shaped tensors, and this function names the directory in the error. Weights load from safetensors only.
+    """
+    directory = Path(adapter_dir).expanduser()
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"adapter {str(directory)!r}: no adapter_config.json there (expected the 'adapter' directory "
+                         f"that `python -m stp.train` writes at the end of a LoRA run)")
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise ValueError(f"adapter {str(directory)!r}: no adapter_model.safetensors (only safetensors adapters are "
+                         f"read; a .bin adapter would need unpickling)")
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model.model, str(directory), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"adapter {str(directory)!r} does not fit the model {model.name!r}: {e}") from e
+    model.model = peft_model.merge_and_unload()
+    return model
