@@ -28,10 +28,22 @@ the batch. Log-probabilities come from ``stp_kernels.masked_logprob`` at the mas
 AdamW, linear warm-up then cosine decay to 10 %. All randomness comes from ``torch.Generator`` objects seeded from
 ``seed`` (model init, batch order, mask draws) and from the task's seeded generator: no global RNG is read or set.
 
-What SFT is meant to teach: the format (tags, copying the givens, stopping), not the answer. The defaults are
-tuned so the result answers in the right format nearly always but fills the empty cells only partly right, leaving
-room for RL (numbers in ``pretrain.json`` of the output and in the module's ``__main__`` report). ``answer_noise``
-(fraction of the empty cells of each reference answer replaced by a random digit) can weaken it further.
+What SFT is meant to teach: the task's shape (copying the givens, a short reasoning, stopping) and part of the
+answer. Two knobs make the SFT corpus imperfect the way real SFT data is:
+
+- ``format_noise``: the fraction of references that write the answer between plain newlines instead of the
+  ``<answer>`` tags (same token positions: ``...</reasoning>\n\n4123...1234\n``). The reward reads only a tagged
+  answer, so such a completion scores 0. Sudoku's default is 0.6: the SFT corpus writes most answers untagged, and
+  the SFT model then writes the untagged form under greedy decoding (held-out reward 0.000) and a tagged one in
+  about 1 % of the samples at temperature 0.9, while its digits are as good as those of a model trained on tagged
+  answers only. RL has to find the format the reward asks for: the default run's gain is that format compliance,
+  not better Sudoku (README, "What the default run shows"). At 0.5 the greedy format depends on the data seed
+  (either way round); 0.7 leaves no tagged samples to learn from.
+- ``answer_noise``: the fraction of the empty cells of each reference answer replaced by a random digit.
+
+Training puzzles come from the generator's train split with ``data_seed`` (1 by default): a different stream from
+the one ``stp.train`` draws its RL prompts from (seed 0), and never a held-out (test-split) grid. Numbers are in
+``pretrain.json`` of the output and in the module's ``__main__`` report.
 
 Output directory: ``DiffusionLM.save`` files (``config.json``, ``model.safetensors``, tokenizer files) plus
 ``pretrain.json``: settings, their hash, wall time, the final loss, and the held-out reward / metric (greedy, the
@@ -66,10 +78,12 @@ MASK_EPS = 1e-3
 # Defaults per task; every key is a keyword of `pretrain` (and a CLI flag). The model keys go to `build_tiny`.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sudoku": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
-                   block_length=32, n_train=4000, data_seed=0, answer_noise=0.0, eval_examples=32, eval_seed=0,
+                   block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.6, eval_examples=32,
+                   eval_seed=0,
                    hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
     "countdown": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=64,
-                      block_length=32, n_train=4000, data_seed=0, answer_noise=0.0, eval_examples=32, eval_seed=0,
+                      block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0, eval_examples=32,
+                      eval_seed=0,
                       hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
 }
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
@@ -125,18 +139,21 @@ def _noisy_grid(example: Mapping[str, Any], answer_noise: float, gen: torch.Gene
 
 
 def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise: float = 0.0,
-                         generator: torch.Generator | None = None) -> str:
-    """The SFT target: a short reasoning and the answer in d1's format.
+                         format_noise: float = 0.0, generator: torch.Generator | None = None) -> str:
+    """The SFT target: a short reasoning and the answer in d1's format; with probability ``format_noise`` (drawn
+    from ``generator``) the answer sits between newlines instead of the tags (the same number of tokens).
 
     >>> reference_completion("sudoku", {"puzzle": "4123030034121034", "solution": "4123234134121234"})
     '<reasoning>04 empty</reasoning>\\n<answer>4123234134121234</answer>'
     >>> reference_completion("countdown", {"nums": [44, 19, 35], "target": 98, "solution": "(44 + 19) + 35"})
     '<reasoning>(44+19)+35=98</reasoning>\\n<answer>(44+19)+35</answer>'
     """
+    bare = format_noise > 0 and generator is not None and torch.rand((), generator=generator).item() < format_noise
     if task == "sudoku":
         empty = example["puzzle"].count("0")
         grid = _noisy_grid(example, answer_noise, generator)
-        return f"<reasoning>{empty:02d} empty</reasoning>\n<answer>{grid}</answer>"
+        answer = f"\n{grid}\n" if bare else f"<answer>{grid}</answer>"
+        return f"<reasoning>{empty:02d} empty</reasoning>\n{answer}"
     if task == "countdown":
         from stp.tasks.countdown import solve
 
@@ -144,7 +161,8 @@ def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise:
         if expr is None:
             raise PretrainError(f"countdown example {dict(example)!r} has no solution")
         expr = expr.replace(" ", "")
-        return f"<reasoning>{expr}={example['target']}</reasoning>\n<answer>{expr}</answer>"
+        answer = f"\n{expr}\n" if bare else f"<answer>{expr}</answer>"
+        return f"<reasoning>{expr}={example['target']}</reasoning>\n{answer}"
     raise PretrainError(f"task={task!r}: no reference completion; allowed: {', '.join(PRETRAIN_TASKS)}")
 
 
@@ -169,7 +187,7 @@ def validate_settings(s: Mapping[str, Any], *, flags: bool = False) -> None:
                          ("num_attention_heads", 1)):
         _check_int(n(key), s[key], minimum)
     for key, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
-                                 ("answer_noise", 0.0, 1.0, False)):
+                                 ("answer_noise", 0.0, 1.0, False), ("format_noise", 0.0, 1.0, False)):
         v = s[key]
         if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 or (v <= lo if lo_open else v < lo) or v > hi):
@@ -216,13 +234,14 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 
 def _encode_examples(tokenizer, task, examples: Sequence[Mapping[str, Any]], gen_length: int, answer_noise: float,
-                     generator: torch.Generator | None):
+                     generator: torch.Generator | None, format_noise: float = 0.0):
     """Left-padded prompts [N, P] with their mask, and EOS-padded reference completions [N, gen_length]."""
     prompts, completions = [], []
     for ex in examples:
         prompt = task.format_prompt(ex, tokenizer)
         prompts.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        text = reference_completion(task.name, ex, answer_noise=answer_noise, generator=generator)
+        text = reference_completion(task.name, ex, answer_noise=answer_noise, format_noise=format_noise,
+                                    generator=generator)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > gen_length:
             raise PretrainError(f"gen_length={gen_length}: the reference completion {text!r} has {len(ids)} tokens")
@@ -316,7 +335,7 @@ def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool
         else []
     noise_gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     prompt_ids, prompt_mask, completion = _encode_examples(tokenizer, ctask, train, s["gen_length"],
-                                                           s["answer_noise"], noise_gen)
+                                                           s["answer_noise"], noise_gen, s["format_noise"])
 
     before = _evaluate(model, ctask, test, s) if test else None
 
@@ -481,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
              "gen_length": "completion canvas length (multiple of --block-length)", "block_length": "block length",
              "n_train": "generated training puzzles", "data_seed": "seed of the training-puzzle generator",
              "answer_noise": "fraction of reference empty cells replaced by a random digit",
+             "format_noise": "fraction of references that write the answer bare, without the <answer> tags",
              "eval_examples": "held-out test puzzles scored at the end (0: none)",
              "eval_seed": "seed of the held-out puzzle generator", "hidden_size": "model width",
              "num_hidden_layers": "layers", "intermediate_size": "MLP width", "num_attention_heads": "heads"}

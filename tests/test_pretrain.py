@@ -49,6 +49,32 @@ def test_answer_noise_corrupts_only_empty_cells():
     assert all(grid[i] == ex["puzzle"][i] for i in range(16) if ex["puzzle"][i] != "0")
 
 
+def test_format_noise_mixes_formats_at_equal_length():
+    """format_noise writes the answer between newlines (no reward) instead of the tags, keeping every token position;
+    the fraction follows the setting; the reward reads only the tagged form."""
+    from stp.tasks.sudoku import sudoku_reward
+
+    tok = models.build_tiny(0).tokenizer
+    examples = get_task("sudoku").load("train", source="generated", n=400, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    texts = [pt.reference_completion("sudoku", ex, format_noise=0.3, generator=gen) for ex in examples]
+    bare = [("<answer>" not in t) for t in texts]
+    assert 0.22 < sum(bare) / len(bare) < 0.38
+    for ex, text, is_bare in zip(examples, texts, bare):
+        tagged = pt.reference_completion("sudoku", ex)
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) == len(tok(tagged, add_special_tokens=False)
+                                                                            ["input_ids"])
+        assert sudoku_reward(text, ex) == (0.0 if is_bare else 1.0)
+        if is_bare:
+            assert text == tagged.replace("<answer>", "\n").replace("</answer>", "\n")
+    # format_noise 0 draws nothing: the other noise streams stay as they were
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert pt.reference_completion("sudoku", examples[0], answer_noise=0.5, generator=g1) == \
+        pt.reference_completion("sudoku", examples[0], answer_noise=0.5, format_noise=0.0, generator=g2)
+    with pytest.raises(pt.PretrainError, match="format_noise=1.5: must be a number in"):
+        pt.default_settings("sudoku", format_noise=1.5)
+
+
 def test_loss_decreases_on_a_fixed_batch():
     model = models.build_tiny(0, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
                               num_key_value_heads=2)
