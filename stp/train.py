@@ -43,6 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"held-out reward ({summary['eval_examples']} prompts): {summary['reward_before']:.3f} -> "
                   f"{summary['reward_after']:.3f} in {summary['steps']} steps, {summary['wall_seconds']:.0f} s; "
                   f"outputs in {summary['output_dir']}", file=sys.stderr)
+        if summary.get("answer_rate_before") is not None and summary.get("answer_rate_after") is not None:
+            def of(x):
+                return "-" if x is None else f"{x:.3f}"
+            print(f"  answers readable by the task (e.g. inside <answer> tags): {summary['answer_rate_before']:.3f} "
+                  f"-> {summary['answer_rate_after']:.3f}; reward of the readable ones: "
+                  f"{of(summary['reward_of_answered_before'])} -> {of(summary['reward_of_answered_after'])}",
+                  file=sys.stderr)
     return 130 if summary.get("interrupted") else 0
 
 

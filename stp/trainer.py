@@ -590,8 +590,11 @@ def _evaluate(lm, task, examples, cfg: TrainConfig) -> dict[str, float] | None:
                    batch_size=min(32, len(examples)), temperature=r.eval_temperature,
                    max_prompt_length=r.max_prompt_length or 0, seed=derive_seed(cfg.run.seed, "eval"),
                    progress=False, backend=cfg.run.backend)
+    # What the reward is made of: how often the answer could be read at all, and the reward of the readable ones.
+    readable = [r["reward"] for r in res["records"] if r["answer"] is not None]
     return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],
-            "seconds": res["seconds"]}
+            "seconds": res["seconds"], "answer_rate": len(readable) / len(res["records"]),
+            "reward_of_answered": sum(readable) / len(readable) if readable else None}
 
 
 def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -851,7 +854,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
             if run.eval_every and step % run.eval_every == 0 and step < g.max_steps and accelerator.is_main_process:
                 ev = _evaluate(lm, task, heldout, cfg)
                 if ev is not None:
-                    row.update(eval_reward=ev["reward"], eval_accuracy=ev["accuracy"], eval_seconds=ev["seconds"])
+                    row.update(eval_reward=ev["reward"], eval_accuracy=ev["accuracy"],
+                               eval_answer_rate=ev["answer_rate"], eval_seconds=ev["seconds"])
             if accelerator.is_main_process:
                 if skipped:
                     print(f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
@@ -898,6 +902,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
             "reward_after": None if after is None else after["reward"],
             "accuracy_before": None if before is None else before["accuracy"],
             "accuracy_after": None if after is None else after["accuracy"],
+            "answer_rate_before": None if before is None else before.get("answer_rate"),
+            "answer_rate_after": None if after is None else after["answer_rate"],
+            "reward_of_answered_before": None if before is None else before.get("reward_of_answered"),
+            "reward_of_answered_after": None if after is None else after["reward_of_answered"],
             "eval_examples": len(heldout),
             "nfe_per_sample": state["nfe_sum"] / max(1, state["nfe_count"]),
             "wall_seconds": time.time() - t_start, "train_seconds": state["train_seconds"],

@@ -389,5 +389,9 @@ def test_default_command_shortened(tmp_path):
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     assert summary["model"] == default.model.name_or_path and summary["steps"] == 2 and summary["preset"] == "tiny"
     assert summary["reward_before"] is not None and summary["reward_after"] is not None
+    for when in ("before", "after"):  # Sudoku: an unreadable answer scores 0, so reward = rate * reward of answered
+        rate, answered = summary[f"answer_rate_{when}"], summary[f"reward_of_answered_{when}"]
+        assert 0.0 <= rate <= 1.0 and (answered is None) == (rate == 0.0)
+        assert summary[f"reward_{when}"] == pytest.approx(rate * (answered or 0.0))
     assert (out / "progress.png").is_file() and len(_rows(out)) == 2
-    assert "held-out reward" in res.stderr
+    assert "held-out reward" in res.stderr and "answers readable by the task" in res.stderr
