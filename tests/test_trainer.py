@@ -395,3 +395,20 @@ def test_default_command_shortened(tmp_path):
         assert summary[f"reward_{when}"] == pytest.approx(rate * (answered or 0.0))
     assert (out / "progress.png").is_file() and len(_rows(out)) == 2
     assert "held-out reward" in res.stderr and "answers readable by the task" in res.stderr
+
+
+def test_default_run_learns(tmp_path):
+    """The real default, end to end and unshortened but for fewer held-out puzzles: ``stp.pretrain`` builds the
+    starting checkpoint into an empty cache (about a minute), then ``python -m stp.train`` runs its 60 STP steps.
+    The checkpoint answers untagged (reward 0); RL must make it answer in the tagged format the reward reads
+    (README, "What the default run shows"). Measured over seeds 0-2 with 256 puzzles: 0.000 -> 0.534-0.563."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stp.train", "--run.eval_examples", "64", "--run.output_dir", str(out),
+           "--run.tensorboard", "false"]
+    env = {**_env(STP_CACHE_DIR=str(tmp_path / "cache")), "OMP_NUM_THREADS": "2"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["eval_examples"] == 64
+    assert summary["reward_before"] < 0.05 and summary["answer_rate_before"] < 0.1
+    assert summary["answer_rate_after"] > 0.9 and summary["reward_after"] > 0.4
