@@ -658,8 +658,8 @@ def _build_presets() -> dict[str, Preset]:
     tiny = Preset("tiny", _TINY_DESCRIPTION, {}, notes=(
         "the dataclass defaults are exactly this preset",
         "the starting checkpoint is stp.pretrain's (4x4 Sudoku, compact prompt; its SFT corpus writes 60 % of the "
-        "answers without the <answer> tags the reward reads, so its greedy held-out reward is 0.000 while its "
-        "tagged answers fill ~0.55 of the empty cells right); "
+        "answers without the <answer> tags the reward reads, so its greedy held-out reward is 0.000; RL teaches "
+        "the tagged format, after which the answers fill 0.53-0.56 of the empty cells right: README); "
         "sizes cut for 2 CPU cores (G 8, 4 prompts/step, mu 2, K 2, L 32 / block 32 / 16 steps as pretrained, "
         "60 steps, 256 held-out puzzles); "
         "algorithm knobs as the paper (eps 0.2, beta 0.04, T 0.9, tau 0.95, rho 0.95, AdamW (0.9, 0.99) wd 0.1, "
