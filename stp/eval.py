@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from stp import models, sampler
-from stp.tasks import TASKS, DataError, Task, get_task
+from stp.tasks import TASKS, DataError, Task
 
 __all__ = ["EvalError", "EvalWarning", "ResumeError", "evaluate", "eval_settings", "settings_hash",
            "read_results", "summary_path", "main", "D1_GEN_LENGTHS", "DEFAULT_BLOCK_LENGTH",
@@ -519,17 +519,14 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     """Every check that can run before loading data or the model; EvalError naming the flag, value and allowed."""
     if args.task not in TASKS:
         raise EvalError(f"--task {args.task!r}: unknown task; allowed: {', '.join(TASKS)}")
-    if args.prompt_format is None:
-        args.prompt_format = "compact" if _is_tiny(args.model) and args.task in ("sudoku", "countdown") else "chat"
-    if args.prompt_format == "compact":
-        from stp.pretrain import PRETRAIN_TASKS, compact_task
+    from stp.pretrain import PRETRAIN_TASKS, task_with_prompt
 
-        if args.task not in PRETRAIN_TASKS:
-            raise EvalError(f"--prompt-format compact with --task {args.task!r}: the compact prompt exists for "
-                            f"{', '.join(PRETRAIN_TASKS)}; allowed for {args.task}: chat")
-        task = compact_task(args.task, d1_compat=args.d1_compat)
-    else:
-        task = get_task(args.task, d1_compat=args.d1_compat)
+    if args.prompt_format is None:
+        args.prompt_format = "compact" if _is_tiny(args.model) and args.task in PRETRAIN_TASKS else "chat"
+    if args.prompt_format == "compact" and args.task not in PRETRAIN_TASKS:
+        raise EvalError(f"--prompt-format compact with --task {args.task!r}: the compact prompt exists for "
+                        f"{', '.join(PRETRAIN_TASKS)}; allowed for {args.task}: chat")
+    task = task_with_prompt(args.task, args.prompt_format, d1_compat=args.d1_compat)
     if args.steps is None:
         args.steps = args.gen_length // 2 if args.gen_length > 0 else args.gen_length
     check_decoding(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,

@@ -67,12 +67,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULTS", "PretrainError", "compact_prompt", "compact_task", "reference_completion", "default_settings",
+__all__ = ["DEFAULTS", "PROMPT_FORMATS", "PretrainError", "compact_prompt", "compact_task", "task_with_prompt",
+           "reference_completion", "default_settings",
            "settings_hash", "make_batch", "sft_loss", "pretrain", "ensure_pretrained", "default_cache_dir", "main"]
 
 FORMAT_VERSION = 1
 INFO_FILE = "pretrain.json"
 PRETRAIN_TASKS = ("sudoku", "countdown")
+PROMPT_FORMATS = ("chat", "compact")
 MASK_EPS = 1e-3
 
 # Defaults per task; every key is a keyword of `pretrain` (and a CLI flag). The model keys go to `build_tiny`.
@@ -125,6 +127,18 @@ def compact_task(name: str, *, d1_compat: bool = False):
     cls = type(f"Compact{base.__name__}", (base,), {"prompt_text": prompt_text, "__module__": __name__,
                                                       "__doc__": f"{base.__name__} with the compact prompt."})
     return cls(d1_compat=d1_compat)
+
+
+def task_with_prompt(name: str, prompt_format: str, *, d1_compat: bool = False):
+    """The task ``name`` with its prompts in ``prompt_format``: 'chat' (the task's own, d1's) or 'compact'
+    (``compact_task``; sudoku and countdown only). The one place the trainer and ``stp.eval`` pick prompts."""
+    from stp.tasks import get_task
+
+    if prompt_format == "compact":
+        return compact_task(name, d1_compat=d1_compat)
+    if prompt_format == "chat":
+        return get_task(name, d1_compat=d1_compat)
+    raise PretrainError(f"prompt_format={prompt_format!r}: allowed: {', '.join(PROMPT_FORMATS)}")
 
 
 def _noisy_grid(example: Mapping[str, Any], answer_noise: float, gen: torch.Generator | None) -> str:

@@ -155,17 +155,12 @@ def _resolve_model(cfg: TrainConfig, accelerator) -> str:
     return name
 
 
-def _task_for(cfg: TrainConfig, family: str):
-    """The task; the tiny model reads the compact prompt of ``stp.pretrain`` (d1's ~500-character system prompt is
-    ~500 tokens for its character-level tokenizer)."""
-    from stp.tasks import get_task
+def _task_for(cfg: TrainConfig):
+    """The task with the prompts of ``run.prompt_format`` (the tiny model reads the compact prompt of
+    ``stp.pretrain``: d1's ~500-character system prompt is ~500 tokens for its character-level tokenizer)."""
+    from stp.pretrain import task_with_prompt
 
-    if family == "tiny":
-        from stp.pretrain import PRETRAIN_TASKS, compact_task
-
-        if cfg.run.task in PRETRAIN_TASKS:
-            return compact_task(cfg.run.task, d1_compat=cfg.run.d1_compat)
-    return get_task(cfg.run.task, d1_compat=cfg.run.d1_compat)
+    return task_with_prompt(cfg.run.task, cfg.run.prompt_format, d1_compat=cfg.run.d1_compat)
 
 
 def _quantize_base_4bit(lm, compute_dtype: torch.dtype) -> None:
@@ -649,7 +644,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                      attn_implementation=m.attn_implementation)
     if lm.tokenizer is None:
         raise ValueError(f"model {m.name_or_path!r} has no tokenizer: prompts cannot be rendered")
-    task = _task_for(cfg, lm.family)
+    task = _task_for(cfg)
     tok, eos, pad = lm.tokenizer, lm.eos_token_id, lm.pad_token_id
     prompt_text = {}
 

@@ -22,8 +22,8 @@ def shortness(completion: str, example: Mapping[str, Any], *, d1_compat: bool = 
 
 
 def toy_task_for(original):
-    def _task_for(cfg, family):
-        base = original(cfg, family)
+    def _task_for(cfg):
+        base = original(cfg)
         cls = type(f"Toy{type(base).__name__}", (type(base),), {
             "reward_functions": (digit_fraction, shortness), "__module__": __name__})
         return cls(d1_compat=base.d1_compat)

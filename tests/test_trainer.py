@@ -412,3 +412,13 @@ def test_default_run_learns(tmp_path):
     assert summary["steps"] == 60 and summary["eval_examples"] == 64
     assert summary["reward_before"] < 0.05 and summary["answer_rate_before"] < 0.1
     assert summary["answer_rate_after"] > 0.9 and summary["reward_after"] > 0.4
+
+
+def test_prompt_format_picks_the_prompts():
+    """run.prompt_format decides the prompts the trainer renders (compact for the tiny preset, chat for the paper's)."""
+    ex = {"puzzle": "4123030034121034", "solution": "4123234134121234"}
+    compact = stp.trainer._task_for(parse_args([]))
+    chat = stp.trainer._task_for(parse_args(["--run.prompt_format", "chat"]))
+    assert compact.prompt_text(ex) == "sudoku 4123030034121034"
+    assert "Please solve the following 4x4 Sudoku puzzle" in chat.prompt_text(ex)
+    assert stp.trainer._task_for(parse_args(["--preset", "llada-gsm8k"])).name == "gsm8k"
