@@ -89,7 +89,13 @@ def backend_contract() -> str:
 #     k      = mix32(s_lo ^ mix32(s_hi ^ mix32(t)))            per call (host)
 #     key_r  = mix32(k ^ mix32(r_lo ^ mix32(r_hi)))             per row  (``row_keys``)
 #     bits   = mix32(key_r ^ mix32(v))                          per (row, token), in the kernel
-#     u      = ((bits >> 8) + 0.5) / 2**24                      in (0, 1), 24 random bits: exact in float32
+#     u      = ((bits >> 9) + 0.5) * 2**-23                     23 random bits, exact in float32 and strictly
+#                                                               inside (0, 1): the extremes are 2**-24 and
+#                                                               1 - 2**-24, so the Gumbel noise is always finite
+#                                                               (within [-2.82, 16.64]). With 24 bits the top
+#                                                               value (2**24 - 0.5) / 2**24 rounds to 1.0 in
+#                                                               float32 and gives +inf noise: an arbitrary token
+#                                                               wins with probability 2**-24 per (row, token).
 #     gumbel = -log(-log(u))                                    float32
 # mix32 is Wellons' "lowbias32" integer finaliser (bijective on 32 bits, bias ~0.17 permille).
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
@@ -134,7 +140,7 @@ def row_keys(seed: int, step: int, row_ids: torch.Tensor) -> torch.Tensor:
 def counter_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """u[r, j] in (0, 1) (float32) for row keys [R] and token ids [T]: the noise every sample_step backend draws."""
     bits = mix32(keys[:, None] ^ mix32(token_ids.long())[None, :])
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def counter_gumbel(seed: int, step: int, row_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

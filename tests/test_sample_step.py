@@ -133,3 +133,56 @@ def test_bad_input_is_named(name):
     kw.update(change)
     with pytest.raises(exc, match=message):
         sample_step(torch.randn(2, 5, 8), torch.randn(30, 8), **kw)
+
+
+def _unmix32(y: int) -> int:
+    """Inverse of lowbias32 (``reference.mix32``) on Python ints."""
+    y ^= y >> 16
+    y = (y * pow(0x846CA68B, -1, 2**32)) & 0xFFFFFFFF
+    y ^= (y >> 15) ^ (y >> 30)
+    y = (y * pow(0x7FEB352D, -1, 2**32)) & 0xFFFFFFFF
+    return y ^ (y >> 16)
+
+
+def _row_id_with_bits(seed: int, step: int, token: int, bits: int) -> int:
+    """A row identity whose counter draws exactly ``bits`` for ``token`` at (seed, step): inverts the key chain
+    key = mix32(call_key ^ mix32(r_lo ^ mix32(r_hi))) and bits = mix32(key ^ mix32(token)) with r_hi = 0."""
+    from stp_kernels.reference import call_key
+
+    key = _unmix32(bits) ^ mix32(token)
+    return _unmix32(_unmix32(key) ^ call_key(seed, step)) ^ mix32(0)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu", op="sample_step"))
+def test_extreme_noise_draws_stay_finite(backend):
+    """bits 0xFFFFFFFF and 0 are the extremes of the uniform draw. With 24 bits the top one rounded to u = 1.0 in
+    float32, gave +inf Gumbel noise and let an arbitrary token win whatever its logit (probability 2**-24 per
+    row and token, ~0.75% of rows per step at LLaDA's vocabulary). Both must give finite noise on every backend."""
+    assert all(_unmix32(mix32(x)) == x for x in (0, 1, 0xDEADBEEF, 0xFFFFFFFF))
+    seed, step, vsize, top, bottom = 99, 3, 64, 5, 9
+    ids = torch.tensor([_row_id_with_bits(seed, step, top, 0xFFFFFFFF), _row_id_with_bits(seed, step, bottom, 0)])
+    keys = row_keys(seed, step, ids)
+    bits = mix32(keys[:, None] ^ mix32(torch.tensor([top, bottom]))[None, :])
+    assert bits[0, 0].item() == 0xFFFFFFFF and bits[1, 1].item() == 0
+    u = counter_uniform(keys, torch.tensor([top, bottom]))
+    assert u[0, 0].item() == 1 - 2**-24 and u[1, 1].item() == 2**-24  # exact, strictly inside (0, 1)
+    g = counter_gumbel(seed, step, ids, torch.arange(vsize))
+    assert torch.isfinite(g).all() and g.max().item() < 16.7 and g.min().item() > -2.9
+    # Logits are column 0 of the weight (hidden = e_0). Row 0: the token drawing the top noise sits 50 below every
+    # other token, so it can never win (its score is at most -50 + 16.64 < the others' minimum of -2.82).
+    # Row 1: the token drawing the bottom noise sits 40 above the rest, so it must win (37.2 > 16.64).
+    hidden = torch.zeros(2, 4)
+    hidden[:, 0] = 1.0
+    weights = []
+    for tok, logit in ((top, -50.0), (bottom, 40.0)):
+        w = torch.zeros(vsize, 4)
+        w[tok, 0] = logit
+        weights.append(w)
+    for row, (w, tok) in enumerate(zip(weights, (top, bottom))):
+        x0, conf = sample_step(hidden[row : row + 1], w, seed=seed, step=step, row_ids=ids[row : row + 1],
+                               temperature=1.0, backend=backend)
+        assert torch.isfinite(conf).all()
+        if row == 0:
+            assert x0.item() != tok, f"{backend}: the token with +inf-prone noise was drawn against a 50-logit gap"
+        else:
+            assert x0.item() == tok, f"{backend}: the bottom noise draw is not finite ({x0.item()} won)"

@@ -67,10 +67,11 @@ __device__ __forceinline__ uint32_t mix32(uint32_t x) {
 }
 
 // reference.counter_uniform / counter_gumbel for row key `key` and tok_mix = mix32(token id).
-// (bits >> 8) < 2^24 converts exactly, + 0.5 and * 2^-24 are exact: u is the reference's float32 bit for bit.
+// (bits >> 9) < 2^23 converts exactly, + 0.5 and * 2^-23 are exact: u is the reference's float32 bit for bit and
+// lies in [2^-24, 1 - 2^-24], strictly inside (0, 1), so the noise is finite (24 bits would round up to 1.0).
 __device__ __forceinline__ float gumbel(uint32_t key, uint32_t tok_mix) {
   const uint32_t bits = mix32(key ^ tok_mix);
-  const float u = (static_cast<float>(bits >> 8) + 0.5f) * 5.9604644775390625e-08f;  // 2^-24
+  const float u = (static_cast<float>(bits >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
   return -logf(-logf(u));  // accurate logf (no fast-math), u in (0, 1): finite
 }
 

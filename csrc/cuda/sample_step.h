@@ -5,7 +5,7 @@
 //     z[r, v]     = <h[r], w[tok(v)]>                                        (float32 accumulation, untempered)
 //     bits[r, v]  = mix32(key[r] ^ mix32(tok(v)))     mix32 = lowbias32 on uint32 (reference.mix32), key[r] =
 //                                                     the low 32 bits of keys[r] (reference.row_keys)
-//     u[r, v]     = ((bits >> 8) + 0.5) * 2^-24,   g = -log(-log(u))          (float32)
+//     u[r, v]     = ((bits >> 9) + 0.5) * 2^-23,   g = -log(-log(u))          (float32, u strictly in (0, 1))
 //     score[r, v] = z * inv_temp + g                  (greedy: score = z; inv_temp is then ignored)
 //     slot[r]  = first argmax_v score[r, v] (ties go to the lowest slot)
 //     z_sel[r] = z[r, slot[r]],   lse[r] = log sum_v exp(z[r, v])

@@ -144,7 +144,7 @@ bool run_case(const Case& c, uint64_t seed) {
       double score = z;
       if (!greedy) {
         const uint32_t bits = host_mix32(key32[r] ^ host_mix32(static_cast<uint32_t>(ids[v])));
-        const double u = (static_cast<double>(bits >> 8) + 0.5) / 16777216.0;
+        const double u = (static_cast<double>(bits >> 9) + 0.5) / 8388608.0;
         score = z * static_cast<double>(inv_temp) + static_cast<double>(static_cast<float>(-std::log(-std::log(u))));
       }
       if (score > best) {  // strict: the first maximal slot

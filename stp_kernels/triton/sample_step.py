@@ -10,7 +10,7 @@ slot ``v`` = ``vocab_ids[v]`` (or ``v``): the weight row gathered for it and the
 Kernels:
   ``_fwd_kernel``   grid (row tiles, vocab splits). Per vocabulary tile of its split: z = h @ W[tok]^T in fp32
                     (``tl.dot``), bits = mix32(key_r ^ mix32(tok)) in uint32 arithmetic (``_mix32``, bit-identical
-                    to ``reference.mix32``), u = ((bits >> 8) + 0.5) * 2^-24, g = -log(-log(u)),
+                    to ``reference.mix32``), u = ((bits >> 9) + 0.5) * 2^-23, g = -log(-log(u)),
                     score = z * inv_temp + g (GREEDY: score = z). Keeps per row: best score, its slot and its z
                     (first maximal index within a tile; a later tile replaces only on a strictly greater score, so
                     ties go to the lowest slot), and an online (max, sum exp) of the untempered z. Writes one
@@ -66,7 +66,7 @@ def _mix32(x):
 def _gumbel(keys, toks):
     """float32 Gumbel noise [BLOCK_R, BLOCK_V] from uint32 row keys [BLOCK_R] and uint32 token ids [BLOCK_V]."""
     bits = _mix32(keys[:, None] ^ _mix32(toks)[None, :])
-    u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24: u in (0, 1), exact
+    u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23: exact, strictly inside (0, 1)
     return -tl.log(-tl.log(u))
 
 
