@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = ["ConfigError", "ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig",
-           "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "SECTIONS", "resolve", "load_yaml", "build_parser",
+           "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
+           "visible_fields", "resolve", "load_yaml", "build_parser",
            "parse_args", "presets_table", "main"]
 
 # The choices of the modules that consume these settings, repeated here so that reading a config never imports torch
@@ -63,6 +64,7 @@ DATA_SOURCES = ("file", "hub", "generated")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLADA = "GSAI-ML/LLaDA-8B-Instruct"
 DEFAULT_PRESET = "tiny"
+DEFAULT_METHOD = "stp"
 
 
 class ConfigError(ValueError):
@@ -297,17 +299,17 @@ class PriorConfig(_Section):
 
 @dataclass
 class EstimatorConfig(_Section):
-    """Per-token log-likelihood estimator (``stp.likelihood.per_token_logprobs``; ``to_likelihood_config()``)."""
+    """Per-token log-likelihood estimator of the GRPO methods (``stp.likelihood.per_token_logprobs``; the method
+    names the estimator: stp = K random-count masks, anchors never masked; elbo = the same without anchors; d1 =
+    completion fully masked, prompt masked with prompt_mask_prob)."""
 
     section: ClassVar[str] = "estimator"
 
-    estimator: str = _f("stp", "stp: K random-count masks, anchors never masked; elbo: the same without anchors; "
-                        "d1: completion fully masked, prompt masked with prompt_mask_prob", choices=ESTIMATORS)
     score: str = _f("all", "which (draw, position) log-probs enter: all (the authors' code), masked, elbo (LLaDA's "
                     "l/n weights)", choices=SCORE_MODES)
     num_draws: int = _f(2, "K Monte-Carlo masks per sample (paper: 3; d1: 1)")
-    mask_scheme: str = _f("random_count", "mask scheme of stp/elbo (block: SPG-style)", choices=MASK_SCHEMES)
-    prompt_mask_prob: float = _f(0.15, "d1 estimator: probability of masking each real prompt token")
+    mask_scheme: str = _f("random_count", "mask scheme (block: SPG-style)", choices=MASK_SCHEMES)
+    prompt_mask_prob: float = _f(0.15, "probability of masking each real prompt token")
     temperature: float = _f(1.0, "logits are divided by it when scoring")
     memory_budget: int | None = _f(None, "bytes one packed scoring forward may use (chunked above it); none = half "
                                    "the device memory less twice the weights")
@@ -318,15 +320,12 @@ class EstimatorConfig(_Section):
         self._need("prompt_mask_prob", 0.0 <= self.prompt_mask_prob <= 1.0, "a number in [0, 1]")
         self._need("temperature", self.temperature > 0, "a number > 0")
         self._need("memory_budget", self.memory_budget is None or self.memory_budget >= 1, "bytes >= 1, or none")
-        self._need("score", self.score != "elbo" or (self.estimator != "d1" and self.mask_scheme == "random_count"),
-                   "'all' or 'masked' unless estimator.estimator is 'stp' or 'elbo' with mask_scheme "
-                   "'random_count' (the l/n weights assume random-count masks)")
 
-    def to_likelihood_config(self, backend: str | None = None):
-        """The ``stp.loss.LikelihoodConfig`` the trainer passes to ``rollout_logprobs`` / ``policy_loss``."""
+    def to_likelihood_config(self, estimator: str, backend: str | None = None):
+        """The ``stp.loss.LikelihoodConfig`` of ``estimator`` (the method's) with these settings."""
         from stp.loss import LikelihoodConfig
 
-        return LikelihoodConfig(estimator=self.estimator, num_draws=self.num_draws, score=self.score,
+        return LikelihoodConfig(estimator=estimator, num_draws=self.num_draws, score=self.score,
                                 mask_scheme=self.mask_scheme, prompt_mask_prob=self.prompt_mask_prob,
                                 temperature=self.temperature, memory_budget=self.memory_budget, backend=backend)
 
@@ -448,6 +447,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": GRPOConfig.__doc__})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": RunConfig.__doc__})
     preset: str = field(default=DEFAULT_PRESET, metadata={"help": "the preset the values were layered on"})
+    method: str = field(default=DEFAULT_METHOD, metadata={"help": "the RL method (stp.methods)"})
 
     def __post_init__(self):
         for name, cls in SECTIONS.items():
@@ -471,10 +471,27 @@ class TrainConfig:
             raise ConfigError.bad_value("preset", self.preset, "one of " + ", ".join(PRESETS))
         if self.run.output_dir is None:
             self.run.output_dir = str(Path("runs") / self.preset)
+        methods = _methods()
+        if self.method not in methods:
+            raise ConfigError.bad_value("method", self.method, "one of " + ", ".join(map(repr, methods)))
+        method = methods[self.method]
+        # Settings this method does not read take their defaults (so equal runs compare equal).
+        visible, hidden = visible_fields(self.method), _hidden_defaults(self.method)
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            fresh = cls(**hidden.get(name, {}))
+            for f in dataclasses.fields(cls):
+                if f.name not in visible[name]:
+                    setattr(section, f.name, getattr(fresh, f.name))
         est, prior, rollout = self.estimator, self.prior, self.rollout
-        if prior.enabled and est.estimator != "stp":
-            raise ConfigError.bad_value("prior.enabled", True, f"false with estimator.estimator={est.estimator!r} "
-                                        "(only the 'stp' estimator takes anchors)")
+        if prior.enabled and not method.rollout.anchors:
+            takers = ", ".join(repr(n) for n, m in methods.items() if m.rollout.anchors)
+            raise ConfigError.bad_value("prior.enabled", True, f"false with method {self.method!r} (only the {takers} "
+                                        "estimator takes anchors)")
+        if est.score == "elbo" and (self.method == "d1" or est.mask_scheme != "random_count"):
+            raise ConfigError.bad_value("estimator.score", "elbo", "'all' or 'masked' unless the method is 'stp' or "
+                                        "'elbo' with estimator.mask_scheme 'random_count' (the l/n weights assume "
+                                        "random-count masks)")
         if prior.enabled and est.score == "elbo":
             raise ConfigError.bad_value("estimator.score", "elbo", "'all' or 'masked' while prior.enabled is true "
                                         "(the anchor-aware 'elbo' weights explode at high anchor fractions: "
@@ -490,6 +507,7 @@ class TrainConfig:
         if self.grpo.beta > 0 and not self.model.use_lora:
             raise ConfigError.bad_value("grpo.beta", self.grpo.beta, "0 while model.use_lora is false (the KL "
                                         "reference is the base model with the LoRA adapter disabled)")
+        method.check(self)
 
     @property
     def prior_path(self) -> str | None:
@@ -499,17 +517,26 @@ class TrainConfig:
         return self.prior.path or str(Path(self.run.output_dir or ".") / "priors.jsonl")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON-ready); ``TrainConfig.from_dict(c.to_dict()) == c``."""
-        return {"preset": self.preset, **{name: getattr(self, name).to_dict() for name in SECTIONS}}
+        """Plain nested dict (YAML/JSON-ready) of the settings this method reads; ``TrainConfig.from_dict(
+        c.to_dict()) == c``."""
+        visible = visible_fields(self.method)
+        out: dict[str, Any] = {"preset": self.preset, "method": self.method}
+        for name in SECTIONS:
+            if visible[name]:
+                out[name] = {k: v for k, v in getattr(self, name).to_dict().items() if k in visible[name]}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, origin: str | None = None) -> TrainConfig:
         """From ``to_dict``'s form. Missing fields take the dataclass defaults (NOT the preset's: use ``resolve``
         for layering); unknown keys are errors naming the key and the allowed ones."""
-        _check_keys(data, origin)
+        _check_keys(data, origin, method=DEFAULT_METHOD)
+        method = data.get("method", DEFAULT_METHOD)
         try:
-            return cls(preset=data.get("preset", DEFAULT_PRESET),
-                       **{name: _section_from_mapping(c, data.get(name) or {}) for name, c in SECTIONS.items()})
+            sections = {name: _section_from_mapping(c, {**_hidden_defaults(method).get(name, {}),
+                                                        **(data.get(name) or {})})
+                        for name, c in SECTIONS.items()}
+            return cls(preset=data.get("preset", DEFAULT_PRESET), method=method, **sections)
         except ConfigError as e:
             raise e.located(origin) from None
 
@@ -539,6 +566,51 @@ class TrainConfig:
             raise ConfigError.bad_value("run.output_dir", self.run.output_dir, "a directory path (this is a file)")
 
 
+# ------------------------------------------------------------------------------------------- method-owned settings
+
+
+def _methods() -> dict:
+    """The registered methods (``stp.methods``; importing it does not import torch)."""
+    from stp.methods import METHODS
+
+    return METHODS
+
+
+def visible_fields(method: str) -> dict[str, tuple[str, ...]]:
+    """{section: field names} the command line, YAML files and ``to_dict`` show for ``method``: every field of the
+    shared sections, and of a method-owned section (one some method lists in its ``settings``) only the fields this
+    method lists."""
+    methods = _methods()
+    owned = {sec for m in methods.values() for sec in m.settings}
+    mine = methods[method].settings if method in methods else {}
+    out = {}
+    for name, cls in SECTIONS.items():
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        if name in owned:
+            names = tuple(n for n in names if name in mine and (mine[name] is None or n in mine[name]))
+        out[name] = names
+    return out
+
+
+def _hidden_defaults(method: str) -> dict[str, dict[str, Any]]:
+    """Values a method without anchors fixes for the prior section it does not show."""
+    methods = _methods()
+    if method in methods and not methods[method].rollout.anchors:
+        return {"prior": {"enabled": False}}
+    return {}
+
+
+def _check_owned(dotted: str, value: Any, method: str, origin: str | None) -> None:
+    """A setting given for a method that does not read it is an error naming the methods that do."""
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or method not in _methods() or key in visible_fields(method)[section]:
+        return
+    owners = [n for n in _methods() if key in visible_fields(n)[section]]
+    raise ConfigError(f"{dotted} is a setting of method {' / '.join(map(repr, owners))} only; this run's method is "
+                      f"{method!r}", field=dotted, value=value, allowed=f"--method {owners[0]}" if owners else "none",
+                      origin=origin)
+
+
 def _section_from_mapping(cls: type[_Section], data: Mapping[str, Any]) -> _Section:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -550,7 +622,7 @@ def _section_from_mapping(cls: type[_Section], data: Mapping[str, Any]) -> _Sect
 
 
 def _check_keys(data: Any, origin: str | None, lines: Mapping[str, int] | None = None,
-                path: str | None = None) -> None:
+                path: str | None = None, method: str | None = None) -> None:
     """Unknown sections or fields are errors naming the key (with its line) and the allowed keys."""
     def where(key: str) -> str | None:
         if lines is not None and key in lines:
@@ -560,12 +632,13 @@ def _check_keys(data: Any, origin: str | None, lines: Mapping[str, int] | None =
     if not isinstance(data, Mapping):
         raise ConfigError(f"the configuration must be a mapping of sections, got {type(data).__name__}",
                           origin=origin)
-    top = ["preset", *SECTIONS]
+    top = ["preset", *SECTIONS, "method"]
+    method = data.get("method", method)
     for key, value in data.items():
         if key not in top:
             raise ConfigError(f"unknown key {key!r}; allowed top-level keys: {', '.join(top)}", field=str(key),
                               value=value, allowed=", ".join(top), origin=where(str(key)))
-        if key == "preset":
+        if key in ("preset", "method"):
             continue
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError.bad_value(key, value, f"a mapping of {key} fields", origin=where(key))
@@ -575,6 +648,8 @@ def _check_keys(data: Any, origin: str | None, lines: Mapping[str, int] | None =
                 raise ConfigError(f"unknown key {key}.{sub}; allowed keys in {key}: {', '.join(names)}",
                                   field=f"{key}.{sub}", value=value[sub], allowed=", ".join(names),
                                   origin=where(f"{key}.{sub}"))
+            if method is not None:
+                _check_owned(f"{key}.{sub}", value[sub], method, where(f"{key}.{sub}"))
 
 
 # ------------------------------------------------------------------------------------------------------- presets
@@ -589,6 +664,7 @@ class Preset:
     description: str
     overrides: Mapping[str, Mapping[str, Any]]
     notes: tuple[str, ...] = ()
+    method: str = DEFAULT_METHOD
 
 
 def _merge(base: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
@@ -606,7 +682,7 @@ _PAPER = {
                 "max_prompt_length": 200},
     "prior": {"enabled": True, "rho": 0.95, "strategy": "answer_low_confidence", "build_steps": 256,
               "build_temperature": 0.9},
-    "estimator": {"estimator": "stp", "score": "all", "num_draws": 3},
+    "estimator": {"score": "all", "num_draws": 3},
     "grpo": {"num_generations": 6, "prompts_per_step": 2, "num_iterations": 4, "epsilon": 0.2, "beta": 0.04,
              "scale_rewards": True, "learning_rate": 3e-6, "lr_scheduler_type": "constant_with_warmup",
              # The paper gives no warmup length: 10 steps chosen here.
@@ -627,13 +703,14 @@ _TINY_DESCRIPTION = ("the default: the embedded tiny model (~0.9 M parameters, c
 
 
 def _d1_of(stp: Preset, name: str, mu: int) -> Preset:
-    return Preset(name, f"d1 (diffu-GRPO) baseline of {stp.name}", _merge(stp.overrides, {
-        "estimator": {"estimator": "d1", "num_draws": 1, "score": "all"},
-        "prior": {"enabled": False},
+    overrides = _merge(stp.overrides, {
+        "estimator": {"num_draws": 1, "score": "all"},
         "rollout": {"early_stop": None},
         "grpo": {"epsilon": 0.5, "num_iterations": mu, "scale_rewards": False},
-    }), notes=(
-        "estimator d1 with num_draws 1: d1's one-draw estimator (completion fully masked, prompt masked with p 0.15)",
+    })
+    overrides["prior"] = {**overrides.get("prior", {}), "enabled": False}  # hidden: d1 shows no prior settings
+    return Preset(name, f"d1 (diffu-GRPO) baseline of {stp.name}", overrides, method="d1", notes=(
+        "method d1 with num_draws 1: d1's one-draw estimator (completion fully masked, prompt masked with p 0.15)",
         "prior disabled: d1 has no spatial pruning (and its estimator takes no anchors)",
         "rollout.early_stop none: d1 decodes every step (no temporal pruning)",
         f"grpo.epsilon 0.5, grpo.num_iterations {mu}, grpo.scale_rewards false: d1's published settings",
@@ -643,12 +720,10 @@ def _d1_of(stp: Preset, name: str, mu: int) -> Preset:
 
 
 def _elbo_of(stp: Preset, name: str) -> Preset:
-    return Preset(name, f"GRPO-with-ELBO baseline of {stp.name} (no anchors, no early stop)", _merge(stp.overrides, {
-        "estimator": {"estimator": "elbo"},
-        "prior": {"enabled": False},
-        "rollout": {"early_stop": None},
-    }), notes=(
-        "estimator elbo, prior disabled: the same K-draw estimator without anchors (the paper's main baseline)",
+    overrides = _merge(stp.overrides, {"rollout": {"early_stop": None}, "prior": {"enabled": False}})
+    return Preset(name, f"GRPO-with-ELBO baseline of {stp.name} (no anchors, no early stop)", overrides,
+                  method="elbo", notes=(
+        "method elbo, no prior: the same K-draw estimator without anchors (the paper's main baseline)",
         "rollout.early_stop none: no temporal pruning",
         "score stays 'all' and everything else as the STP preset, so the difference is exactly the two prunings",
     ))
@@ -687,14 +762,14 @@ PRESETS: dict[str, Preset] = _build_presets()
 
 def presets_table() -> str:
     """Markdown table of the presets (for the README)."""
-    cols = ["preset", "model", "task", "estimator", "anchors (rho)", "tau", "G x prompts", "mu", "eps", "beta",
+    cols = ["preset", "model", "task", "method", "anchors (rho)", "tau", "G x prompts", "mu", "eps", "beta",
             "std adv.", "K", "lr", "L / block / steps", "steps", "LoRA r / alpha"]
     rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name in PRESETS:
         c = resolve(preset=name)
         m, r, g = c.model, c.rollout, c.grpo
         rows.append("| " + " | ".join([
-            f"`{name}`", m.name_or_path, c.run.task, c.estimator.estimator,
+            f"`{name}`", m.name_or_path, c.run.task, c.method,
             f"yes ({c.prior.rho:g})" if c.prior.enabled else "no",
             "off" if r.early_stop is None else f"{r.early_stop:g}", f"{g.num_generations} x {g.prompts_per_step}",
             str(g.num_iterations), f"{g.epsilon:g}", f"{g.beta:g}", "yes" if g.scale_rewards else "no",
@@ -756,9 +831,11 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 def _layers(preset: str | None, config_file: str | Path | None, overrides: Mapping[str, Any] | None = None,
-            override_origin: str = "command line --{}") -> tuple[str, dict[str, dict], dict[str, str]]:
-    """Preset < YAML < overrides, unvalidated: (preset name, {section: {field: raw value}}, {dotted: origin})."""
-    values: dict[str, dict] = {name: {} for name in SECTIONS}
+            override_origin: str = "command line --{}", method: str | None = None,
+            ) -> tuple[str, dict[str, dict], dict[str, str]]:
+    """Preset < YAML < overrides, unvalidated: (preset name, {section: {field: raw value}}, {dotted: origin}); the
+    method (``method`` < YAML's ``method`` key < the preset's) is in ``values["method"]``."""
+    values: dict[str, Any] = {name: {} for name in SECTIONS}
     origins: dict[str, str] = {}
     data, lines = ({}, {}) if config_file is None else load_yaml(config_file)
     if config_file is not None:
@@ -770,14 +847,26 @@ def _layers(preset: str | None, config_file: str | Path | None, overrides: Mappi
     name = DEFAULT_PRESET if name is None else name
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError.bad_value("preset", name, "one of " + ", ".join(PRESETS), origin=name_origin)
+    method_origin = "command line --method"
+    if method is None and "method" in data:
+        method, method_origin = data["method"], f"{config_file}, line {lines['method']}"
+    if method is None:
+        method, method_origin = PRESETS[name].method, f"preset {name!r}"
+    if not isinstance(method, str) or method not in _methods():
+        raise ConfigError.bad_value("method", method, "one of " + ", ".join(map(repr, _methods())),
+                                    origin=method_origin)
+    values["method"] = method
+    for section, fields_ in _hidden_defaults(method).items():
+        values[section].update(fields_)
     for section, fields_ in PRESETS[name].overrides.items():
         for key, value in fields_.items():
             values[section][key] = value
             origins[f"{section}.{key}"] = f"preset {name!r}"
     for section, fields_ in data.items():
-        if section == "preset":
+        if section in ("preset", "method"):
             continue
         for key, value in (fields_ or {}).items():
+            _check_owned(f"{section}.{key}", value, method, f"{config_file}, line {lines[f'{section}.{key}']}")
             values[section][key] = value
             origins[f"{section}.{key}"] = f"{config_file}, line {lines[f'{section}.{key}']}"
     for dotted, value in (overrides or {}).items():
@@ -785,26 +874,28 @@ def _layers(preset: str | None, config_file: str | Path | None, overrides: Mappi
         if section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
             raise ConfigError(f"unknown setting {dotted}", field=dotted, value=value, allowed="section.field names "
                               "of " + ", ".join(SECTIONS), origin=override_origin.format(dotted))
+        _check_owned(dotted, value, method, override_origin.format(dotted))
         values[section][key] = value
         origins[dotted] = override_origin.format(dotted)
     return name, values, origins
 
 
-def _build(name: str, values: Mapping[str, Mapping[str, Any]], origins: Mapping[str, str]) -> TrainConfig:
+def _build(name: str, values: Mapping[str, Any], origins: Mapping[str, str]) -> TrainConfig:
     sections = {}
     try:
         for section, cls in SECTIONS.items():
             sections[section] = cls(**values[section])
-        return TrainConfig(preset=name, **sections)
+        return TrainConfig(preset=name, method=values["method"], **sections)
     except ConfigError as e:
         raise e.located(origins.get(e.field or "")) from None
 
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None,
-            overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+            overrides: Mapping[str, Any] | None = None, method: str | None = None) -> TrainConfig:
     """The validated config: dataclass defaults < ``preset`` (default: the YAML's ``preset`` key, else "tiny") <
-    ``config_file`` < ``overrides`` ({"grpo.beta": 0.0, ...}; strings are parsed as on the command line)."""
-    name, values, origins = _layers(preset, config_file, overrides, override_origin="override {}")
+    ``config_file`` < ``overrides`` ({"grpo.beta": 0.0, ...}; strings are parsed as on the command line). The
+    method: ``method``, else the YAML's ``method`` key, else the preset's."""
+    name, values, origins = _layers(preset, config_file, overrides, override_origin="override {}", method=method)
     return _build(name, values, origins)
 
 
@@ -825,11 +916,15 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def build_parser(defaults: Mapping[str, Mapping[str, Any]] | None = None, origins: Mapping[str, str] | None = None,
+def build_parser(defaults: Mapping[str, Any] | None = None, origins: Mapping[str, str] | None = None,
                  prog: str = "python -m stp.train") -> argparse.ArgumentParser:
-    """The command line, one flag per field (``--section.field``); help from the fields' metadata, with the default
-    each would take (``defaults``: the layered values of the chosen preset and YAML file; else the dataclass's)."""
+    """The command line, one flag per field the method reads (``--section.field``); help from the fields' metadata,
+    with the default each would take (``defaults``: the layered values of the chosen preset and YAML file, with
+    the method under "method"; else the dataclass's)."""
     defaults, origins = defaults or {}, origins or {}
+    method = defaults.get("method", DEFAULT_METHOD)
+    visible = visible_fields(method)
+    methods = "\n".join(f"  {n:<17} {m.description}" for n, m in _methods().items())
     rows = "\n".join(f"  {n:<17} {p.description}" for n, p in PRESETS.items())
     p = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
@@ -837,16 +932,23 @@ def build_parser(defaults: Mapping[str, Mapping[str, Any]] | None = None, origin
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a masked diffusion LM with GRPO and Spatio-Temporal Pruning (METHOD.md).\n\nPrecedence: "
                     "dataclass defaults < --preset < --config FILE.yaml < --section.field flags.",
-        epilog=f"presets:\n{rows}\n\nbooleans: --run.resume, --run.resume false, --no-run.resume; optional values "
+        epilog=f"presets:\n{rows}\n\nmethods (--method; each shows its own settings):\n{methods}\n\n"
+               "booleans: --run.resume, --run.resume false, --no-run.resume; optional values "
                "take 'none'; lists are comma-separated.")
     p.add_argument("--preset", metavar="NAME", default=None, help=f"named preset (default: {DEFAULT_PRESET}); one of "
                    f"{', '.join(PRESETS)}")
     p.add_argument("--config", metavar="FILE.yaml", default=None, help="YAML file of {section: {field: value}} "
-                   "(an optional top-level 'preset' key is used when --preset is not given)")
+                   "(optional top-level 'preset' and 'method' keys are used when the flags are not given)")
+    p.add_argument("--method", metavar="NAME", default=None, help=f"the RL method (default: the preset's; now "
+                   f"{method}); one of {', '.join(_methods())}")
     hints_of = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section}", (cls.__doc__ or "").strip().splitlines()[0])
+        if not visible[section]:
+            continue
         for f in dataclasses.fields(cls):
+            if f.name not in visible[section]:
+                continue
             dotted = _dest(section, f.name)
             tp = hints_of[section][f.name]
             base, _ = _split_type(tp)
@@ -877,21 +979,26 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m stp.tra
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--method", default=None)
     known, _ = pre.parse_known_args(argv)
-    name, values, origins = _layers(known.preset, known.config)
+    name, values, origins = _layers(known.preset, known.config, method=known.method)
     parsed, unknown = build_parser(values, origins, prog=prog).parse_known_args(argv)
     if unknown:
         import difflib
 
-        flags = ["--preset", "--config"] + [f"--{s}.{f.name}" for s, c in SECTIONS.items()
-                                            for f in dataclasses.fields(c)]
+        flags = ["--preset", "--config", "--method"] + [f"--{s}.{f.name}" for s, c in SECTIONS.items()
+                                                        for f in dataclasses.fields(c)]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        dotted = bad.split("=")[0].removeprefix("--no-").removeprefix("--")
+        section, _, key = dotted.partition(".")
+        if section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            _check_owned(dotted, bad, values["method"], f"command line --{dotted}")
         close = difflib.get_close_matches(bad.split("=")[0], flags, n=3)
         raise ConfigError(f"unknown argument {bad!r}" + (f"; did you mean {', '.join(close)}?" if close else
                           "; see --help for the flags"), field=bad, value=bad, allowed=", ".join(close) or "--help")
     args = vars(parsed)
     overrides = {k: v for k, v in args.items() if "." in k}
-    name, values, origins = _layers(known.preset, known.config, overrides)
+    name, values, origins = _layers(known.preset, known.config, overrides, method=known.method)
     return _build(name, values, origins)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -62,6 +62,13 @@ class RolloutBatch:
     advantages: torch.Tensor  # [B] float32
     sample_ids: torch.Tensor  # [B] int64 stable ids (the mask counter's sample index)
     anchors: torch.Tensor | None = None  # [B, C] bool
+    commit_step: torch.Tensor | None = None  # [B, C] int64: the rollout's trajectory record (stp.sampler)
+    behaviour_logprobs: torch.Tensor | None = None  # [B, C] float32, when the method asked the sampler for them
+
+    def slice(self, rows: slice) -> RolloutBatch:
+        """The samples ``rows`` (a micro-batch) of every tensor."""
+        return RolloutBatch(**{f.name: None if (v := getattr(self, f.name)) is None else v[rows]
+                               for f in fields(self)})
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewards: bool = True,

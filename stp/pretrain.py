@@ -67,14 +67,22 @@ from typing import Any
 
 import torch
 
+# The prompt formats moved to stp.tasks.prompts; re-exported here for callers of the earlier names.
+from stp.tasks.prompts import (  # noqa: F401
+    PRETRAIN_TASKS,
+    PROMPT_FORMATS,
+    PromptError,
+    compact_prompt,
+    compact_task,
+    task_with_prompt,
+)
+
 __all__ = ["DEFAULTS", "PROMPT_FORMATS", "PretrainError", "compact_prompt", "compact_task", "task_with_prompt",
            "reference_completion", "default_settings",
            "settings_hash", "make_batch", "sft_loss", "pretrain", "ensure_pretrained", "default_cache_dir", "main"]
 
 FORMAT_VERSION = 1
 INFO_FILE = "pretrain.json"
-PRETRAIN_TASKS = ("sudoku", "countdown")
-PROMPT_FORMATS = ("chat", "compact")
 MASK_EPS = 1e-3
 
 # Defaults per task; every key is a keyword of `pretrain` (and a CLI flag). The model keys go to `build_tiny`.
@@ -91,54 +99,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 
 
-class PretrainError(ValueError):
+class PretrainError(PromptError):
     """A bad setting, naming the argument (or flag), the value and what is allowed."""
 
 
 # ----------------------------------------------------------------------------------------------- prompt, answers
-
-
-def compact_prompt(task: str, example: Mapping[str, Any]) -> str:
-    """The tiny model's prompt text (one user turn, no system prompt): the puzzle and nothing else.
-
-    >>> compact_prompt("sudoku", {"puzzle": "4123030034121034"})
-    'sudoku 4123030034121034'
-    >>> compact_prompt("countdown", {"nums": [44, 19, 35], "target": 98})
-    'countdown 44 19 35 -> 98'
-    """
-    if task == "sudoku":
-        return f"sudoku {example['puzzle']}"
-    if task == "countdown":
-        return f"countdown {' '.join(str(n) for n in example['nums'])} -> {example['target']}"
-    raise PretrainError(f"task={task!r}: no compact prompt; allowed: {', '.join(PRETRAIN_TASKS)}")
-
-
-def compact_task(name: str, *, d1_compat: bool = False):
-    """The task ``name`` with ``compact_prompt`` as its prompt text (rewards, metric and data unchanged)."""
-    from stp.tasks import TASKS
-
-    if name not in PRETRAIN_TASKS:
-        raise PretrainError(f"task={name!r}: allowed: {', '.join(PRETRAIN_TASKS)}")
-    base = TASKS[name]
-
-    def prompt_text(self, example):
-        return compact_prompt(self.name, example)
-
-    cls = type(f"Compact{base.__name__}", (base,), {"prompt_text": prompt_text, "__module__": __name__,
-                                                      "__doc__": f"{base.__name__} with the compact prompt."})
-    return cls(d1_compat=d1_compat)
-
-
-def task_with_prompt(name: str, prompt_format: str, *, d1_compat: bool = False):
-    """The task ``name`` with its prompts in ``prompt_format``: 'chat' (the task's own, d1's) or 'compact'
-    (``compact_task``; sudoku and countdown only). The one place the trainer and ``stp.eval`` pick prompts."""
-    from stp.tasks import get_task
-
-    if prompt_format == "compact":
-        return compact_task(name, d1_compat=d1_compat)
-    if prompt_format == "chat":
-        return get_task(name, d1_compat=d1_compat)
-    raise PretrainError(f"prompt_format={prompt_format!r}: allowed: {', '.join(PROMPT_FORMATS)}")
 
 
 def _noisy_grid(example: Mapping[str, Any], answer_noise: float, gen: torch.Generator | None) -> str:

@@ -14,6 +14,15 @@ pruning) a sample stops once floor(tau * gen_length) canvas positions are filled
 transfers only up to that budget); when every sample has stopped, one more forward pass fills every remaining
 ``[MASK]`` with its sampled x0.
 
+The trajectory record (``GenerationOutput.commit_step`` and, with ``record_logprobs=True``,
+``behaviour_logprobs``) says how each completion was drawn, so that trajectory methods can rebuild any intermediate
+state: ``commit_step[b, i] = f >= 1`` when forward pass f (1-based, counted over the batch) committed position i, the
+one-shot fill included as its own pass; 0 for anchors (given before step 1). The canvas before pass f is the
+completion with every position whose commit step is >= f set to [MASK] (anchors stay). The behaviour log-prob of a
+committed token is log softmax(z / T)[x0] over the vocabulary prior (the distribution the Gumbel-max draw samples
+from); at T = 0 the draw is the deterministic argmax and its log-prob is defined as 0 (probability 1, the T -> 0
+limit when the maximum is unique); anchors get 0. Both are gathered on device, without host synchronisation.
+
 Because the transfer counts depend only on the masked counts at block starts (known from the anchors), the whole
 schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
 the step loop needs no host synchronisation. Only the optional confidence-threshold mode (data-dependent transfers)
@@ -30,7 +39,7 @@ import torch
 from stp_kernels import _validate, sample_step
 from stp_kernels.reference import counter_uniform, row_keys
 
-__all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "ANCHOR"]
+__all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "behaviour_logprob", "ANCHOR"]
 
 ANCHOR = -1  # trace value of anchor positions (never decoded)
 _FILL_STEP = 0x7FFFFFFF  # noise counter of the one-shot fill, distinct from every regular step
@@ -58,6 +67,30 @@ class GenerationOutput:
     anchors_kept: torch.Tensor  # [B] int64: anchors placed (all are kept unchanged)
     trace: torch.Tensor  # [B, L] int64: forward-pass index that committed each position; ANCHOR (-1) for anchors
     forward_passes: int  # forward passes the batch ran (the maximum of nfe)
+    commit_step: torch.Tensor | None = None  # [B, L] int64: 1-based pass that committed each position, 0 = anchor
+    behaviour_logprobs: torch.Tensor | None = None  # [B, L] float32 (record_logprobs=True): log-prob of each token
+    # under the distribution it was drawn from (temperature and vocabulary prior applied; 0 at T = 0 and anchors)
+
+
+# Rows of logits materialised at once by behaviour_logprob (float32: 64 MiB).
+_LOGPROB_CHUNK_ELEMENTS = 1 << 24
+
+
+def behaviour_logprob(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                      vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight[vocab].T / T)[token] per row, float32 [R] (0 at T = 0: the greedy draw is
+    deterministic). Computed in row chunks of at most ``_LOGPROB_CHUNK_ELEMENTS`` logits, with no host sync: the
+    fused ``stp_kernels.masked_logprob`` would avoid the logits but validates its inputs with one sync per call."""
+    if temperature == 0:
+        return torch.zeros(tokens.shape[0], dtype=torch.float32, device=hidden.device)
+    w = weight if vocab is None else weight.index_select(0, vocab)
+    slots = tokens if vocab is None else torch.searchsorted(vocab, tokens)
+    rows = max(1, _LOGPROB_CHUNK_ELEMENTS // w.shape[0])
+    out = []
+    for i in range(0, hidden.shape[0], rows):
+        z = hidden[i:i + rows].float() @ w.float().T / temperature  # [rows, V']
+        out.append(torch.log_softmax(z, dim=-1).gather(1, slots[i:i + rows, None])[:, 0])
+    return torch.cat(out)
 
 
 def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
@@ -125,6 +158,7 @@ def generate(
     cfg_scale: float = 0.0,
     confidence_threshold: float | None = None,
     vocab: torch.Tensor | None = None,
+    record_logprobs: bool = False,
     backend: str | None = None,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
@@ -141,6 +175,8 @@ def generate(
         confidence_threshold: beyond the paper (off by default): also commit every masked position of the block
             whose confidence exceeds it (the schedule's k is a floor, the budget still applies).
         vocab: sorted token ids of a vocabulary prior for sampling (None = full vocabulary).
+        record_logprobs: also record the behaviour log-prob of every committed token (one more LM-head pass per
+            step, see ``behaviour_logprob``); the commit steps are always recorded.
         backend: ``stp_kernels`` backend for ``sample_step``.
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
@@ -210,6 +246,8 @@ def generate(
             h = un_h + (cfg_scale + 1.0) * (h - un_h)
         return h
 
+    logprobs = torch.zeros(batch, gen_length, dtype=torch.float32, device=device) if record_logprobs else None
+
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
         row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
         x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
@@ -218,7 +256,8 @@ def generate(
             keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
             conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]
         n = canvas_pos.numel()
-        return x0.view(batch, n), conf.view(batch, n)
+        lp = behaviour_logprob(h, weight, x0, temperature, vocab).view(batch, n) if record_logprobs else None
+        return x0.view(batch, n), conf.view(batch, n), lp
 
     forward_passes = 0
     for step in range(total_steps):
@@ -234,7 +273,7 @@ def generate(
             live = filled < budget
             if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
                 continue
-        x0, conf = sample(window_hidden(plen + canvas_pos), canvas_pos, step)
+        x0, conf, lp = sample(window_hidden(plen + canvas_pos), canvas_pos, step)
         still = x[:, plen + canvas_pos] == mask_id  # [B, block]
         conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
         if confidence_threshold is not None:
@@ -246,14 +285,18 @@ def generate(
         commit = (rank < kk[:, None]) & still
         x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
+        if logprobs is not None:
+            logprobs[:, canvas_pos] = torch.where(commit, lp, logprobs[:, canvas_pos])
         filled += commit.sum(1)
         nfe += live.long()
         forward_passes += 1
 
     remaining = x[:, plen:] == mask_id
     if (early_stop is not None or confidence_threshold is not None) and bool(remaining.any()):  # one sync, once
-        x0, _ = sample(window_hidden(plen + canvas_idx), canvas_idx, _FILL_STEP)
+        x0, _, lp = sample(window_hidden(plen + canvas_idx), canvas_idx, _FILL_STEP)
         x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
+        if logprobs is not None:
+            logprobs = torch.where(remaining, lp, logprobs)
         one_shot = remaining
         trace = torch.where(remaining, forward_passes, trace)
         nfe += remaining.any(1).long()
@@ -261,4 +304,4 @@ def generate(
     completions = x[:, plen:]
     return GenerationOutput(sequences=x, completions=completions, nfe=nfe, one_shot=one_shot,
                             num_one_shot=one_shot.sum(1), anchors_kept=anchors_kept, trace=trace,
-                            forward_passes=forward_passes)
+                            forward_passes=forward_passes, commit_step=trace + 1, behaviour_logprobs=logprobs)

@@ -32,9 +32,9 @@ def toy_task_for(original):
 
 
 def toy_task_patch() -> None:
-    import stp.trainer
+    import stp.data_order
 
-    stp.trainer._task_for = toy_task_for(stp.trainer._task_for)
+    stp.data_order.task_for = toy_task_for(stp.data_order.task_for)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ STP_TASKS = ("gsm8k", "math", "countdown", "sudoku")
 
 
 def _flat(cfg: TrainConfig) -> dict:
-    return {f"{s}.{k}": v for s in SECTIONS for k, v in getattr(cfg, s).to_dict().items()}
+    """The settings the config's method reads (``to_dict``: hidden ones are not part of a run)."""
+    d = cfg.to_dict()
+    return {"method": cfg.method, **{f"{s}.{k}": v for s in SECTIONS for k, v in d.get(s, {}).items()}}
 
 
 def _write(tmp_path, text, name="cfg.yaml"):
@@ -63,7 +65,7 @@ def test_llada_presets_have_the_paper_settings(task):
         256, 32, 128, 0.9, 200, 0.95)
     assert c.prior.enabled and c.prior.rho == (0.85 if task == "math" else 0.95)
     assert c.prior.strategy == "answer_low_confidence"
-    assert (c.estimator.estimator, c.estimator.num_draws, c.estimator.score) == ("stp", 3, "all")
+    assert (c.method, c.estimator.num_draws, c.estimator.score) == ("stp", 3, "all")
     assert c.run.mixed_precision == "bf16" and c.run.task == task
 
 
@@ -73,14 +75,15 @@ def test_baselines_differ_from_stp_exactly_where_documented(base):
     stp = _flat(resolve(stp_name))
     d1_mu = {"tiny": 4, "gsm8k": 12, "math": 12, "countdown": 8, "sudoku": 8}[base]
     expected = {
-        f"d1-{base}": {"estimator.estimator": "d1", "estimator.num_draws": 1, "prior.enabled": False,
-                       "rollout.early_stop": None, "grpo.epsilon": 0.5, "grpo.num_iterations": d1_mu,
-                       "grpo.scale_rewards": False},
-        f"elbo-{base}": {"estimator.estimator": "elbo", "prior.enabled": False, "rollout.early_stop": None},
+        f"d1-{base}": {"method": "d1", "estimator.num_draws": 1, "estimator.prompt_mask_prob": 0.15,
+                       "prior.enabled": False, "rollout.early_stop": None, "grpo.epsilon": 0.5,
+                       "grpo.num_iterations": d1_mu, "grpo.scale_rewards": False},
+        f"elbo-{base}": {"method": "elbo", "prior.enabled": False, "rollout.early_stop": None},
     }
     for name, diff in expected.items():
         got = _flat(resolve(name))
-        changed = {k: got[k] for k in got if got[k] != stp[k] and k != "run.output_dir"}
+        changed = {k: got[k] for k in got if (k not in stp or got[k] != stp[k]) and k != "run.output_dir"}
+        changed.update({k: False for k in stp if k == "prior.enabled" and k not in got})  # no anchors
         assert changed == diff, name
         assert PRESETS[name].notes, f"{name} must document its deviations"
 
@@ -107,7 +110,7 @@ def test_choices_match_the_modules_that_consume_them():
 
 
 def test_estimator_section_gives_the_losss_likelihood_config():
-    lk = resolve("llada-gsm8k").estimator.to_likelihood_config(backend="reference")
+    lk = resolve("llada-gsm8k").estimator.to_likelihood_config("stp", backend="reference")
     assert (lk.estimator, lk.num_draws, lk.score, lk.backend) == ("stp", 3, "all", "reference")
 
 
@@ -133,7 +136,7 @@ def test_precedence_defaults_preset_yaml_flags(tmp_path):
 def test_yaml_preset_key_is_used_unless_the_flag_overrides_it(tmp_path):
     path = _write(tmp_path, "preset: d1-math\nrun:\n  seed: 7\n")
     cfg = parse_args(["--config", str(path)])
-    assert (cfg.preset, cfg.estimator.estimator, cfg.run.seed) == ("d1-math", "d1", 7)
+    assert (cfg.preset, cfg.method, cfg.run.seed) == ("d1-math", "d1", 7)
     assert parse_args(["--config", str(path), "--preset", "tiny"]).preset == "tiny"
 
 
@@ -193,9 +196,9 @@ def test_main_prints_resolved_yaml(capsys):
     ("rollout.remasking", "entropy", "rollout.remasking", "low_confidence"),
     ("prior.rho", "2", "prior.rho", "[0, 1]"),
     ("prior.strategy", "best", "prior.strategy", "answer_low_confidence"),
-    ("estimator.estimator", "vrpo", "estimator.estimator", "'stp', 'elbo', 'd1'"),
+    ("method", "vrpo", "method", "'stp', 'elbo', 'd1'"),
     ("estimator.num_draws", "0", "estimator.num_draws", ">= 1"),
-    ("estimator.prompt_mask_prob", "1.5", "estimator.prompt_mask_prob", "[0, 1]"),
+    ("estimator.memory_budget", "0", "estimator.memory_budget", "bytes >= 1"),
     ("model.dtype", "int8", "model.dtype", "bfloat16"),
     ("model.lora_dropout", "1", "model.lora_dropout", "[0, 1)"),
     ("model.load_in_4bit", "maybe", "model.load_in_4bit", "true or false"),
@@ -216,7 +219,7 @@ def test_bad_flag_names_field_value_allowed_and_flag(flag, value, field, allowed
 
 
 @pytest.mark.parametrize("argv, field, allowed", [
-    (["--preset", "d1-gsm8k", "--prior.enabled"], "prior.enabled", "only the 'stp' estimator takes anchors"),
+    (["--preset", "d1-gsm8k", "--prior.enabled"], "prior.enabled", "a setting of method 'stp' only"),
     (["--estimator.score", "elbo"], "estimator.score", "RESULTS.md"),
     (["--preset", "elbo-gsm8k", "--estimator.score", "elbo", "--estimator.mask_scheme", "block"], "estimator.score",
      "random_count"),
@@ -238,6 +241,17 @@ def test_cross_field_rules(argv, field, allowed):
     assert info.value.field == field and field in str(info.value) and allowed in str(info.value)
 
 
+def test_method_settings_only_for_that_method():
+    with pytest.raises(ConfigError, match=r"estimator.prompt_mask_prob=1.5 is not allowed; allowed: a number in \["):
+        parse_args(["--method", "d1", "--estimator.prompt_mask_prob", "1.5"])
+    with pytest.raises(ConfigError, match="estimator.prompt_mask_prob is a setting of method 'd1' only"):
+        parse_args(["--estimator.prompt_mask_prob", "0.2"])
+    cfg = parse_args(["--method", "d1", "--estimator.prompt_mask_prob", "0.2"])
+    assert "prior" not in cfg.to_dict() and cfg.to_dict()["estimator"]["prompt_mask_prob"] == 0.2
+    assert "prompt_mask_prob" not in resolve().to_dict()["estimator"]
+    assert "--estimator.prompt_mask_prob" not in C.build_parser().format_help()
+
+
 def test_cross_field_rule_passes_once_fixed():
     cfg = parse_args(["--preset", "d1-gsm8k"])
     assert not cfg.prior.enabled and cfg.prior_path is None
@@ -252,8 +266,9 @@ def test_direct_construction_validates():
         C.GRPOConfig(epsilon=-0.1)
     with pytest.raises(ConfigError, match="rollout.block_length=48"):
         C.RolloutConfig(gen_length=256, block_length=48)
-    with pytest.raises(ConfigError, match="prior.enabled"):
-        TrainConfig(estimator=C.EstimatorConfig(estimator="d1"))
+    with pytest.raises(ConfigError, match="method='vrpo' is not allowed"):
+        TrainConfig(method="vrpo")
+    assert not TrainConfig(method="d1").prior.enabled  # d1 reads no prior settings: anchors off
     with pytest.raises(ConfigError, match="model.lora_r=True"):
         C.ModelConfig(lora_r=True)
     assert isinstance(TrainConfig(model={"lora_r": 8}).model, C.ModelConfig)
@@ -343,8 +358,10 @@ def test_preset_origin_reported_for_preset_values_made_invalid_by_a_flag():
 
 
 def test_every_field_has_help_and_a_flag():
-    parser = C.build_parser()
-    text = parser.format_help()
+    from stp.methods import METHODS
+
+    # Each method's help shows its own settings; together they show every field.
+    text = "".join(C.build_parser({"method": name}).format_help() for name in METHODS)
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert len(f.metadata.get("help", "")) > 10, f"{section}.{f.name} has no help text"

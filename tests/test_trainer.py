@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import stp.checkpoint
+import stp.data_order
+import stp.policy
 import stp.trainer
 from stp.config import ConfigError, parse_args
 from tests._trainer_entry import toy_task_for
@@ -37,7 +40,7 @@ def _one_thread(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(stp.trainer, "_task_for", toy_task_for(stp.trainer._task_for))
+    monkeypatch.setattr(stp.data_order, "task_for", toy_task_for(stp.data_order.task_for))
     yield
     torch.set_num_threads(threads)
 
@@ -94,13 +97,13 @@ def test_tiny_run_updates_exactly_the_adapter(tmp_path, monkeypatch, preset):
         cfg.validate()
     lora_init = {}
 
-    real_add = stp.trainer._add_lora
+    real_add = stp.policy.add_lora
 
     def add_lora(lm, c):
         real_add(lm, c)
         lora_init.update({n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad})
 
-    monkeypatch.setattr(stp.trainer, "_add_lora", add_lora)
+    monkeypatch.setattr(stp.policy, "add_lora", add_lora)
     summary = stp.trainer.train(cfg)
 
     lm = seen["lm"]
@@ -153,7 +156,7 @@ def test_full_fine_tuning_updates_every_weight(tmp_path, monkeypatch):
     assert all(p.requires_grad for p in params.values())
     unchanged = [n for n, p in params.items() if torch.equal(p.detach(), base[n])]
     assert not unchanged, unchanged[:3]
-    saved = stp.trainer._load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
+    saved = stp.checkpoint.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
     assert set(saved) == set(params) and all(torch.equal(saved[n], p.detach()) for n, p in params.items())
 
 
@@ -174,7 +177,7 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path, monkeypatch, kill_at
     stp.trainer.train(_config(ref, *flags))
 
     out = tmp_path / "killed"
-    real_save = stp.trainer._save_checkpoint
+    real_save = stp.checkpoint.save_checkpoint
 
     def save(path, step, **kw):
         if step == kill_at:
@@ -182,11 +185,11 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path, monkeypatch, kill_at
             raise _Killed
         return real_save(path, step, **kw)
 
-    monkeypatch.setattr(stp.trainer, "_save_checkpoint", save)
+    monkeypatch.setattr(stp.checkpoint, "save_checkpoint", save)
     with pytest.raises(_Killed):
         stp.trainer.train(_config(out, *flags))
     assert len(_rows(out)) == kill_at and stp.trainer.last_checkpoint(out).name == f"step-{kill_at - 1:06d}"
-    monkeypatch.setattr(stp.trainer, "_save_checkpoint", real_save)
+    monkeypatch.setattr(stp.checkpoint, "save_checkpoint", real_save)
 
     with pytest.raises(ConfigError, match="run.resume"):  # not resuming into a directory with checkpoints
         stp.trainer.train(_config(out, *flags))
@@ -195,8 +198,8 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path, monkeypatch, kill_at
     a, b = _untimed(_rows(ref)), _untimed(_rows(out))
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
-    ta = stp.trainer._load_tensors(stp.trainer.last_checkpoint(ref) / "trainable.safetensors")
-    tb = stp.trainer._load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
+    ta = stp.checkpoint.load_tensors(stp.trainer.last_checkpoint(ref) / "trainable.safetensors")
+    tb = stp.checkpoint.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # bitwise
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
@@ -417,8 +420,8 @@ def test_default_run_learns(tmp_path):
 def test_prompt_format_picks_the_prompts():
     """run.prompt_format decides the prompts the trainer renders (compact for the tiny preset, chat for the paper's)."""
     ex = {"puzzle": "4123030034121034", "solution": "4123234134121234"}
-    compact = stp.trainer._task_for(parse_args([]))
-    chat = stp.trainer._task_for(parse_args(["--run.prompt_format", "chat"]))
+    compact = stp.data_order.task_for(parse_args([]))
+    chat = stp.data_order.task_for(parse_args(["--run.prompt_format", "chat"]))
     assert compact.prompt_text(ex) == "sudoku 4123030034121034"
     assert "Please solve the following 4x4 Sudoku puzzle" in chat.prompt_text(ex)
-    assert stp.trainer._task_for(parse_args(["--preset", "llada-gsm8k"])).name == "gsm8k"
+    assert stp.data_order.task_for(parse_args(["--preset", "llada-gsm8k"])).name == "gsm8k"

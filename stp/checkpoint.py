@@ -1,0 +1,301 @@
+"""Checkpoints: atomic files, the resumable state of a run, and stopping on SIGINT.
+
+Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``) are written into a temporary directory, every file fsync'ed,
+then renamed: a directory with that name is complete. They hold the trainable weights (LoRA adapter or the full
+model) as safetensors, the AdamW state as safetensors + JSON, the scheduler state and RNG states as JSON /
+safetensors, the step, and -- when saved between the inner iterations of a rollout -- that rollout's tensors (the
+batch and the method's scores), so a resumed run continues bit for bit. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stp.loss import RolloutBatch
+
+if TYPE_CHECKING:
+    from stp.config import TrainConfig
+
+__all__ = ["CHECKPOINT_FORMAT", "SavedRollout", "StopFlag", "last_checkpoint", "save_checkpoint", "load_checkpoint",
+           "trainable", "warn_config_changes", "write_atomic", "json_bytes", "save_tensors", "load_tensors"]
+
+CHECKPOINT_FORMAT = 1
+_KEEP_CHECKPOINTS = 2
+
+
+# ------------------------------------------------------------------------------------------------ atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_file(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    write_file(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory (``checkpoints/step-NNNNNN`` holding state.json), or None."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    for d in root.glob("step-*") if root.is_dir() else []:
+        if d.is_dir() and (d / "state.json").is_file() and d.name[5:].isdigit():
+            found.append((int(d.name[5:]), d))
+    return max(found)[1] if found else None
+
+
+def _optimizer_to_files(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict -> (tensors for safetensors, JSON-ready rest): no pickling."""
+    tensors, meta = {}, {"state": {}, "param_groups": []}
+    for idx, st in state["state"].items():
+        entry = {}
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.reshape(-1) if value.dim() == 0 else value
+                entry[name] = {"tensor": f"{idx}.{name}", "scalar": value.dim() == 0}
+            else:
+                entry[name] = {"value": value}
+        meta["state"][str(idx)] = entry
+    for group in state["param_groups"]:
+        meta["param_groups"].append({k: list(v) if isinstance(v, tuple) else v for k, v in group.items()})
+    return tensors, meta
+
+
+def _optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    state = {}
+    for idx, entry in meta["state"].items():
+        st = {}
+        for name, spec in entry.items():
+            if "tensor" in spec:
+                t = tensors[spec["tensor"]]
+                st[name] = t.reshape(()) if spec["scalar"] else t
+            else:
+                st[name] = spec["value"]
+        state[int(idx)] = st
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                            float(np_state[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], tensors["numpy_keys"].numpy().astype(np.uint32), n[1], n[2], n[3]))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass
+class SavedRollout:
+    """One rollout's tensors on this process (the batch and the method's scores, ``{name: [mu, B, ...]}``) plus its
+    gathered metrics; reused for mu inner iterations and saved in checkpoints written between them."""
+
+    index: int
+    batch: RolloutBatch
+    scores: dict[str, torch.Tensor]
+    mask_seed: int
+    metrics: dict = field(default_factory=dict)
+
+    def to_files(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f.name: getattr(self.batch, f.name) for f in fields(RolloutBatch)
+                   if getattr(self.batch, f.name) is not None}
+        tensors.update(self.scores)
+        return tensors, {"index": self.index, "mask_seed": self.mask_seed, "metrics": self.metrics,
+                         "scores": sorted(self.scores)}
+
+    @classmethod
+    def from_files(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], device) -> SavedRollout:
+        t = {k: v.to(device) for k, v in tensors.items()}
+        batch = RolloutBatch(**{f.name: t.get(f.name) for f in fields(RolloutBatch)})
+        names = meta.get("scores", [n for n in ("old", "ref") if n in t])
+        return cls(index=meta["index"], batch=batch, scores={n: t[n] for n in names}, mask_seed=meta["mask_seed"],
+                   metrics=dict(meta["metrics"]))
+
+
+def trainable(lm) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, *, lm, optimizer, scheduler, state: Mapping[str, Any],
+                     rollout: SavedRollout | None, accelerator) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically: every process writes its own RNG (and rollout) files into the
+    temporary directory, the main process the shared files and state.json last, then renames the directory."""
+    root = out / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    rng_tensors, rng_meta = _rng_state()
+    save_tensors(tmp / f"rng-rank{rank}.safetensors", rng_tensors)
+    write_file(tmp / f"rng-rank{rank}.json", json_bytes(rng_meta))
+    if rollout is not None:
+        r_tensors, r_meta = rollout.to_files()
+        save_tensors(tmp / f"rollout-rank{rank}.safetensors", r_tensors)
+        write_file(tmp / f"rollout-rank{rank}.json", json_bytes(r_meta))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_tensors(tmp / "trainable.safetensors", trainable(lm))
+        o_tensors, o_meta = _optimizer_to_files(optimizer.state_dict())
+        save_tensors(tmp / "optimizer.safetensors", o_tensors)
+        write_file(tmp / "optimizer.json", json_bytes(o_meta))
+        write_file(tmp / "scheduler.json", json_bytes(scheduler.state_dict()))
+        write_file(tmp / "state.json", json_bytes({**state, "format": CHECKPOINT_FORMAT, "step": step,
+                                                     "num_processes": accelerator.num_processes,
+                                                     "mid_rollout": rollout is not None}))
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        old = sorted(d for d in root.glob("step-*") if d.is_dir() and d != final)
+        for d in old[:max(0, len(old) - (_KEEP_CHECKPOINTS - 1))]:
+            shutil.rmtree(d, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator) -> tuple[dict, SavedRollout | None]:
+    state = json.loads((path / "state.json").read_text())
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}; this version reads {CHECKPOINT_FORMAT}")
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {state['num_processes']} processes; resume it with the same number "
+                         f"(this run has {accelerator.num_processes})")
+    weights = load_tensors(path / "trainable.safetensors")
+    params = trainable(lm)
+    if set(weights) != set(params):
+        raise ValueError(f"{path}/trainable.safetensors holds other parameters than this model trains "
+                         f"(e.g. {sorted(set(weights) ^ set(params))[:3]}): a different model or LoRA setting")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(_optimizer_from_files(load_tensors(path / "optimizer.safetensors"),
+                                                    json.loads((path / "optimizer.json").read_text())))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rank = accelerator.process_index
+    _set_rng_state(load_tensors(path / f"rng-rank{rank}.safetensors"),
+                   json.loads((path / f"rng-rank{rank}.json").read_text()))
+    rollout = None
+    if state["mid_rollout"]:
+        rollout = SavedRollout.from_files(load_tensors(path / f"rollout-rank{rank}.safetensors"),
+                                      json.loads((path / f"rollout-rank{rank}.json").read_text()), lm.device)
+    return state, rollout
+
+
+# ------------------------------------------------------------------------------------------------ stop, resume
+
+
+class StopFlag:
+    """SIGINT sets a flag the loop checks after each optimizer step (then: checkpoint, clean exit); a second SIGINT
+    interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("\nstp.train: SIGINT: finishing this step, saving a checkpoint, then exiting (again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def warn_config_changes(path: Path, cfg: TrainConfig) -> None:
+    """A resumed run reproduces the interrupted one only with the same settings: name every one that changed."""
+    import yaml
+
+    if not path.is_file():
+        return
+    before = yaml.safe_load(path.read_text())
+    now = cfg.to_dict()
+    changed = [f"{sec}.{k}: {v!r} -> {now[sec].get(k)!r}" for sec, fields in before.items() if isinstance(fields, dict)
+               for k, v in fields.items() if (sec, k) != ("run", "resume") and now.get(sec, {}).get(k) != v]
+    if changed:
+        print("stp.train: warning: resuming with changed settings (metrics will differ from an uninterrupted run): "
+              + "; ".join(changed), file=sys.stderr)

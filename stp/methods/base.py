@@ -1,0 +1,91 @@
+"""The interface every RL method implements; the trainer's loop (``stp.trainer``) calls only this.
+
+One RL step of the shared loop, and what the method decides in it::
+
+    prompts --(method.prior: anchors, if it asks for them)--> sampler (method.rollout: extra sampler settings)
+            --> completions + trajectory record --(task rewards)--> group advantages
+            --(method.score: once per rollout, no grad)--> scores {name: [mu, B, ...]} (old, reference, ...)
+            --(method.loss: per inner iteration, with grad)--> loss + metrics --> optimizer step
+
+A method is a class with these class attributes and methods (see ``stp.methods.grpo`` for the GRPO family and
+docs/architecture.md for the smallest complete example):
+
+- ``name``: the value of ``--method`` (and of a preset's ``method``).
+- ``settings``: the configuration fields only this method reads, ``{section: (field, ...) or None (all)}``; the
+  command line, YAML files and ``config.yaml`` show them only when this method is chosen.
+- ``rollout``: a :class:`RolloutSettings` (anchors from static priors? behaviour log-probs in the record?).
+- ``loss_metrics``: the names of the 0-d metric tensors ``loss`` returns, logged per step in this order.
+- ``prepare`` (once, with the base model, before any adapter), ``prior`` (per rollout), ``score``, ``loss``.
+
+Importing a method module must not import torch (the configuration reads ``settings`` without it): heavy imports go
+inside the methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from stp.config import TrainConfig
+    from stp.loss import RolloutBatch
+    from stp.sampler import Prior
+
+__all__ = ["Method", "RolloutSettings"]
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """What a method needs from the sampler beyond the shared ``rollout`` section.
+
+    ``anchors``: rollouts start from static-prior canvases (``prior`` returns them). ``behaviour_logprobs``: the
+    trajectory record carries the log-prob of each committed token under the distribution it was drawn from
+    (one more LM-head pass per step; off unless a method scores trajectories)."""
+
+    anchors: bool = False
+    behaviour_logprobs: bool = False
+
+
+class Method:
+    """Base class of the RL methods. Subclasses set the class attributes and implement ``score`` and ``loss``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    settings: ClassVar[Mapping[str, tuple[str, ...] | None]] = {}
+    rollout: ClassVar[RolloutSettings] = RolloutSettings()
+    loss_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    @classmethod
+    def check(cls, config: TrainConfig) -> None:
+        """Rules this method sets on the configuration (raise ``stp.config.ConfigError``); default: none."""
+
+    def prepare(self, model, prompts: Sequence[str], accelerator) -> None:
+        """Called once with the base model (before LoRA), the prompt texts of the whole run, on every process."""
+
+    def prior(self, prompts: Sequence[str], gen_length: int, device) -> Prior | None:
+        """Anchors for one rollout's samples (``prompts``: one text per sample), or None."""
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        """Extra fields for summary.json (e.g. the estimator)."""
+        return {}
+
+    def score(self, model, batch: RolloutBatch, *, seed: int, num_iterations: int,
+              ref_context) -> dict[str, torch.Tensor]:
+        """What the loss compares against, computed once per rollout without grad: ``{name: [mu, B, ...]}``
+        (samples on dim 1, so that micro-batches slice them). ``ref_context()`` switches the model to the
+        reference policy (None when there is no reference: beta = 0 or full fine-tuning). Saved in mid-rollout
+        checkpoints, so resumed runs continue bit for bit."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: RolloutBatch, scores: Mapping[str, torch.Tensor], *, seed: int,
+             iteration: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar loss of inner iteration ``iteration`` on ``batch`` (a micro-batch; ``scores`` sliced alike),
+        and the metrics named in ``loss_metrics`` as detached 0-d tensors (no host sync)."""
+        raise NotImplementedError

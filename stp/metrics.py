@@ -1,0 +1,193 @@
+"""What a run reports: metrics.jsonl (and TensorBoard), the held-out evaluation, progress.png and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stp.checkpoint import write_atomic
+from stp.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from stp.config import TrainConfig
+
+__all__ = ["TIMING_KEYS", "MetricsLog", "read_metrics", "truncate_metrics", "finite", "plot", "evaluate_heldout"]
+
+# Metrics that measure time: they differ between runs; every other field of metrics.jsonl is reproducible.
+TIMING_KEYS = ("time_rollout", "time_scoring", "time_update", "step_seconds", "tokens_per_s", "rollout_tokens_per_s",
+               "eval_seconds")
+
+
+class MetricsLog:
+    """metrics.jsonl (one row per logged step, fsync'ed) and, when asked and installed, TensorBoard events."""
+
+    def __init__(self, out: Path, step: int, tensorboard: bool):
+        self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("stp.train: warning: run.tensorboard is on but the tensorboard package is not installed "
+                      "(`pip install tensorboard`); writing metrics.jsonl only", file=sys.stderr)
+            else:
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+    def write(self, row: Mapping[str, Any], *, jsonl: bool) -> None:
+        if jsonl:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl (a torn last line from a kill is ignored)."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8").split("\n") if Path(path).exists() else []
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of steps <= ``step`` (rows written after the checkpoint a resumed run starts from)."""
+    if path.exists():
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def plot(metrics_path: Path, png: Path) -> None:
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    a.plot(steps, [r["reward_mean"] for r in rows], label="rollout reward (mean)")
+    ev = [(r["step"], r["eval_reward"]) for r in rows if r.get("eval_reward") is not None]
+    if ev:
+        a.plot(*zip(*ev), "o-", label="held-out reward")
+    a.set_ylabel("reward")
+    a.legend()
+    mu = max(1, max(r["iteration"] for r in rows) + 1)
+    b.stackplot(steps, [r["time_rollout"] / mu for r in rows], [r["time_scoring"] / mu for r in rows],
+                [r["time_update"] for r in rows], labels=["rollout / mu", "scoring / mu", "update"])
+    b.set_ylabel("seconds per step")
+    b.set_xlabel("optimizer step")
+    b.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def evaluate_heldout(lm, task, examples, cfg: TrainConfig) -> dict[str, float] | None:
+    if not examples:
+        return None
+    from stp.eval import evaluate
+
+    r = cfg.rollout
+    res = evaluate(lm, task, examples, gen_length=r.gen_length, block_length=r.block_length, steps=r.steps,
+                   batch_size=min(32, len(examples)), temperature=r.eval_temperature,
+                   max_prompt_length=r.max_prompt_length or 0, seed=derive_seed(cfg.run.seed, "eval"),
+                   progress=False, backend=cfg.run.backend)
+    # What the reward is made of: how often the answer could be read at all, and the reward of the readable ones.
+    readable = [r["reward"] for r in res["records"] if r["answer"] is not None]
+    return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],
+            "seconds": res["seconds"], "answer_rate": len(readable) / len(res["records"]),
+            "reward_of_answered": sum(readable) / len(readable) if readable else None}
+
+
+def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completions, eos: int, gen_length: int,
+                    t_rollout: float, t_scoring: float, state: dict[str, Any]) -> dict[str, Any]:
+    """The rollout's metrics, gathered over processes (rank-major = the global sample order); adds the NFE to the
+    run's totals in ``state``."""
+    all_fn = accelerator.gather(fn_rewards)  # [P*G, F]
+    all_r = all_fn.sum(1)
+    nfe = accelerator.gather(gen.nfe.float())  # [P*G]
+    lengths = accelerator.gather(((completions == eos).cumsum(1) == 0).sum(1).float())
+    one_shot = accelerator.gather(gen.num_one_shot.float())
+    anchors = accelerator.gather(gen.anchors_kept.float())
+    rm = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item() if all_r.numel() > 1 else 0.0,
+          "nfe": nfe.mean().item(), "completion_tokens": lengths.mean().item(),
+          "one_shot_fraction": one_shot.mean().item() / gen_length,
+          "anchor_fraction": anchors.mean().item() / gen_length,
+          "time_rollout": t_rollout, "time_scoring": t_scoring,
+          "rollout_tokens_per_s": all_r.numel() * gen_length / max(t_rollout, 1e-9)}
+    for j, name in enumerate(fn_names):
+        rm[f"reward/{name}_mean"] = all_fn[:, j].mean().item()
+        rm[f"reward/{name}_std"] = all_fn[:, j].std().item() if all_fn.shape[0] > 1 else 0.0
+    state["nfe_sum"] += nfe.sum().item()
+    state["nfe_count"] += nfe.numel()
+    return rm
+
+
+def step_row(step: int, rollout: int, iteration: int, epoch: int, rm: Mapping[str, Any], loss: float,
+             parts: Mapping[str, float], grad_norm: float | None, lr: float, skipped: bool, t_update: float,
+             mu: int, tokens_per_step: int) -> dict[str, Any]:
+    """One metrics.jsonl row: the rollout's metrics, the loss and the method's loss metrics (None where not
+    finite), optimizer state and timings (``TIMING_KEYS``)."""
+    step_seconds = (rm["time_rollout"] + rm["time_scoring"]) / mu + t_update
+    return {"step": step, "rollout": rollout, "iteration": iteration, "epoch": epoch,
+            **{k: v for k, v in rm.items() if k not in TIMING_KEYS},
+            "loss": finite(loss), **{k: finite(v) for k, v in parts.items()}, "grad_norm": grad_norm, "lr": lr,
+            "skipped": skipped, "time_rollout": rm["time_rollout"], "time_scoring": rm["time_scoring"],
+            "time_update": t_update, "step_seconds": step_seconds,
+            "tokens_per_s": tokens_per_step / mu / step_seconds, "rollout_tokens_per_s": rm["rollout_tokens_per_s"]}
+
+
+def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any], after: Mapping[str, Any] | None, *,
+                  step: int, heldout: int, wall_seconds: float, interrupted: bool, diverged: bool,
+                  world: int) -> dict[str, Any]:
+    """summary.json (held-out reward before/after, NFE, times) and progress.png; returns the summary."""
+    before = state["eval_before"]
+    mu = cfg.grpo.num_iterations
+
+    def of(ev, key):
+        return None if ev is None else ev.get(key)
+
+    summary = {
+        "preset": cfg.preset, "method": cfg.method, **method.summary(), "task": cfg.run.task,
+        "model": cfg.model.name_or_path, "steps": step, "max_steps": cfg.grpo.max_steps, "rollouts": -(-step // mu),
+        "reward_before": of(before, "reward"), "reward_after": of(after, "reward"),
+        "accuracy_before": of(before, "accuracy"), "accuracy_after": of(after, "accuracy"),
+        "answer_rate_before": of(before, "answer_rate"), "answer_rate_after": of(after, "answer_rate"),
+        "reward_of_answered_before": of(before, "reward_of_answered"),
+        "reward_of_answered_after": of(after, "reward_of_answered"),
+        "eval_examples": heldout,
+        "nfe_per_sample": state["nfe_sum"] / max(1, state["nfe_count"]),
+        "wall_seconds": wall_seconds, "train_seconds": state["train_seconds"],
+        "interrupted": interrupted, "diverged": diverged, "num_processes": world,
+        "output_dir": str(out),
+    }
+    write_atomic(out / "summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+    plot(out / "metrics.jsonl", out / "progress.png")
+    return summary
