@@ -66,6 +66,7 @@ from typing import Any
 import torch
 
 from stp import models, sampler
+from stp.pretrain import load_model
 from stp.tasks import TASKS, DataError, Task
 
 __all__ = ["EvalError", "EvalWarning", "ResumeError", "evaluate", "eval_settings", "settings_hash",
@@ -519,7 +520,7 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     """Every check that can run before loading data or the model; EvalError naming the flag, value and allowed."""
     if args.task not in TASKS:
         raise EvalError(f"--task {args.task!r}: unknown task; allowed: {', '.join(TASKS)}")
-    from stp.pretrain import PRETRAIN_TASKS, task_with_prompt
+    from stp.tasks.prompts import PRETRAIN_TASKS, task_with_prompt
 
     if args.prompt_format is None:
         args.prompt_format = "compact" if _is_tiny(args.model) and args.task in PRETRAIN_TASKS else "chat"
@@ -607,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if todo:
             print(f"stp.eval: {task.name} {args.split}: {len(examples)} examples, {len(examples) - todo} already in "
                   f"{output}, {todo} to generate; loading {args.model!r}", file=sys.stderr)
-            model = models.load(args.model, dtype=DTYPES[args.dtype], device=device)
+            model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
             if args.adapter is not None:
                 try:
                     models.merge_adapter(model, args.adapter)

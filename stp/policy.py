@@ -20,13 +20,13 @@ __all__ = ["resolve_model", "quantize_base_4bit", "add_lora", "setup_trainable",
 
 def resolve_model(cfg: TrainConfig, accelerator) -> str:
     """``pretrained:TASK`` (the tiny model after ``stp.pretrain``'s SFT): built into the cache by the main process
-    first, so that concurrent processes never build it twice; ``stp.models.load`` then finds it cached."""
+    first, so that concurrent processes never build it twice; returns the name ``stp.models.load`` takes."""
     name = cfg.model.name_or_path
     if name.startswith("pretrained:"):
-        from stp.pretrain import ensure_pretrained
+        from stp.pretrain import resolve_model_name
 
         with accelerator.main_process_first():
-            ensure_pretrained(task=name.split(":", 1)[1], progress=accelerator.is_main_process)
+            name = resolve_model_name(name, progress=accelerator.is_main_process)
     return name
 
 

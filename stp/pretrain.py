@@ -459,6 +459,21 @@ def ensure_pretrained(task: str = "sudoku", cache_dir: str | os.PathLike | None 
     return path
 
 
+def resolve_model_name(name: str, *, progress: bool = True) -> str:
+    """``pretrained:TASK`` -> the cached checkpoint directory (built on first use by ``ensure_pretrained``); any
+    other name unchanged. The model layer (``stp.models.load``) does not build checkpoints: callers resolve here."""
+    if name.startswith("pretrained:"):
+        return str(ensure_pretrained(task=name.split(":", 1)[1], progress=progress))
+    return name
+
+
+def load_model(name: str, **kwargs):
+    """``stp.models.load`` after ``resolve_model_name`` (``pretrained:TASK`` included)."""
+    from stp.models import load
+
+    return load(resolve_model_name(name), **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 

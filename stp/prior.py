@@ -588,7 +588,7 @@ def _check_settings(records: list[dict], settings: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from stp import models
+    from stp.pretrain import load_model
     from stp.tasks import get_task
 
     parser = _parser()
@@ -615,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     task = get_task(args.task)
     examples = task.load(args.split, v["data"], source=v["source"], n=v["limit"])  # generators: their seed 0
-    model = models.load(args.model, dtype=_DTYPES[args.dtype], device=v["device"])
+    model = load_model(args.model, dtype=_DTYPES[args.dtype], device=v["device"])
     if model.tokenizer is None:
         raise SystemExit(f"stp.prior: error: model {args.model!r} has no tokenizer; prompts cannot be rendered")
     todo: list[tuple[int, str]] = []

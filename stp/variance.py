@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
-    from .models import load
+    from .pretrain import load_model as load
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)

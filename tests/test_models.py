@@ -315,14 +315,18 @@ def test_hub_id_offline_and_bad_paths(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_pretrained_name_resolves_through_stp_pretrain(tmp_path, monkeypatch):
-    """'pretrained:TASK' loads the checkpoint stp.pretrain.ensure_pretrained returns (built once, then cached)."""
+    """'pretrained:TASK' loads the checkpoint stp.pretrain.ensure_pretrained returns (built once, then cached);
+    the model layer itself builds nothing and says where the name is resolved."""
     import stp.pretrain
 
     saved = tmp_path / "ckpt"
     build_tiny(seed=3).save(saved)
     asked = []
-    monkeypatch.setattr(stp.pretrain, "ensure_pretrained", lambda task: asked.append(task) or saved)
-    model = load("pretrained:sudoku")
+    monkeypatch.setattr(stp.pretrain, "ensure_pretrained", lambda task, progress=True: asked.append(task) or saved)
+    with pytest.raises(ValueError, match=r"stp.pretrain.load_model\('pretrained:sudoku'\)"):
+        load("pretrained:sudoku")
+    assert asked == []
+    model = stp.pretrain.load_model("pretrained:sudoku")
     ids = torch.tensor([[5, 6, 7, 8]])
     assert asked == ["sudoku"]
     assert torch.equal(model.logits(ids), build_tiny(seed=3).logits(ids))
