@@ -9,7 +9,6 @@ batch and the method's scores), so a resumed run continues bit for bit. Nothing 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -25,59 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from stp.files import fsync_dir, json_bytes, load_tensors, save_tensors, write_atomic, write_file
 from stp.loss import RolloutBatch
+from stp.metrics import truncate_metrics
 
 if TYPE_CHECKING:
     from stp.config import TrainConfig
 
-__all__ = ["CHECKPOINT_FORMAT", "SavedRollout", "StopFlag", "last_checkpoint", "save_checkpoint", "load_checkpoint",
-           "trainable", "warn_config_changes", "write_atomic", "json_bytes", "save_tensors", "load_tensors"]
+__all__ = ["CHECKPOINT_FORMAT", "SavedRollout", "start_or_resume", "StopFlag", "last_checkpoint", "save_checkpoint",
+           "load_checkpoint", "trainable", "warn_config_changes"]
 
 CHECKPOINT_FORMAT = 1
 _KEEP_CHECKPOINTS = 2
-
-
-# ------------------------------------------------------------------------------------------------ atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_file(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
-
-    write_file(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -299,3 +257,28 @@ def warn_config_changes(path: Path, cfg: TrainConfig) -> None:
     if changed:
         print("stp.train: warning: resuming with changed settings (metrics will differ from an uninterrupted run): "
               + "; ".join(changed), file=sys.stderr)
+
+
+def start_or_resume(out: Path, cfg: TrainConfig, resume_from: Path | None, *, lm, optimizer, scheduler,
+                    accelerator) -> tuple[int, SavedRollout | None, dict[str, Any]]:
+    """(step, the rollout saved between its inner iterations or None, the run's counters) from ``resume_from`` or
+    fresh; writes config.yaml, cuts metrics.jsonl back to the step and removes torn temporary checkpoints."""
+    state: dict[str, Any] = {"nfe_sum": 0.0, "nfe_count": 0, "nan_streak": 0, "train_seconds": 0.0,
+                             "eval_before": None}
+    step, rollout = 0, None
+    if resume_from is not None:
+        saved, rollout = load_checkpoint(resume_from, lm=lm, optimizer=optimizer, scheduler=scheduler,
+                                         accelerator=accelerator)
+        step = saved["step"]
+        state.update({k: saved[k] for k in state})
+        if accelerator.is_main_process:
+            print(f"stp.train: resuming from {resume_from} (step {step})", file=sys.stderr)
+            warn_config_changes(out / "config.yaml", cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", cfg.to_yaml().encode())
+        truncate_metrics(out / "metrics.jsonl", step)
+        for stale in (out / "checkpoints").glob(".tmp-*") if (out / "checkpoints").is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return step, rollout, state

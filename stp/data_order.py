@@ -14,7 +14,7 @@ from stp.seeds import derive_seed
 if TYPE_CHECKING:
     from stp.config import TrainConfig
 
-__all__ = ["DataOrder", "load_data", "task_for", "encode_prompts", "decode"]
+__all__ = ["DataOrder", "PromptTexts", "load_data", "task_for", "encode_prompts", "decode"]
 
 
 class DataOrder:
@@ -33,6 +33,19 @@ class DataOrder:
 
     def take(self, position: int, count: int) -> list[int]:
         return [self._perm(q // self.n)[q % self.n] for q in range(position, position + count)]
+
+
+class PromptTexts:
+    """Example index -> the task's prompt text for it (rendered once, then cached)."""
+
+    def __init__(self, task, rows: Sequence[dict], tokenizer):
+        self.task, self.rows, self.tokenizer = task, rows, tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, i: int) -> str:
+        if i not in self._texts:
+            self._texts[i] = self.task.format_prompt(self.rows[i], self.tokenizer)
+        return self._texts[i]
 
 
 def load_data(cfg: TrainConfig, task) -> tuple[list[dict], list[dict]]:

@@ -23,7 +23,8 @@ import torch
 
 from .likelihood import DEFAULT_SCORE, ESTIMATORS, MASK_SCHEMES, SCORE_MODES, per_token_logprobs
 
-__all__ = ["LikelihoodConfig", "RolloutBatch", "group_advantages", "grpo_loss", "rollout_logprobs", "policy_loss"]
+__all__ = ["LikelihoodConfig", "RolloutBatch", "group_advantages", "grpo_loss", "batch_logprobs", "rollout_logprobs",
+           "policy_loss"]
 
 
 @dataclass
@@ -122,7 +123,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     return loss, metrics
 
 
-def _logprobs(model, batch: RolloutBatch, *, seed: int, iteration: int, config: LikelihoodConfig):
+def batch_logprobs(model, batch: RolloutBatch, *, seed: int, iteration: int, config: LikelihoodConfig):
+    """``per_token_logprobs`` of a rollout batch on the masks of (seed, iteration); anchors only for ``stp``."""
     cfg = asdict(config)
     return per_token_logprobs(model, batch.prompt_ids, batch.prompt_attention_mask, batch.completion_ids,
                               anchors=batch.anchors if config.estimator == "stp" else None, seed=seed,
@@ -142,7 +144,7 @@ def rollout_logprobs(model, batch: RolloutBatch, *, seed: int, num_iterations: i
     """
     if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 1:
         raise ValueError(f"rollout_logprobs: num_iterations={num_iterations!r} must be a positive int")
-    old = torch.stack([_logprobs(model, batch, seed=seed, iteration=it, config=likelihood).logprobs
+    old = torch.stack([batch_logprobs(model, batch, seed=seed, iteration=it, config=likelihood).logprobs
                        for it in range(num_iterations)])
     if ref_model is None and ref_context is None:
         if beta != 0:
@@ -150,7 +152,7 @@ def rollout_logprobs(model, batch: RolloutBatch, *, seed: int, num_iterations: i
         return old, None
     ref_net = ref_model if ref_model is not None else model
     with (ref_context() if ref_model is None else nullcontext()):
-        ref = torch.stack([_logprobs(ref_net, batch, seed=seed, iteration=it, config=likelihood).logprobs
+        ref = torch.stack([batch_logprobs(ref_net, batch, seed=seed, iteration=it, config=likelihood).logprobs
                            for it in range(num_iterations)])
     return old, ref
 
@@ -162,7 +164,7 @@ def policy_loss(model, batch: RolloutBatch, *, seed: int, iteration: int, old_lo
     against ``old_logprobs[iteration]`` and ``ref_logprobs[iteration]`` ([mu, B, C] from ``rollout_logprobs``)."""
     if not 0 <= iteration < old_logprobs.shape[0]:
         raise ValueError(f"policy_loss: iteration={iteration} outside the {old_logprobs.shape[0]} precomputed ones")
-    cur = _logprobs(model, batch, seed=seed, iteration=iteration, config=likelihood)
+    cur = batch_logprobs(model, batch, seed=seed, iteration=iteration, config=likelihood)
     ref = None if ref_logprobs is None else ref_logprobs[iteration]
     return grpo_loss(cur.logprobs, old_logprobs[iteration], ref, batch.advantages, cur.valid, epsilon=epsilon,
                      beta=beta)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stp.checkpoint import write_atomic
+from stp.files import write_atomic
 from stp.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -124,6 +124,14 @@ def evaluate_heldout(lm, task, examples, cfg: TrainConfig) -> dict[str, float] |
     return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],
             "seconds": res["seconds"], "answer_rate": len(readable) / len(res["records"]),
             "reward_of_answered": sum(readable) / len(readable) if readable else None}
+
+
+def eval_columns(ev: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The metrics.jsonl columns of a held-out evaluation (none when there was none)."""
+    if ev is None:
+        return {}
+    return {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"], "eval_answer_rate": ev["answer_rate"],
+            "eval_seconds": ev["seconds"]}
 
 
 def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completions, eos: int, gen_length: int,

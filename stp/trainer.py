@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,12 +93,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         raise ValueError(f"model {m.name_or_path!r} has no tokenizer: prompts cannot be rendered")
     task = data_order.task_for(cfg)
     tok, eos, pad = lm.tokenizer, lm.eos_token_id, lm.pad_token_id
-    prompt_text: dict[int, str] = {}
-
-    def text_of(i: int) -> str:
-        if i not in prompt_text:
-            prompt_text[i] = task.format_prompt(train_rows[i], tok)
-        return prompt_text[i]
+    text_of = data_order.PromptTexts(task, train_rows, tok)  # example index -> prompt text (cached)
 
     method = get_method(cfg.method)(cfg)
     method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)], accelerator)
@@ -112,25 +106,9 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process per optimizer step.
     loss_module, optimizer = accelerator.prepare(policy.PolicyLoss(lm, method), optimizer)
 
-    # ---- start or resume
-    state: dict[str, Any] = {"nfe_sum": 0.0, "nfe_count": 0, "nan_streak": 0, "train_seconds": 0.0,
-                             "eval_before": None}
-    step, rollout = 0, None
-    if resume_from is not None:
-        saved, rollout = checkpoint.load_checkpoint(resume_from, lm=lm, optimizer=optimizer, scheduler=scheduler,
-                                                    accelerator=accelerator)
-        step = saved["step"]
-        state.update({k: saved[k] for k in state})
-        if accelerator.is_main_process:
-            print(f"stp.train: resuming from {resume_from} (step {step})", file=sys.stderr)
-            checkpoint.warn_config_changes(out / "config.yaml", cfg)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(out / "config.yaml", cfg.to_yaml().encode())
-        metrics.truncate_metrics(out / "metrics.jsonl", step)
-        for stale in (out / "checkpoints").glob(".tmp-*") if (out / "checkpoints").is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    # ---- start or resume (a mid-rollout checkpoint brings that rollout back: `rollout`)
+    step, rollout, state = checkpoint.start_or_resume(out, cfg, resume_from, lm=lm, optimizer=optimizer,
+                                                      scheduler=scheduler, accelerator=accelerator)
     if resume_from is None and accelerator.is_main_process and run.eval_examples:
         state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
     log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
@@ -234,10 +212,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                                    dict(zip(parts, part_v)), grad_norm, scheduler.get_last_lr()[0], skipped,
                                    t_update, mu, g.samples_per_step * ro.gen_length)
             if run.eval_every and step % run.eval_every == 0 and step < g.max_steps and accelerator.is_main_process:
-                ev = metrics.evaluate_heldout(lm, task, heldout, cfg)
-                if ev is not None:
-                    row.update(eval_reward=ev["reward"], eval_accuracy=ev["accuracy"],
-                               eval_answer_rate=ev["answer_rate"], eval_seconds=ev["seconds"])
+                row.update(metrics.eval_columns(metrics.evaluate_heldout(lm, task, heldout, cfg)))
             if log is not None:
                 if skipped:
                     print(f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "

@@ -22,6 +22,7 @@ import torch
 
 import stp.checkpoint
 import stp.data_order
+import stp.files
 import stp.policy
 import stp.trainer
 from stp.config import ConfigError, parse_args
@@ -156,7 +157,7 @@ def test_full_fine_tuning_updates_every_weight(tmp_path, monkeypatch):
     assert all(p.requires_grad for p in params.values())
     unchanged = [n for n, p in params.items() if torch.equal(p.detach(), base[n])]
     assert not unchanged, unchanged[:3]
-    saved = stp.checkpoint.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
+    saved = stp.files.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
     assert set(saved) == set(params) and all(torch.equal(saved[n], p.detach()) for n, p in params.items())
 
 
@@ -198,8 +199,8 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path, monkeypatch, kill_at
     a, b = _untimed(_rows(ref)), _untimed(_rows(out))
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
-    ta = stp.checkpoint.load_tensors(stp.trainer.last_checkpoint(ref) / "trainable.safetensors")
-    tb = stp.checkpoint.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
+    ta = stp.files.load_tensors(stp.trainer.last_checkpoint(ref) / "trainable.safetensors")
+    tb = stp.files.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # bitwise
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
