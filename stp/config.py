@@ -976,7 +976,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m stp.tra
     values and unknown flags raise ConfigError (field, value, allowed, origin); a flag without its value exits
     through argparse (status 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog=prog)
     pre.add_argument("--preset", default=None)
     pre.add_argument("--config", default=None)
     pre.add_argument("--method", default=None)

@@ -27,9 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stp.tasks import DataError
 
     try:
-        config = parse_args(argv)
-        from stp.trainer import TrainingDiverged, train
+        config = parse_args(argv)  # --help and a flag without its value exit here (status 0 and 2)
+    except ConfigError as e:
+        print(f"stp.train: error: {e}", file=sys.stderr)
+        return 2
+    from stp.trainer import TrainingDiverged, train
 
+    try:
         summary = train(config, progress=True)
     except (ConfigError, DataError, PriorFileError) as e:
         print(f"stp.train: error: {e}", file=sys.stderr)
