@@ -31,8 +31,8 @@ from stp.metrics import truncate_metrics
 if TYPE_CHECKING:
     from stp.config import TrainConfig
 
-__all__ = ["CHECKPOINT_FORMAT", "SavedRollout", "start_or_resume", "StopFlag", "last_checkpoint", "save_checkpoint",
-           "load_checkpoint", "trainable", "warn_config_changes"]
+__all__ = ["CHECKPOINT_FORMAT", "SavedRollout", "find_resume", "start_or_resume", "StopFlag", "last_checkpoint",
+           "save_checkpoint", "load_checkpoint", "trainable", "warn_config_changes"]
 
 CHECKPOINT_FORMAT = 1
 _KEEP_CHECKPOINTS = 2
@@ -259,20 +259,40 @@ def warn_config_changes(path: Path, cfg: TrainConfig) -> None:
               + "; ".join(changed), file=sys.stderr)
 
 
+def find_resume(out: Path, resume: bool, main_process: bool) -> Path | None:
+    """The checkpoint to resume from (``run.resume``), saying so when there is none; without ``run.resume`` a
+    directory holding checkpoints is refused (a new run would mix its files with the old one's)."""
+    last = last_checkpoint(out)
+    if not resume and last is not None:
+        from stp.config import ConfigError
+
+        raise ConfigError.bad_value("run.output_dir", str(out), "a directory without checkpoints, or pass "
+                                    f"--run.resume to continue the run there (last: {last.name})")
+    if resume and last is None and main_process:
+        print(f"stp.train: --run.resume: no complete checkpoint in {out}"
+              f"{'' if out.is_dir() else ' (the directory does not exist)'}; training from scratch", file=sys.stderr)
+    return last if resume else None
+
+
 def start_or_resume(out: Path, cfg: TrainConfig, resume_from: Path | None, *, lm, optimizer, scheduler,
                     accelerator) -> tuple[int, SavedRollout | None, dict[str, Any]]:
     """(step, the rollout saved between its inner iterations or None, the run's counters) from ``resume_from`` or
     fresh; writes config.yaml, cuts metrics.jsonl back to the step and removes torn temporary checkpoints."""
+    # wall_seconds: of the earlier processes of this run, up to their last checkpoint (the summary adds this one's).
     state: dict[str, Any] = {"nfe_sum": 0.0, "nfe_count": 0, "nan_streak": 0, "train_seconds": 0.0,
-                             "eval_before": None}
+                             "eval_before": None, "wall_seconds": 0.0}
     step, rollout = 0, None
     if resume_from is not None:
         saved, rollout = load_checkpoint(resume_from, lm=lm, optimizer=optimizer, scheduler=scheduler,
                                          accelerator=accelerator)
         step = saved["step"]
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, state[k]) for k in state})
         if accelerator.is_main_process:
             print(f"stp.train: resuming from {resume_from} (step {step})", file=sys.stderr)
+            if step >= cfg.grpo.max_steps:
+                print(f"stp.train: the run in {out} already finished (step {step} of {cfg.grpo.max_steps}): no "
+                      "training; its held-out evaluation and summary are written again (raise grpo.max_steps to "
+                      "train on)", file=sys.stderr)
             warn_config_changes(out / "config.yaml", cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from stp.trainer import TrainingDiverged, train
 
+    resume = _resume_command(argv)
     try:
         summary = train(config, progress=True)
     except (ConfigError, DataError, PriorFileError) as e:
@@ -41,6 +42,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"stp.train: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Before the loop (model, priors, held-out evaluation) or a second Ctrl-C: nothing half-written is used later
+        # (priors are appended per batch, checkpoints renamed into place when complete).
+        from stp.checkpoint import last_checkpoint
+
+        last = last_checkpoint(config.run.output_dir)
+        where = (f"the last checkpoint is {last}; continue with: {resume}" if last is not None else
+                 "no checkpoint was written yet; run the same command again to start over (priors built so far are "
+                 "kept)")
+        print(f"\nstp.train: interrupted; {where}", file=sys.stderr)
+        return 130
     if summary:  # the main process
         print(json.dumps(summary, indent=2))
         if summary.get("reward_before") is not None and summary.get("reward_after") is not None:
@@ -54,7 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"-> {summary['answer_rate_after']:.3f}; reward of the readable ones: "
                   f"{of(summary['reward_of_answered_before'])} -> {of(summary['reward_of_answered_after'])}",
                   file=sys.stderr)
+        if summary.get("interrupted"):
+            print(f"stp.train: interrupted at step {summary['steps']} of {summary['max_steps']} (checkpoint saved); "
+                  f"continue with: {resume}", file=sys.stderr)
     return 130 if summary.get("interrupted") else 0
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command that continues this run: the same arguments plus --run.resume."""
+    import shlex
+
+    flags = [a for a in argv if a not in ("--run.resume", "--no-run.resume")]
+    return "python -m stp.train " + " ".join(map(shlex.quote, [*flags, "--run.resume"]))
 
 
 if __name__ == "__main__":

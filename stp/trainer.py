@@ -76,10 +76,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         raise ConfigError.bad_value("grpo.gradient_accumulation_steps", g.gradient_accumulation_steps,
                                     f"a divisor of the samples per process ({local_prompts * rep})")
     out = Path(run.output_dir)
-    resume_from = last_checkpoint(out) if run.resume else None
-    if not run.resume and last_checkpoint(out) is not None:
-        raise ConfigError.bad_value("run.output_dir", run.output_dir, "a directory without checkpoints, or pass "
-                                    f"--run.resume to continue the run there (last: {last_checkpoint(out).name})")
+    resume_from = checkpoint.find_resume(out, run.resume, accelerator.is_main_process)
 
     # ---- data (before the model: bad data fails fast)
     train_rows, heldout = data_order.load_data(cfg, get_task(run.task, d1_compat=run.d1_compat))
@@ -109,6 +106,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     # ---- start or resume (a mid-rollout checkpoint brings that rollout back: `rollout`)
     step, rollout, state = checkpoint.start_or_resume(out, cfg, resume_from, lm=lm, optimizer=optimizer,
                                                       scheduler=scheduler, accelerator=accelerator)
+    wall_before = state["wall_seconds"]  # earlier processes of this run
     if resume_from is None and accelerator.is_main_process and run.eval_examples:
         state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
     log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
@@ -232,6 +230,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
             if (run.save_every and step % run.save_every == 0) or done or interrupted or diverged:
                 state["train_seconds"] += time.time() - t_segment
                 t_segment = time.time()
+                state["wall_seconds"] = wall_before + time.time() - t_start
                 checkpoint.save_checkpoint(out, step, lm=lm, optimizer=optimizer, scheduler=scheduler, state=state,
                                            rollout=rollout if (step % mu and not done) else None,
                                            accelerator=accelerator)
@@ -246,7 +245,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     if accelerator.is_main_process:
         after = metrics.evaluate_heldout(lm, task, heldout, cfg) if not (interrupted or diverged) else None
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
-                                        wall_seconds=time.time() - t_start, interrupted=interrupted,
+                                        wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
                                         diverged=diverged, world=world)
         if m.use_lora and not (interrupted or diverged):
             lm.model.save_pretrained(str(out / "adapter"))  # adapter_model.safetensors + adapter_config.json

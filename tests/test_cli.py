@@ -1,11 +1,19 @@
 """The command-line tools as a user meets them: ``--help`` and a flag without its value exit through argparse
-(status 0 and 2, no traceback)."""
+(status 0 and 2, no traceback); Ctrl-C before training starts says what happens next; resuming says what it
+resumes (or that there is nothing to resume) and keeps the run's wall time."""
 
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
+import torch
+
+import stp.data_order
+import stp.trainer
+from stp.config import parse_args
+from tests._trainer_entry import toy_task_for
 
 CLIS = {  # module: a flag that takes a value
     "stp.train": "--grpo.beta",
@@ -31,3 +39,41 @@ def test_help_exits_0_and_a_flag_without_value_exits_2(module, capsys):
     err = capsys.readouterr().err
     assert f"argument {CLIS[module]}" in err and "expected one argument" in err and "Traceback" not in err
     assert err.startswith("usage: python -m " + module.split(".")[0] + "." + module.split(".")[1])
+
+
+def test_ctrl_c_before_training_says_what_next(tmp_path, monkeypatch, capsys):
+    import stp.models
+    from stp.train import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stp.models, "load", interrupted)
+    assert main(["--model.name_or_path", "tiny", "--run.output_dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no checkpoint was written yet" in err and "Traceback" not in err
+
+
+TINY = ["--model.name_or_path", "tiny", "--rollout.gen_length", "16", "--rollout.block_length", "16",
+        "--rollout.steps", "8", "--grpo.prompts_per_step", "2", "--grpo.num_generations", "2",
+        "--grpo.num_iterations", "1", "--estimator.num_draws", "1", "--run.train_examples", "8",
+        "--run.eval_examples", "2", "--grpo.warmup_steps", "0", "--grpo.max_steps", "2", "--run.tensorboard", "true"]
+
+
+def test_resume_messages_and_wall_time(tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(stp.data_order, "task_for", toy_task_for(stp.data_order.task_for))
+    out = tmp_path / "run"
+    first = stp.trainer.train(parse_args([*TINY, "--run.output_dir", str(out), "--run.resume"]))
+    err = capsys.readouterr().err
+    assert f"--run.resume: no complete checkpoint in {out} (the directory does not exist); training from " in err
+
+
+    again = stp.trainer.train(parse_args([*TINY, "--run.output_dir", str(out), "--run.resume"]))
+    err = capsys.readouterr().err
+    assert f"the run in {out} already finished (step 2 of 2)" in err
+    assert again["steps"] == 2 and again["reward_after"] == first["reward_after"]
+    # The wall time counts the first process (up to its last checkpoint) plus this one: not overwritten.
+    state = json.loads(sorted((out / "checkpoints").glob("step-*"))[-1].joinpath("state.json").read_text())
+    assert again["wall_seconds"] > state["wall_seconds"] >= first["train_seconds"] > 0
+    assert json.loads((out / "summary.json").read_text())["wall_seconds"] == again["wall_seconds"]

@@ -252,6 +252,7 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["steps"] == rows[-1]["step"]
     assert "SIGINT" in stderr and "Traceback" not in stderr
+    assert "continue with: python -m stp.train " in stderr and stderr.rstrip().endswith("--run.resume")
 
 
 def test_nan_loss_skips_updates_then_stops(tmp_path, monkeypatch):
