@@ -791,8 +791,8 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"cannot read config file: {e.strerror or e}", field="--config", value=str(path),
-                          allowed="a readable YAML file") from None
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}", field="--config",
+                          value=str(path), allowed="a readable YAML file") from None
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()

@@ -46,12 +46,26 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+                    self.writer.add_scalar(_tensorboard_tag(key), value, row["step"])
+
+    def heldout(self, ev: Mapping[str, Any] | None, step: int) -> None:
+        """A held-out evaluation outside the step rows (before training: step 0; after it: the last step)."""
+        if self.writer is not None:
+            for key, value in eval_columns(ev).items():
+                self.writer.add_scalar(_tensorboard_tag(key), value, step)
+            self.writer.flush()
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _tensorboard_tag(key: str) -> str:
+    """metrics.jsonl key -> TensorBoard tag: eval_x -> eval/x (held-out), reward/x as is, the rest train/x."""
+    if key.startswith("eval_"):
+        return "eval/" + key.removeprefix("eval_")
+    return key if "/" in key else f"train/{key}"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -79,7 +93,12 @@ def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def plot(metrics_path: Path, png: Path) -> None:
+def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None = None,
+         after: float | None = None, last_step: int | None = None) -> None:
+    """progress.png: rewards per step with the held-out reward before training (step 0) and after it (the last
+    step) marked, and the seconds each optimizer step cost, split into its share of the rollout, of the scoring
+    and its own update. The time axis stops at 3x the median step so that one slow step (a held-out evaluation, a
+    busy machine) does not flatten the rest; steps above it are named in the panel."""
     rows = read_metrics(metrics_path)
     if not rows:
         return
@@ -89,19 +108,38 @@ def plot(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    a.plot(steps, [r["reward_mean"] for r in rows], label="rollout reward (mean)")
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
+    if title:
+        fig.suptitle(title)
+    a.plot(steps, [r["reward_mean"] for r in rows], label="reward of the training rollouts (mean)")
     ev = [(r["step"], r["eval_reward"]) for r in rows if r.get("eval_reward") is not None]
+    end = last_step if last_step is not None else steps[-1]
+    if before is not None:
+        ev = [(0, before), *ev]
+    if after is not None:
+        ev = [*ev, (end, after)]
     if ev:
-        a.plot(*zip(*ev), "o-", label="held-out reward")
+        a.plot(*zip(*ev), "o-", color="C3", label="held-out reward")
+    if before is not None and after is not None:
+        a.annotate(f"held-out {before:.3f} -> {after:.3f}", xy=(end, after), xytext=(-8, 8),
+                   textcoords="offset points", ha="right", color="C3")
     a.set_ylabel("reward")
-    a.legend()
+    a.legend(loc="lower right")
     mu = max(1, max(r["iteration"] for r in rows) + 1)
-    b.stackplot(steps, [r["time_rollout"] / mu for r in rows], [r["time_scoring"] / mu for r in rows],
-                [r["time_update"] for r in rows], labels=["rollout / mu", "scoring / mu", "update"])
-    b.set_ylabel("seconds per step")
+    parts = [[r["time_rollout"] / mu for r in rows], [r["time_scoring"] / mu for r in rows],
+             [r["time_update"] for r in rows]]
+    b.stackplot(steps, *parts, labels=[f"rollout (shared by the {mu} steps of a rollout)",
+                                       f"scoring (shared by the {mu} steps)", "update"])
+    totals = sorted(sum(p[i] for p in parts) for i in range(len(rows)))
+    cap = 3 * totals[len(totals) // 2]
+    slow = [r["step"] for r, t in zip(rows, (sum(p[i] for p in parts) for i in range(len(rows)))) if t > cap]
+    if cap > 0 and slow:
+        b.set_ylim(0, cap)
+        b.text(0.01, 0.95, f"cut at 3x the median; slower: step {', '.join(map(str, slow[:6]))}"
+               f"{' ...' if len(slow) > 6 else ''}", transform=b.transAxes, va="top", fontsize=8)
+    b.set_ylabel("seconds per optimizer step")
     b.set_xlabel("optimizer step")
-    b.legend(loc="upper right")
+    b.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
@@ -197,5 +235,6 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         "output_dir": str(out),
     }
     write_atomic(out / "summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
-    plot(out / "metrics.jsonl", out / "progress.png")
+    plot(out / "metrics.jsonl", out / "progress.png", title=f"{cfg.preset}: {cfg.method} on {cfg.run.task} "
+         f"({cfg.model.name_or_path})", before=of(before, "reward"), after=of(after, "reward"), last_step=step)
     return summary

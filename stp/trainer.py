@@ -110,6 +110,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     if resume_from is None and accelerator.is_main_process and run.eval_examples:
         state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
     log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
+    if log is not None and resume_from is None:
+        log.heldout(state["eval_before"], 0)
     bar = None
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -244,6 +246,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         after = metrics.evaluate_heldout(lm, task, heldout, cfg) if not (interrupted or diverged) else None
+        log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
                                         diverged=diverged, world=world)

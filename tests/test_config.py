@@ -339,8 +339,9 @@ def test_yaml_syntax_error_and_duplicate_key_report_the_line(tmp_path):
     path = _write(tmp_path, "grpo: 3\n", "scalar.yaml")
     with pytest.raises(ConfigError, match=r"scalar.yaml, line 1: grpo=3 is not allowed; allowed: a mapping"):
         parse_args(["--config", str(path)])
-    with pytest.raises(ConfigError, match="cannot read config file"):
+    with pytest.raises(ConfigError, match="cannot read config file") as info:
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+    assert str(tmp_path / "missing.yaml") in str(info.value)  # the message names the path
 
 
 def test_empty_yaml_file_is_the_preset(tmp_path):
