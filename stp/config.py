@@ -1,5 +1,10 @@
 """Training configuration: dataclasses with help text, named presets, YAML files, and the CLI generated from them.
 
+Over 500 lines on purpose: the sections, their validation, the presets, the layering and the command line generated
+from the sections change together (a new field is one line here and appears everywhere), and reading this module
+must not import torch (so it imports no module that does; the methods' own settings come from ``stp.methods``,
+which is torch-free at import).
+
 Six sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
 
     model      ModelConfig      which model, dtype, LoRA (all attention and MLP projections), 4-bit base

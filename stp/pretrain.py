@@ -4,9 +4,12 @@
 ``python -m stp.train``; ``--out DIR`` writes it elsewhere. Everything is procedural and seeded: the same settings
 give the same weights (CPU, same torch and thread count).
 
-Compact prompt (``compact_prompt``; the tiny model's prompt format). d1's prompts carry a ~500-character system
-prompt, i.e. ~500 tokens under the tiny model's character-level tokenizer: far too slow for RL on a CPU. The tiny
-model gets the puzzle alone, in one user turn of the chat template (no system turn)::
+A little over 500 lines: the SFT loop, its settings checks, the checkpoint cache (``ensure_pretrained``,
+``resolve_model_name``: the place ``pretrained:TASK`` model names are resolved, above the model layer) and the CLI.
+
+Compact prompt (``compact_prompt``, in ``stp.tasks.prompts``; the tiny model's prompt format). d1's prompts carry a
+~500-character system prompt, i.e. ~500 tokens under the tiny model's character-level tokenizer: far too slow for RL
+on a CPU. The tiny model gets the puzzle alone, in one user turn of the chat template (no system turn)::
 
     <|user|>\\nsudoku 4123030034121034<|eos|>\\n<|assistant|>\\n          (29 tokens)
     <|user|>\\ncountdown 44 19 35 -> 98<|eos|>\\n<|assistant|>\\n

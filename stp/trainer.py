@@ -143,7 +143,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                                    remasking=ro.remasking, prior=prior, early_stop=ro.early_stop,
                                    seed=derive_seed(run.seed, "rollout", r), sample_ids=sample_ids,
                                    cfg_scale=ro.cfg_scale, confidence_threshold=ro.confidence_threshold,
-                                   record_logprobs=method.rollout.behaviour_logprobs, backend=run.backend)
+                                   record_logprobs=method.rollout.behaviour_logprobs, backend=run.backend,
+                                   **method.sampler_kwargs(prompt_ids, sample_ids))
                 completions = gen.completions  # [B, L]
                 t_rollout = time.time() - t0
 

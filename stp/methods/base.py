@@ -15,7 +15,8 @@ docs/architecture.md for the smallest complete example):
   command line, YAML files and ``config.yaml`` show them only when this method is chosen.
 - ``rollout``: a :class:`RolloutSettings` (anchors from static priors? behaviour log-probs in the record?).
 - ``loss_metrics``: the names of the 0-d metric tensors ``loss`` returns, logged per step in this order.
-- ``prepare`` (once, with the base model, before any adapter), ``prior`` (per rollout), ``score``, ``loss``.
+- ``prepare`` (once, with the base model, before any adapter), ``prior`` and ``sampler_kwargs`` (per rollout),
+  ``score``, ``loss``.
 
 Importing a method module must not import torch (the configuration reads ``settings`` without it): heavy imports go
 inside the methods.
@@ -71,6 +72,11 @@ class Method:
     def prior(self, prompts: Sequence[str], gen_length: int, device) -> Prior | None:
         """Anchors for one rollout's samples (``prompts``: one text per sample), or None."""
         return None
+
+    def sampler_kwargs(self, prompt_ids: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, Any]:
+        """Extra keyword arguments of ``stp.sampler.generate`` for one rollout (e.g. a per-sample decoding
+        threshold drawn by a learned controller); default: none."""
+        return {}
 
     def summary(self) -> dict[str, Any]:
         """Extra fields for summary.json (e.g. the estimator)."""
