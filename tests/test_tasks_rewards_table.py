@@ -1,4 +1,4 @@
-"""20 hand-made completions per task: this project's reward next to d1's (``d1_compat=True``), every difference
+"""Hand-made completions (at least 20 per task): this project's reward next to d1's (``d1_compat=True``), every difference
 explained. The same cases render docs/rewards.md:
 
     python -m tests.test_tasks_rewards_table      # rewrites docs/rewards.md
@@ -57,7 +57,19 @@ CASES: list[tuple[str, dict, str, str]] = [
      "300 characters after </answer>: d1's penalty is unbounded (-0.6 here); here each tag's credit stops at 0"),
     ("gsm8k", G, GARBAGE, ""),
     ("gsm8k", G, R1 + "<answer>\n18",
-     "unclosed <answer>: d1 extracts '18' (split on a missing tag); here an answer needs both tags"),
+     "unclosed <answer> at the end: both read '18'; d1's count_xml penalises the whole text (no '\\n</answer>\\n'), "
+     "here the missing tag only loses its 0.125"),
+    ("gsm8k", G, R + "<answer>\n\\boxed{18}<|eot_id|>",
+     "unclosed answer cut at a special token, boxed: here '18'; d1 compares the string '\\boxed{18}<|eot_id|>'"),
+    ("gsm8k", {"question": "...", "answer": "1080", "solution": "3 * 360 = 1080\n#### 1,080"},
+     R1 + "<answer>\n1080\n</answer>\n",
+     "d1's reference is the raw '1,080' after '####' (commas kept) and it compares strings; here numbers: 1080"),
+    ("gsm8k", {"question": "...", "answer": "1080", "solution": "3 * 360 = 1080\n#### 1,080"},
+     R1 + "<answer>\n1,080\n</answer>\n",
+     "d1's int reward needs isdigit() ('1,080' fails) and d1's soft format needs one-line reasoning; "
+     "here '1,080' is the integer 1080"),
+    ("gsm8k", G, R1 + "<answer>\n１８\n</answer>\n",
+     "full-width digits: d1's isdigit() accepts them (int reward 0.5); here answers are ASCII numbers"),
     ("gsm8k", G, R1 + "<answer>\n17\n</answer>\n<answer>\n18\n</answer>\n", DOTALL),
     ("gsm8k", G, R1 + "<answer>\n18 dollars\n</answer>\n", SOFT),
     ("gsm8k", G, R1 + "<answer>\n10**10000\n</answer>\n", SOFT),
@@ -87,6 +99,12 @@ CASES: list[tuple[str, dict, str, str]] = [
     ("math", {"problem": "...", "answer": "5"}, MR + "<answer>\nso \\boxed 5\n</answer>", BOXBUG),
     ("math", {"problem": "...", "answer": "5"}, MR + "<answer>\n\\boxed{5} or \\boxed{6}\n</answer>", BOXBUG),
     ("math", M, GARBAGE, ""),
+    ("math", {"problem": "...", "answer": "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"},
+     MR + "<answer>\n\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}\n</answer>", BOXBUG),
+    ("math", M, MR + "<answer>\n\\boxed{\\\\frac{1}{2}}\n</answer>", BOXBUG),
+    ("math", {"problem": "...", "answer": "5", "solution": "So the answer is $\\boxed {5}$."},
+     MR + "<answer>\n\\boxed{5}\n</answer>",
+     BOXBUG + "; and d1's helpers read the solution's '\\boxed {5}' as '{5}', which '5' does not equal"),
     ("math", {"problem": "...", "answer": "\\text{(C)}"}, MR + "<answer>\n\\boxed{(C)}\n</answer>",
      BOXBUG + "; and \\text{...} that is the whole answer is unwrapped here"),
     # -------------------------------------------------------------- Countdown
@@ -110,7 +128,16 @@ CASES: list[tuple[str, dict, str, str]] = [
      "and '1.5' is not one, so this is no expression"),
     ("countdown", {"nums": [10, 3, 5], "target": 2}, R1 + "<answer>\n-3 + 10 - 5\n</answer>", ""),
     ("countdown", C, R1 + "<answer>\n" + "(" * 100 + "44 + 19 + 35" + ")" * 100 + "\n</answer>",
-     "nesting deeper than 32 levels is refused here (a size limit against hostile input); Python eval allows it"),
+     "d1's eval accepts up to 200 nested parentheses (1.0); nesting deeper than 32 levels is refused here (a size "
+     "limit against hostile input)"),
+    ("countdown", C, R1 + "<answer>\n" + "(" * 201 + "44 + 19 + 35" + ")" * 201 + "\n</answer>",
+     "d1's eval raises 'too many nested parentheses' (0.1); here nesting is refused and no expression is present"),
+    ("countdown", C, R1 + "<answer>\n44\v+ 19 + 35\n</answer>",
+     "a vertical tab passes d1's character check (\\s) but Python's parser rejects it (0.1); here it is whitespace"),
+    ("countdown", C, R1 + "<answer>\n\\boxed{44 + 19 + 35}\n</answer>",
+     "an expression boxed inside the answer counts here; d1's character check rejects the backslash (0.1)"),
+    ("countdown", C, R1 + "<answer>\n44 + 19 + 35",
+     "unclosed <answer> at the end counts here; d1's regex needs </answer> (0)"),
     ("countdown", C, R1 + "<answer>\n10**10000\n</answer>", NOEXPR + " ('**' is not an operator here)"),
     ("countdown", C, R1 + "<answer>\n9e999\n</answer>", NOEXPR),
     ("countdown", C, R1 + "<answer>\n44\n</answer> wait <answer>\n44 + 19 + 35\n</answer>", ""),
@@ -133,7 +160,8 @@ CASES: list[tuple[str, dict, str, str]] = [
     ("sudoku", S, R1 + "<answer>\n1034340020004300\n</answer>", ""),
     ("sudoku", S, R1 + f"<answer>\n²{SOL}\n</answer>",
      "d1 keeps every character with str.isdigit(), superscript '²' included, which shifts the grid; here only 0-9"),
-    ("sudoku", S, R1 + f"<answer>\n{SOL}", ""),
+    ("sudoku", S, R1 + f"<answer>\n{SOL}",
+     "unclosed <answer> at the end counts here; d1's regex needs </answer> (0)"),
     ("sudoku", S, R1 + "<answer>\n1111111111111111\n</answer>", ""),
     ("sudoku", S, R1 + "<answer>\nabcdabcdabcdabcd\n</answer>", ""),
     ("sudoku", {"puzzle": "0000341200004300", "solution": SOL}, R1 + f"<answer>\n{SOL}\n</answer>", ""),
@@ -209,7 +237,7 @@ def render() -> str:
         rows = [c for c in CASES if c[0] == task_name]
         for i, (_, example, completion, why) in enumerate(rows, start=1):
             ours, d1 = _scores(task_name, example, completion)
-            key = {k: v for k, v in example.items() if k in ("answer", "nums", "target", "puzzle")}
+            key = {k: v for k, v in example.items() if k in ("answer", "solution", "nums", "target", "puzzle")}
             lines.append(f"| {i} | {_show(completion)} | {_show(str(key))} | {_fmt(ours)} | {_fmt(d1)} | "
                          f"{why.replace('|', '/') if ours != d1 else ''} |")
         lines.append("")
@@ -219,9 +247,9 @@ def render() -> str:
 DOC = Path(__file__).resolve().parents[1] / "docs" / "rewards.md"
 
 
-def test_twenty_cases_per_task():
+def test_at_least_twenty_cases_per_task():
     for name in ("gsm8k", "math", "countdown", "sudoku"):
-        assert sum(c[0] == name for c in CASES) == 20, name
+        assert sum(c[0] == name for c in CASES) >= 20, name
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
