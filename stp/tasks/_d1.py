@@ -367,8 +367,6 @@ def _overflow() -> OverflowError:
 
 def _binop(op: str, a, b):
     """Python's ``a <op> b`` where either side may be huge; raises what Python raises, or :class:`_Undecided`."""
-    if a is Ellipsis or b is Ellipsis:
-        raise TypeError("unsupported operand type(s)")
     ha, hb = isinstance(a, _Huge), isinstance(b, _Huge)
     if not ha and not hb:
         if op == "**" and isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1:
@@ -377,7 +375,7 @@ def _binop(op: str, a, b):
         out = _PY_OPS[op](a, b)
         return _huge(out) if isinstance(out, int) else out
     if (ha and not isinstance(b, (int, _Huge))) or (hb and not isinstance(a, (int, _Huge))):
-        raise _overflow()  # a float or complex with a huge int: Python converts the int to float first
+        raise _overflow()  # with a float or complex Python converts the huge int to float; (), ... raise too
     if op == "**":
         if ha and not hb:
             if b == 0:
@@ -480,16 +478,17 @@ def python_value(equation: str):
             if not isinstance(node.value, (int, float)) and node.value is not Ellipsis:
                 raise TypeError(f"unexpected constant {node.value!r}")
             values.append(_huge(node.value) if type(node.value) is int else node.value)
+        elif isinstance(node, ast.Tuple) and not node.elts:  # "()": no commas get past d1's character check
+            values.append(())
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             if state == 0:
                 stack += [(node, 1), (node.operand, 0)]
                 continue
             v = values.pop()
-            if v is Ellipsis:
-                raise TypeError("bad operand type for unary operator")
-            if isinstance(node.op, ast.USub):
-                v = _Huge(-v.sign, v.odd, v.bits) if isinstance(v, _Huge) else -v
-            values.append(v)
+            if isinstance(v, _Huge):
+                values.append(_Huge(-v.sign, v.odd, v.bits) if isinstance(node.op, ast.USub) else v)
+            else:
+                values.append(-v if isinstance(node.op, ast.USub) else +v)  # TypeError on () and ..., as Python
         elif isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
             if state == 0:
                 stack += [(node, 1), (node.right, 0), (node.left, 0)]

@@ -120,6 +120,11 @@ class MATH(Task):
         else:
             solution = get_str(row, ("answer", "solution"), where)
             answer = last_boxed(solution)
+            if answer is None and self.d1_compat:  # d1 takes the row as it is; its reference is then the solution
+                try:
+                    answer = _d1.math_reference(solution)
+                except ValueError as exc:
+                    raise where.error("solution", str(exc)) from None
             if answer is None:
                 raise where.error("solution", "no answer given and no balanced \\boxed{...} in the solution")
         return {**row, "problem": problem, "answer": answer}
