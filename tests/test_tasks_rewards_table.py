@@ -216,7 +216,8 @@ def render() -> str:
         "Fixed: `re.DOTALL`.",
         "3. **Missing tags.** d1's GSM8K extractor returns the whole completion when `<answer>` is missing, and its "
         "MATH extractor the whole completion when `\\boxed` is missing, so a bare `18` earned 2.5. Fixed: one shared "
-        "extractor (`stp.tasks.extract.answer_block`: last complete `<answer>...</answer>` block); no block, no answer.",
+        "extractor (`stp.tasks.extract.answer_block`: the last `<answer>` block, closed or left open at the end of the "
+        "text); no block, no answer.",
         "4. **Unbounded length penalty.** d1's `count_xml` subtracts 0.001 per character of the *whole* completion when "
         "it has `\\n<answer>\\n` but not `\\n</answer>\\n`, and its trailing-text penalty has no floor. Fixed: only "
         "text after `</answer>` is penalised, and each tag's credit is floored at 0 (xmlcount stays in [0, 0.5]).",
@@ -227,9 +228,11 @@ def render() -> str:
         "",
         "Choices that are not d1 bugs, also visible below: GSM8K answers compare as numbers (`1,000`, `$18`, `18.0`, "
         "`\\boxed{18}` all equal 18; the integer reward accepts a sign); MATH equivalence also accepts exact numeric "
-        "equality (`0.50` = `\\frac12`), `\\text{}` units without a space, trailing periods; Sudoku reads only ASCII "
-        "digits.",
+        "equality (`0.50` = `\\frac12`), `\\text{}` units without a space, trailing periods, matrices however spaced "
+        "(`\\begin{pmatrix}1\\\\2\\end{pmatrix}`), doubled backslashes (`\\\\frac{1}{2}`, read as d1 reads them).",
         "",
+        *policy_section(),
+        *compat_section(),
     ]
     for task_name in ("gsm8k", "math", "countdown", "sudoku"):
         lines += [f"## {task_name}", "", "| # | completion | example | this project | d1 | why they differ |",
@@ -242,6 +245,65 @@ def render() -> str:
                          f"{why.replace('|', '/') if ours != d1 else ''} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def policy_section() -> list[str]:
+    """The default-mode choices with their numbers (``tests/test_rewards_policy.py``)."""
+    from tests.test_rewards_policy import policy_counts
+
+    c = policy_counts()
+    return [
+        "## Default-mode choices, with numbers",
+        "",
+        "Counted on the realistic completions built in `tests/test_rewards_policy.py` (LLaDA-style outputs, each "
+        "answer written in every form LLaDA uses), and on d1's published LLaDA-8B-Instruct evaluation generations "
+        "(`python -m tests.test_rewards_policy D1_CHECKOUT`, all generation lengths, special-token text removed as "
+        "the trainer's decoding removes it): 3,390 GSM8K and 768 Countdown outputs.",
+        "",
+        "1. **An answer left open at the end counts.** LLaDA often ends with end-of-text where `</answer>` belongs. "
+        "The answer is then the text after the last `<answer>` (up to the end, or to a special token's `<|`); an "
+        "empty open block leaves a complete one before it as the answer. The closing tag still pays through the "
+        "format rewards (GSM8K: up to 0.125 + 0.5 + 0.5; MATH's format reward needs a complete block), so a closed "
+        f"answer always scores more. Realistic set: {c['gsm_open']} of {c['gsm_total']} GSM8K completions are open, "
+        f"all {c['gsm_open_correct']} right ones now earn correctness (closed-only reading: "
+        f"{c['gsm_correct_closed_only']} of the set's {c['gsm_correct']} right answers; d1 reads "
+        f"{c['gsm_open_correct_d1']} of the open ones, those without a box or a special token). d1's generations: "
+        "406 of 3,390 GSM8K outputs are open, 301 of them right (0 under the closed-only reading). Sudoku and "
+        "Countdown read the same answer (d1's regex gives 0 there).",
+        "2. **Countdown: an expression boxed inside the answer counts**, with `\\times`, `\\cdot`, `\\div` as "
+        "`*`, `*`, `/` (d1's own evaluation prompt asks for `\\boxed{}` and its evaluation parser maps these "
+        f"operators). Realistic set: {c['cd_boxed']} of {c['cd_total']} boxed, all {c['cd_boxed_right']} right "
+        f"(d1's reward: {c['cd_boxed_right_d1']}). d1's generations: 672 of 768 Countdown answers are boxed, 123 of "
+        "them right here, 0 under d1's reward (its character check rejects the backslash) and 0 before this choice.",
+        "3. **GSM8K numbers are ASCII.** `１８` (full-width), `١٨` (Arabic-Indic) are not the number 18, as Sudoku "
+        "reads only `0-9`: neither correctness nor the integer reward. d1's generations hold no non-ASCII digit in "
+        "any GSM8K answer (0 of 3,390), so the choice costs nothing on real outputs and closes a way to earn the "
+        "integer reward with digits the tokenizer rarely emits.",
+        "",
+    ]
+
+
+def compat_section() -> list[str]:
+    return [
+        "## How `d1_compat=True` follows d1 exactly",
+        "",
+        "- **References as d1 loads them.** GSM8K: `solution.split(\"####\")[1].strip()`, thousands commas kept "
+        "(`1,080`, compared as a string); MATH: d1's `remove_boxed(last_boxed_only_string(solution))` of the raw "
+        "solution (`\\boxed {5}` is `{5}`, `\\boxed 5 apples` is `5 apples`, an `\\fbox` only without any "
+        "`\\boxed`, no box: the whole solution; an unclosed last box is an error, as d1's training step crashes "
+        "there).",
+        "- **Countdown as `eval` reads it.** The answer is parsed by CPython's own parser (never executed) and "
+        "evaluated exactly: whitespace Python rejects (`\\v`, no-break space) scores 0.1, up to 200 nested "
+        "parentheses are fine, no length or digit limit. Integer powers beyond 65,536 bits are tracked by sign, "
+        "parity and size: `(2**200000)**0` is 1, `2**3**20 * 0` is 0, `3 / 2**2**30` is 0.0. Where d1 never "
+        "returns (`9**9**9**9`: its `eval` squares until memory runs out, then its bare `except` gives 0.1) the "
+        "reward is that 0.1 at once. Expressions nested beyond about 1,000 levels are refused by the interpreter's "
+        "parser at a depth that depends on the Python version and call stack, for d1 as here (0.1); d1's 512-token "
+        "completions cannot reach it. Two huge integers combined (four numbers or more) score 0.1 undecided.",
+        "- **Linear time.** d1's regexes backtrack quadratically (`\"<answer>\" * k`); the same texts are "
+        "accepted by string scans (checked against the regexes on random texts).",
+        "",
+    ]
 
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "rewards.md"
