@@ -122,6 +122,7 @@ def test_countdown_whitespace_as_eval_reads_it(expression, expected):
     ("44" + " " * 600 + "+ 19 + 35", C, 1.0),  # longer than 512 characters
     ("44 + " + "+-" * 100 + "19 + 35", C, 1.0),  # 200 unary signs, 100 of them minus: +19
     ("--" * 60 + "44 + 19 + 35", C, 1.0),  # more than 128 tokens
+    ("--" * 700 + "(44 + 19 + 35)", C, 1.0),  # 1,400 unary signs: eval compiles them (its limit is near 3,000)
     ("1" * 40 + " + 2 + 3", {"nums": [int("1" * 40), 2, 3], "target": int("1" * 40) + 5}, 1.0),  # 40-digit literal
     # Powers: eval computes them exactly. 2**200000 has 200,001 bits; to the power 0 it is 1.
     ("(2**200000)**0", {"nums": [2, 200000, 0], "target": 1}, 1.0),

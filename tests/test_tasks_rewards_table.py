@@ -1,5 +1,5 @@
-"""Hand-made completions (at least 20 per task): this project's reward next to d1's (``d1_compat=True``), every difference
-explained. The same cases render docs/rewards.md:
+"""Hand-made completions (at least 20 per task): this project's reward next to d1's (``d1_compat=True``), every
+difference explained. The same cases render docs/rewards.md:
 
     python -m tests.test_tasks_rewards_table      # rewrites docs/rewards.md
 

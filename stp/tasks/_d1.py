@@ -9,18 +9,19 @@ the original's value on one completion, with these changes, none of which alters
   patterns) are replaced by string scans that accept exactly the same texts in time linear in the completion's length
   (the regexes backtrack quadratically on inputs such as ``"<answer>" * k``);
 - ``assert`` used as control flow in d1's MATH helpers becomes an explicit raise (same result, also under ``-O``);
-- Countdown's ``eval(equation, {"__builtins__": None}, {})`` is replaced by :func:`python_value`: the text is parsed
-  by the running CPython's own parser (``ast.parse`` and ``compile``, never executed), so exactly the syntax ``eval``
-  accepts is accepted (vertical tab and other Unicode whitespace rejected, 200 nested parentheses at most, ...), and
-  the tree is evaluated with Python's own int / float / complex operators. Integers beyond ``HUGE_BITS`` bits are not
-  built: they are tracked by sign, parity and size, which decides every case d1 can meet with three numbers
-  (``(2**200000)**0`` is 1, ``3/2**2**30`` is 0.0, ``2**3**20 * 0`` is 0, ``2**3**20 + 1`` is not the target). See
-  :func:`python_value` for the few inputs where d1 itself never returns;
+- Countdown's ``eval(equation, {"__builtins__": None}, {})`` is replaced by :func:`python_value`: the text is
+  compiled by the running CPython (``compile``, as ``eval`` does; never executed) and parsed with ``ast.parse``, so
+  exactly the syntax ``eval`` accepts is accepted (vertical tab and other Unicode whitespace rejected, 200 nested
+  parentheses at most, ...), and the tree is evaluated with Python's own int / float / complex operators. Integers
+  beyond ``HUGE_BITS`` bits are not built: they are tracked by sign, parity and size, which decides every case d1 can
+  meet with three numbers (``(2**200000)**0`` is 1, ``3/2**2**30`` is 0.0, ``2**3**20 * 0`` is 0, ``2**3**20 + 1`` is
+  not the target). See :func:`python_value` for the few inputs where d1 itself never returns;
 - a completion is a plain string (d1 unpacks ``completion[0]["content"]`` in a batch loop).
 
 The reference answers are taken as d1's data loaders give them: GSM8K's ``text.split("####")[1].strip()`` of the raw
 solution (thousands commas kept: d1 compares ``"1,080"``, not ``"1080"``), MATH's
-``remove_boxed(last_boxed_only_string(solution))`` of the raw solution (:func:`gsm8k_reference`, :func:`math_reference`).
+``remove_boxed(last_boxed_only_string(solution))`` of the raw solution (:func:`gsm8k_reference`,
+:func:`math_reference`).
 
 The bugs kept on purpose, and fixed in the task modules (see docs/rewards.md):
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -441,22 +443,23 @@ def python_value(equation: str):
     """What ``eval(equation, {"__builtins__": None}, {})`` returns, for texts over d1's characters
     ``[0-9+\\-*/().\\s]``; raises what it raises (any exception: d1 then scores ``format_score``).
 
-    The text is parsed by CPython itself (``ast.parse``, then ``compile`` for its compile-time errors; the code is
-    never run) and the tree evaluated here, operand by operand, with Python's operators. The value is exactly
-    ``eval``'s whenever every integer has at most ``HUGE_BITS`` bits. A longer integer (from ``**``) is tracked by
-    sign, parity and size; that settles every expression with at most three numbers: ``huge ** 0`` is 1,
-    ``huge * 0`` is 0, ``z / huge`` is 0.0, ``z // huge`` is 0 or -1, ``(+-1) ** huge`` is +-1, a huge value mixed with
-    a float raises OverflowError as Python does, and a huge result never equals a target.
+    The text is compiled by CPython itself (``compile``, as ``eval`` does, for its syntax and compile-time errors; the
+    code is never run), parsed with ``ast.parse``, and the tree evaluated here, operand by operand, with Python's
+    operators. The value is exactly ``eval``'s whenever every integer has at most ``HUGE_BITS`` bits. A longer integer
+    (from ``**``) is tracked by sign, parity and size; that settles every expression with at most three numbers:
+    ``huge ** 0`` is 1, ``huge * 0`` is 0, ``z / huge`` is 0.0, ``z // huge`` is 0 or -1, ``(+-1) ** huge`` is +-1,
+    a huge value mixed with a float raises OverflowError as Python does, and a huge result never equals a target.
 
     Where d1 itself never returns, or not reproducibly:
 
     - ``z ** huge`` with ``|z| >= 2`` (``9**9**9**9``, ``2**3**700000``): the result would have more than
       ``2**65536`` bits; d1's ``eval`` squares until the memory runs out, then its ``except`` scores
       ``format_score``. Here: MemoryError at once, so the same ``format_score``.
-    - expressions nested more than about 1,000 levels (unary signs, parentheses, powers): CPython's parser and
-      compiler refuse them at a depth set by the interpreter version and the caller's stack (RecursionError,
-      MemoryError, SyntaxError: ``format_score``); here the running interpreter decides, as it would for d1's
-      ``eval``. d1's completions (at most 512 tokens) cannot reach that depth.
+    - expressions nested more than about 1,000 levels (unary signs, powers; parentheses stop at 200): CPython's
+      parser and compiler refuse them at a depth set by the interpreter version and the caller's stack
+      (RecursionError, MemoryError: ``format_score``; Python 3.11 here: near 3,000 unary signs, d1's 3.10 near the
+      same, less its call depth); here the running interpreter decides, as it would for d1's ``eval``. d1's
+      completions (at most 512 tokens) cannot reach that depth.
     - two huge integers combined by ``+ - / //``, or ``(-1) ** (huge // z)``, need four or more numbers: raised as
       :class:`_Undecided` (``format_score``; d1 may score them otherwise after computing megabyte integers).
 
@@ -467,8 +470,16 @@ def python_value(equation: str):
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "'int' object is not callable" SyntaxWarning; eval prints it and runs on
-        tree = ast.parse(equation, mode="eval")
-        compile(tree, "<answer>", "eval")
+        compile(equation, "<answer>", "eval")  # what eval compiles: its errors, on this interpreter; never run
+        # The tree, for evaluation. Converting it to Python objects has its own recursion check, stricter than
+        # compile's (1,000 unary signs fail there, not in eval): lifted while parsing; the depth is bounded by the
+        # compile above, and the walk below uses no recursion.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 100_000))
+        try:
+            tree = ast.parse(equation, mode="eval")
+        finally:
+            sys.setrecursionlimit(limit)
     # Post-order walk with an explicit stack (no Python recursion, whatever the depth).
     stack: list[tuple[ast.AST, int]] = [(tree.body, 0)]
     values: list = []
