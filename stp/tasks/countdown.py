@@ -194,8 +194,8 @@ class Countdown(Task):
     reward_functions: ClassVar = (countdown_reward,)
 
     def extract_answer(self, completion: str) -> str | None:
-        """The content of the last ``<answer>`` block (d1_compat: d1's last regex match)."""
-        return _d1.extract_solution(completion) if self.d1_compat else answer_block(completion)
+        """The expression of the last ``<answer>`` block, unboxed (d1_compat: d1's last regex match)."""
+        return _d1.extract_solution(completion) if self.d1_compat else answer_expression(answer_block(completion))
 
     def metric(self, completion: str, example: Mapping[str, Any]) -> float:
         return 1.0 if countdown_reward(completion, example, d1_compat=self.d1_compat) == 1.0 else 0.0
