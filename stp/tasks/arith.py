@@ -4,14 +4,15 @@ Two grammars, one recursive-descent parser:
 
 - ``strict`` (this project): integer literals, binary ``+ - * /``, unary ``+ -``, parentheses. Evaluated exactly with
   :class:`fractions.Fraction`, so ``(1/3)*3`` is exactly 1.
-- ``python`` (d1 compatibility): the expressions Python's ``eval`` accepts over d1's character class
+- ``python``: a subset of the expressions Python's ``eval`` accepts over d1's character class
   ``[0-9+\\-*/(). ]`` (int literals without leading zeros, float literals such as ``1.`` and ``.5``, ``**``, ``//``),
   evaluated with Python's own int/float operators, so the value equals what ``eval`` returns. A power whose result
   would exceed 100,000 bits is refused (``eval`` would hang or return a huge number; both score as "wrong" in d1).
 
 Limits on every input, so a hostile completion costs microseconds and never raises anything but
 :class:`ExpressionError`: at most ``MAX_CHARS`` characters, ``MAX_TOKENS`` tokens, ``MAX_DEPTH`` nested levels, and
-literals of at most ``MAX_DIGITS`` digits.
+literals of at most ``MAX_DIGITS`` digits. ``d1_compat`` does not use this module: d1 had no such limits, so it reads
+answers with ``stp.tasks._d1.python_value`` (CPython's own parser, exact evaluation).
 """
 
 from __future__ import annotations

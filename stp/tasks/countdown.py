@@ -11,7 +11,8 @@ local file (``countdown_cd3_test.jsonl``): pass it as ``data_path``, or use ``so
 
 Reward (METHOD.md 5; maximum 1.0): 1.0 if the answer is an expression that uses each given number exactly once and
 equals the target (|error| < 1e-5); 0.1 if an expression is present but wrong; 0 otherwise. Parsed by
-``stp.tasks.arith``, never ``eval``.
+``stp.tasks.arith``, never ``eval``. An expression inside ``\\boxed{}`` in the answer counts (d1's evaluation prompt
+asks for one), with ``\\times``, ``\\cdot`` and ``\\div`` read as ``*``, ``*`` and ``/``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from .arith import ExpressionError, evaluate, parse
 from .base import SYSTEM_PROMPT, Task
 from .data import Where, get_int, get_int_list, load_hub
 from .extract import answer_block
+from .latex import last_boxed
 
-__all__ = ["Countdown", "countdown_reward", "check_expression", "solve", "generate", "split_of"]
+__all__ = ["Countdown", "countdown_reward", "check_expression", "answer_expression", "solve", "generate", "split_of"]
 
 
 def check_expression(text: str | None, nums: list[int], target: int) -> float:
@@ -60,7 +62,8 @@ def countdown_reward(completion: str, example: Mapping[str, Any], *, d1_compat: 
 
     Fixed (vs d1): "an expression is present" means the answer parses as one; d1 gives 0.1 to any tagged text
     (prose, an equation with "=", an empty answer). d1's evaluation also accepted ``**``, ``//`` and decimals
-    through Python ``eval``; here only + - * / on integer literals count.
+    through Python ``eval``; here only + - * / on integer literals count. Policy (not in d1's reward): an answer
+    left open at the end of the text, and a ``\\boxed{}`` expression inside the answer, count.
 
     >>> ex = {"nums": [2, 3, 4], "target": 5}
     >>> countdown_reward("<answer>\\n2*4-3\\n</answer>", ex), countdown_reward("<answer>2*4</answer>", ex)
@@ -71,7 +74,28 @@ def countdown_reward(completion: str, example: Mapping[str, Any], *, d1_compat: 
     nums, target = list(example["nums"]), example["target"]
     if d1_compat:
         return float(_d1.countdown_score(completion, target, nums))
-    return check_expression(answer_block(completion), nums, target)
+    return check_expression(answer_expression(answer_block(completion)), nums, target)
+
+
+_LATEX_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"))
+
+
+def answer_expression(block: str | None) -> str | None:
+    """The expression an answer block states: the content of its last ``\\boxed{}`` when it has one, with LaTeX's
+    ``\\times``, ``\\cdot``, ``\\div`` as ``*``, ``*``, ``/``; None when there is no answer.
+
+    >>> answer_expression("\\\\boxed{44 + 19 + 35}"), answer_expression("$\\\\boxed{(6 \\\\times 8) \\\\div 3}$")
+    ('44 + 19 + 35', '(6 * 8) / 3')
+    """
+    if block is None:
+        return None
+    if "\\boxed" in block or "\\fbox" in block:
+        boxed = last_boxed(block)
+        if boxed is not None:
+            block = boxed
+    for latex, op in _LATEX_OPS:
+        block = block.replace(latex, op)
+    return block
 
 
 # ---------------------------------------------------------------------------------------------------- generator
@@ -170,8 +194,8 @@ class Countdown(Task):
     reward_functions: ClassVar = (countdown_reward,)
 
     def extract_answer(self, completion: str) -> str | None:
-        """The content of the last ``<answer>`` block (d1_compat: d1's last regex match)."""
-        return _d1.extract_solution(completion) if self.d1_compat else answer_block(completion)
+        """The expression of the last ``<answer>`` block, unboxed (d1_compat: d1's last regex match)."""
+        return _d1.extract_solution(completion) if self.d1_compat else answer_expression(answer_block(completion))
 
     def metric(self, completion: str, example: Mapping[str, Any]) -> float:
         return 1.0 if countdown_reward(completion, example, d1_compat=self.d1_compat) == 1.0 else 0.0

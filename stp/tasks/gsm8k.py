@@ -5,6 +5,9 @@ Data schema (JSONL / JSON / CSV / parquet, one example per row):
     question: str             the problem
     answer:   str | int       the final answer ("72"), or a full GSM8K solution ending in "#### 72"
 
+A full solution is kept as ``solution``; ``answer`` becomes its final answer without thousands commas ("1,080" ->
+"1080"). ``d1_compat`` takes its reference from ``solution`` as d1 does (text after the first "####", commas kept).
+
 Hub: ``openai/gsm8k`` (config ``main``), splits train (7473) and test (1319).
 
 Rewards (METHOD.md 5, d1 protocol; maximum 0.5 + 0.5 + 0.5 + 0.5 + 2.0 = 4.0):
@@ -40,14 +43,16 @@ __all__ = [
     "correctness_reward",
 ]
 
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# ASCII digits only (re.ASCII): "１８" (full-width) or "١٨" (Arabic-Indic) is not an answer, as in Sudoku.
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?", re.ASCII)
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", re.ASCII)
 _MAX_NUMBER_CHARS = 64
 
 
 def parse_number(text: str | None) -> Decimal | None:
-    """The number an answer states: digits with an optional sign, decimals, thousands commas, a leading ``$``, a
-    trailing period, or wrapped in ``\\boxed{}``; None for anything else (words, units, ``9e999``, ``10**10000``).
+    """The number an answer states: ASCII digits with an optional sign, decimals, thousands commas, a leading ``$``,
+    a trailing period, or wrapped in ``\\boxed{}``; None for anything else (words, units, ``9e999``, ``10**10000``,
+    non-ASCII digits such as ``１８``).
 
     >>> parse_number("1,234"), parse_number("$18."), parse_number("\\\\boxed{-3}"), parse_number("18 apples")
     (Decimal('1234'), Decimal('18'), Decimal('-3'), None)
@@ -111,9 +116,42 @@ def xmlcount_reward(completion: str, example: Mapping[str, Any], *, d1_compat: b
     return round(count, 6)
 
 
-# re.DOTALL: reasoning spans lines (d1 published these without it, so multi-line reasoning never matched).
-_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
-_STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", re.DOTALL)
+# The formats, read with re.DOTALL (reasoning spans lines; d1 published them without it). Matched by string scans
+# equivalent to ``re.match`` of
+#   soft    r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"
+#   strict  r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"
+# because the regexes backtrack quadratically on texts such as "</reasoning><answer>" repeated.
+_MID = "\n</reasoning>\n<answer>\n"
+_TAIL = "\n</answer>\n"
+
+
+def _soft_match(text: str) -> bool:
+    if not text.startswith("<reasoning>"):
+        return False
+    last_close = text.rfind("</answer>")
+    n = len(text)
+    p = text.find("</reasoning>", 11)
+    while p >= 0:
+        q = p + 12
+        while q < n and text[q].isspace():  # \s for str patterns is str.isspace
+            q += 1
+        if text.startswith("<answer>", q):
+            return last_close >= q + 8
+        p = text.find("</reasoning>", p + 1)
+    return False
+
+
+def _strict_match(text: str) -> bool:
+    if not text.startswith("<reasoning>\n"):
+        return False
+    if text.endswith(_TAIL):
+        end = len(text) - len(_TAIL)
+    elif text.endswith(_TAIL + "\n"):  # "$" also matches before a final newline
+        end = len(text) - len(_TAIL) - 1
+    else:
+        return False
+    p = text.find(_MID, 12)
+    return 0 <= p and p + len(_MID) <= end
 
 
 def soft_format_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
@@ -126,7 +164,7 @@ def soft_format_reward(completion: str, example: Mapping[str, Any], *, d1_compat
     """
     if d1_compat:
         return _d1.soft_format(completion)
-    return 0.5 if _SOFT.match(completion) else 0.0
+    return 0.5 if _soft_match(completion) else 0.0
 
 
 def strict_format_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
@@ -139,7 +177,7 @@ def strict_format_reward(completion: str, example: Mapping[str, Any], *, d1_comp
     """
     if d1_compat:
         return _d1.strict_format(completion)
-    return 0.5 if _STRICT.match(completion) else 0.0
+    return 0.5 if _strict_match(completion) else 0.0
 
 
 def int_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
@@ -156,14 +194,29 @@ def int_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool =
 def correctness_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
     """2.0 if the extracted answer equals ``example["answer"]`` as a number (string equality if not numeric).
 
+    d1_compat: string equality with d1's reference (:func:`d1_reference`), thousands commas included.
+
     >>> correctness_reward("<reasoning>\\n...\\n</reasoning>\\n<answer>\\n1,000\\n</answer>", {"answer": "1000"})
     2.0
     >>> correctness_reward("<answer>\\n1,000\\n</answer>", {"answer": "1000"}, d1_compat=True)
     0.0
     """
     if d1_compat:
-        return _d1.correctness(completion, str(example["answer"]))
+        return _d1.correctness(completion, d1_reference(example))
     return 2.0 if _same_answer(answer_block(completion), str(example["answer"])) else 0.0
+
+
+def d1_reference(example: Mapping[str, Any]) -> str:
+    """The reference d1 compares with: ``text.split("####")[1].strip()`` of the raw GSM8K solution when the example
+    keeps one (``solution``), else ``example["answer"]`` as given.
+
+    >>> d1_reference({"answer": "1080", "solution": "3 * 360 = 1,080\\n#### 1,080"}), d1_reference({"answer": 7})
+    ('1,080', '7')
+    """
+    solution = example.get("solution")
+    if isinstance(solution, str) and "####" in solution:
+        return _d1.gsm8k_reference(solution)
+    return str(example["answer"])
 
 
 def _same_answer(prediction: str | None, reference: str) -> bool:

@@ -121,6 +121,32 @@ def _fix_fracs(s: str) -> str:
         i = den[1]
 
 
+_ROW = "\ue000"  # a private-use character standing for a matrix row break while the string is normalised
+_ENV_OR_ROW = re.compile(r"\\begin\{[^{}]*\}|\\end\{[^{}]*\}|\\\\")
+
+
+def _backslashes(s: str) -> str:
+    """Doubled backslashes. Inside an environment (``pmatrix``, ``array``, ``cases``...), ``\\\\`` is a row break,
+    kept as one token whatever the spaces around it; elsewhere ``\\\\`` reads as ``\\`` (as d1 reads it
+    everywhere), so an escaped ``\\\\frac{1}{2}`` is ``\\frac{1}{2}``.
+    """
+    s = s.replace(_ROW, "").replace("\\\\begin{", "\\begin{").replace("\\\\end{", "\\end{")
+    if "\\begin{" not in s:
+        return s.replace("\\\\", "\\")
+    out, depth, i = [], 0, 0
+    for m in _ENV_OR_ROW.finditer(s):
+        out.append(s[i : m.start()])
+        token = m.group()
+        if token == "\\\\":
+            out.append(_ROW if depth > 0 else "\\")
+        else:
+            depth = depth + 1 if token.startswith("\\begin") else max(0, depth - 1)
+            out.append(token)
+        i = m.end()
+    out.append(s[i:])
+    return "".join(out)
+
+
 def normalize(answer: str) -> str:
     """A canonical spelling of a MATH answer.
 
@@ -128,8 +154,12 @@ def normalize(answer: str) -> str:
     ('\\\\frac{3}{4}', '(1,2)', '10')
     >>> normalize(r"90^\\circ"), normalize(r"x = 5."), normalize(r"\\$1{,}000"), normalize(r"\\text{(C)}")
     ('90', '5', '1000', '(C)')
+    >>> normalize(r"\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}") == normalize(r"\\begin{pmatrix}1\\\\2\\end{pmatrix}")
+    True
+    >>> normalize(r"\\\\frac{1}{2}")
+    '\\\\frac{1}{2}'
     """
-    s = answer.strip()
+    s = _backslashes(answer.strip())
     s = s.replace("\n", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = s.replace("\\ ", " ").replace("~", " ").replace("\\displaystyle", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -149,7 +179,7 @@ def normalize(answer: str) -> str:
         s = s.replace(",", "")
     if s.startswith("."):
         s = "0" + s
-    return s
+    return s.replace(_ROW, "\\\\")
 
 
 def to_number(s: str) -> Fraction | None:

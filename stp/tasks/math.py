@@ -7,7 +7,8 @@ Data schema (JSONL / JSON / CSV / parquet, one example per row):
     solution: str             a worked solution whose last \\boxed{} holds the answer (d1's training data)
 
 Hub: test = ``HuggingFaceH4/MATH-500`` (500); train = ``ankner/math-500`` train split (d1's training source), whose
-rows carry ``solution``.
+rows carry ``solution``. Rows keep their ``solution``: ``d1_compat`` takes its reference from it with d1's own helpers
+(:func:`d1_reference`), as d1's data loader passes the solution column to its reward.
 
 Rewards (METHOD.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
 
@@ -27,10 +28,10 @@ from typing import Any, ClassVar
 from . import _d1
 from .base import SYSTEM_PROMPT, Task
 from .data import Where, get_str, load_hub
-from .extract import answer_block
+from .extract import closed_answer_block
 from .latex import is_equiv, last_boxed
 
-__all__ = ["MATH", "correctness_reward", "format_reward", "reference_answer"]
+__all__ = ["MATH", "correctness_reward", "format_reward", "reference_answer", "d1_reference"]
 
 MATH_INSTRUCTION = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. "
@@ -49,6 +50,19 @@ def reference_answer(example: Mapping[str, Any]) -> str:
     return boxed if boxed is not None else answer
 
 
+def d1_reference(example: Mapping[str, Any]) -> str:
+    """The reference d1 compares with: ``remove_boxed(last_boxed_only_string(...))`` (d1's helpers) of the raw
+    ``solution`` when the example has one, else of ``example["answer"]``. d1's helpers read ``\\boxed {5}`` as
+    ``{5}``, ``\\boxed 5`` up to the next ``$``, and an ``\\fbox`` only when there is no ``\\boxed`` at all.
+
+    >>> d1_reference({"answer": "5", "solution": "So $\\\\boxed {5}$."}), d1_reference({"answer": "\\\\frac12"})
+    ('{5}', '\\\\frac12')
+    """
+    solution = example.get("solution")
+    source = solution if isinstance(solution, str) and solution else str(example["answer"])
+    return _d1.math_reference(source)
+
+
 def correctness_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
     """2.0 if the last ``\\boxed{}`` in the completion is equivalent to the reference answer (``stp.tasks.latex``).
 
@@ -59,7 +73,7 @@ def correctness_reward(completion: str, example: Mapping[str, Any], *, d1_compat
     2.0
     """
     if d1_compat:
-        return _d1.math_correctness(completion, reference_answer(example))
+        return _d1.math_correctness(completion, d1_reference(example))
     return 2.0 if is_equiv(last_boxed(completion), reference_answer(example)) else 0.0
 
 
@@ -77,7 +91,7 @@ def format_reward(completion: str, example: Mapping[str, Any], *, d1_compat: boo
     """
     if d1_compat:
         return _d1.math_format(completion)
-    block = answer_block(completion)
+    block = closed_answer_block(completion)
     searched = completion if block is None else block
     return 0.5 * ((block is not None) + (1.0 if "\\boxed" in searched else 0.5))
 
@@ -106,6 +120,11 @@ class MATH(Task):
         else:
             solution = get_str(row, ("answer", "solution"), where)
             answer = last_boxed(solution)
+            if answer is None and self.d1_compat:  # d1 takes the row as it is; its reference is then the solution
+                try:
+                    answer = _d1.math_reference(solution)
+                except ValueError as exc:
+                    raise where.error("solution", str(exc)) from None
             if answer is None:
                 raise where.error("solution", "no answer given and no balanced \\boxed{...} in the solution")
         return {**row, "problem": problem, "answer": answer}
