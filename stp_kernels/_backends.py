@@ -1,7 +1,7 @@
 """The one dispatch point: which backends exist, which can run here, and which one an op uses.
 
 Choice order for ``backend=None``: the ``STP_KERNEL_BACKEND`` environment variable if set, else the fastest
-available for the tensors' device (CUDA: cuda, triton, torch_chunked; CPU: cpu, torch_chunked). Triton on a
+available for the tensors' device (CUDA: gemm, cuda, triton, torch_chunked; CPU: cpu, torch_chunked). Triton on a
 machine without CUDA runs through Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is first
 imported unless the user set it): correct but about a thousand times slower, so it is never a CPU default.
 """
@@ -17,8 +17,10 @@ import torch
 
 log = logging.getLogger("stp_kernels")
 
-BACKENDS = ("torch", "torch_chunked", "cpu", "triton", "cuda")
-_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch_chunked"), "cpu": ("cpu", "torch_chunked")}
+BACKENDS = ("torch", "torch_chunked", "cpu", "triton", "cuda", "gemm")
+# gemm leads on CUDA: cuBLAS tensor-core matmuls per vocabulary chunk (the hand-written kernels stay selectable).
+# On CPU the C++ extension leads: the gemm backend measured no faster there (benchmarks/RESULTS.md).
+_DEFAULT_ORDER = {"cuda": ("gemm", "cuda", "triton", "torch_chunked"), "cpu": ("cpu", "torch_chunked")}
 _ENV = "STP_KERNEL_BACKEND"
 
 _modules: dict[tuple[str, str], ModuleType | None] = {}
@@ -46,11 +48,13 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "cpu": "stp_kernels._cpu",
         "triton": "stp_kernels.triton.masked_logprob",
         "cuda": "stp_kernels._cuda",
+        "gemm": "stp_kernels.gemm",
     },
     "sample_step": {
         "torch_chunked": "stp_kernels.torch_chunked_sample_step",
         "triton": "stp_kernels.triton.sample_step",
         "cuda": "stp_kernels._cuda_sample_step",
+        "gemm": "stp_kernels.gemm_sample_step",
     },
 }
 
