@@ -112,7 +112,7 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
         w_op = w_c if native else w_c.float()
         if dh is not None:
             if dh.dtype == dz_op.dtype:
-                dh.addmm_(dz_op, w_op)
+                torch.addmm(dh, dz_op, w_op, out=dh)  # in place (the flop counter does not see addmm_)
             elif scratch is None:
                 torch.addmm(dh, dz_op, w_op, out_dtype=torch.float32, out=dh)
             else:
