@@ -188,18 +188,18 @@ class Buffers:
 
 # ------------------------------------------------------------------------------------------------ torch epilogues
 # The same arithmetic as the Triton kernels in triton/epilogue.py, in torch ops (CPU default, and where Triton is
-# absent). One pass over the chunk: the chunk's own (max, sum exp, sum exp * z), merged into the running state.
+# absent). The chunk ``z`` is scratch: it is scaled in place, so each epilogue needs one [R, width] temporary at most.
 
 
 def torch_fold_lse(z, start, inv_temp, tgt, m, s, sz, tgt_logit) -> None:
     width = z.shape[1]
-    zt = z * inv_temp
+    zt = z if inv_temp == 1.0 else z.mul_(inv_temp)
     m_new = torch.maximum(m, zt.amax(1))
     alpha = torch.exp(m - m_new)
-    e = torch.exp(zt - m_new[:, None])
+    e = torch.sub(zt, m_new[:, None]).exp_()
     s.mul_(alpha).add_(e.sum(1))
     if sz is not None:
-        sz.mul_(alpha).add_((e * zt).sum(1))
+        sz.mul_(alpha).add_(e.mul_(zt).sum(1))
     m.copy_(m_new)
     local = tgt - start
     hit = (local >= 0) & (local < width)
@@ -209,13 +209,19 @@ def torch_fold_lse(z, start, inv_temp, tgt, m, s, sz, tgt_logit) -> None:
 
 def torch_logit_grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz) -> None:
     width = z.shape[1]
-    zt = z * inv_temp
-    coef = a[:, None] if b is None else a[:, None] - b[:, None] * zt
-    grad = torch.exp(zt - lse[:, None]).mul_(coef)
+    zt = z if inv_temp == 1.0 else z.mul_(inv_temp)
+    grad = dz if dz.dtype == torch.float32 else torch.empty_like(zt)
+    torch.sub(zt, lse[:, None], out=grad).exp_()  # p
+    if b is None:
+        grad.mul_(a[:, None])
+    else:
+        grad.mul_(zt.mul_(-b[:, None]).add_(a[:, None]))  # p (a - b z); z is spent
     local = tgt - start
     hit = (local >= 0) & (local < width)
     grad.scatter_add_(1, local.clamp(0, width - 1)[:, None], torch.where(hit, g_tgt, torch.zeros_like(g_tgt))[:, None])
-    dz.copy_(grad.mul_(inv_temp))
+    grad.mul_(inv_temp)
+    if grad is not dz:
+        dz.copy_(grad)
 
 
 def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz) -> None:
@@ -234,8 +240,8 @@ def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z
     z_sel.copy_(torch.where(better, z.gather(1, carg[:, None])[:, 0], z_sel))
     m_new = torch.maximum(m, z.amax(1))
     alpha = torch.exp(m - m_new)
-    e = torch.exp(z - m_new[:, None])
+    e = torch.sub(z, m_new[:, None]).exp_()
     s.mul_(alpha).add_(e.sum(1))
     if sz is not None:
-        sz.mul_(alpha).add_((e * z).sum(1))
+        sz.mul_(alpha).add_(e.mul_(z).sum(1))
     m.copy_(m_new)
