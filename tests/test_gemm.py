@@ -195,3 +195,61 @@ def test_sample_step_outputs_forms_and_determinism(epilogue, seed, chunked):
     assert len(legacy) == 3
     for a, b, c in zip(full[:3], no_mean[:3], legacy):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA (skipped here)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [True, False], ids=["two_streams", "one_stream"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("vocab", [None, 0.45], ids=["full", "prior"])
+def test_cuda_masked_logprob_matches_float64(vocab, epilogue, dtype, overlap, seed, chunked, monkeypatch):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    chunked(epilogue, chunk=1000)
+    monkeypatch.setattr(G.settings, "overlap", overlap)
+    hidden, weight, targets, ids, grads = _inputs(seed, dtype, n=517, hdim=264, vsize=20011, vocab=vocab)
+    to = dict(device="cuda")
+    hidden, weight, targets = hidden.to(**to), weight.to(**to), targets.to(**to)
+    ids = None if ids is None else ids.to(**to)
+    grads = [g.to(**to) for g in grads]
+    ours = _outputs_and_grads(masked_logprob, hidden, weight, targets, ids, grads, 0.8, backend="gemm")
+    again = _outputs_and_grads(masked_logprob, hidden, weight, targets, ids, grads, 0.8, backend="gemm")
+    assert all(torch.equal(a, b) for a, b in zip(ours, again)), "two identical calls differ"
+    ref = _outputs_and_grads(masked_logprob_reference, hidden.double(), weight.double(), targets, ids, grads, 0.8)
+    names = ["logp", "lse", "entropy", "d_hidden", "d_weight"]
+    if dtype == torch.float32:
+        for o, r, name in zip(ours, ref, names):
+            assert_close(o, r, atol=2e-5 * r.abs().max().item() + 1e-6, rtol=2e-4, what=f"cuda gemm {name}")
+    else:
+        theirs = _outputs_and_grads(masked_logprob_reference, hidden, weight, targets, ids, grads, 0.8, upcast=None)
+        for o, t, r, name in zip(ours, theirs, ref, names):
+            assert_within_torch_error(o, t, r, what=f"cuda gemm {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_cuda_sample_step_matches_float64(epilogue, temperature, seed, chunked):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    chunked(epilogue, chunk=1000)
+    hidden, weight, _, ids, _ = _inputs(seed, torch.bfloat16, n=333, hdim=264, vsize=20011, vocab=0.5, scale=3.0)
+    hidden, weight, ids = hidden.cuda(), weight.cuda(), ids.cuda()
+    row_ids = torch.randint(0, 2**40, (hidden.shape[0],), generator=torch.Generator().manual_seed(seed)).cuda()
+    keys = row_keys(seed, 5, row_ids)
+    greedy = temperature == 0.0
+    slot, z_sel, lse, mean = gemm_sample_step.forward(hidden, weight, ids, keys, 0.0 if greedy else 1 / temperature,
+                                                      greedy, True)
+    score, z, ref_lse, ref_mean = _sample_reference(hidden, weight, ids, seed, 5, row_ids, temperature)
+    differ = slot != score.argmax(-1)
+    if differ.any():
+        top2 = score.topk(2, -1).values
+        assert ((top2[:, 0] - top2[:, 1])[differ] < 1e-4).all(), "slot differs away from a near-tie"
+    assert_close(z_sel, z.gather(1, slot[:, None])[:, 0], atol=1e-4, rtol=1e-4, what="z_sel")
+    assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5, what="lse")
+    assert_close(mean, ref_mean, atol=1e-4, rtol=1e-5, what="mean logit")
