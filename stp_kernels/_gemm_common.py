@@ -188,60 +188,74 @@ class Buffers:
 
 # ------------------------------------------------------------------------------------------------ torch epilogues
 # The same arithmetic as the Triton kernels in triton/epilogue.py, in torch ops (CPU default, and where Triton is
-# absent). The chunk ``z`` is scratch: it is scaled in place, so each epilogue needs one [R, width] temporary at most.
+# absent). Each epilogue walks the chunk in slabs of rows of about 2**20 elements, so its temporaries stay at a few
+# MiB (and in cache) whatever the chunk; the chunk ``z`` is scratch and may be overwritten.
+
+_SLAB_ELEMS = 1 << 20
+
+
+def _slabs(rows: int, width: int):
+    step = max(1, _SLAB_ELEMS // max(width, 1))
+    for r0 in range(0, rows, step):
+        yield slice(r0, min(r0 + step, rows))
 
 
 def torch_fold_lse(z, start, inv_temp, tgt, m, s, sz, tgt_logit) -> None:
     width = z.shape[1]
-    zt = z if inv_temp == 1.0 else z.mul_(inv_temp)
-    m_new = torch.maximum(m, zt.amax(1))
-    alpha = torch.exp(m - m_new)
-    e = torch.sub(zt, m_new[:, None]).exp_()
-    s.mul_(alpha).add_(e.sum(1))
-    if sz is not None:
-        sz.mul_(alpha).add_(e.mul_(zt).sum(1))
-    m.copy_(m_new)
-    local = tgt - start
-    hit = (local >= 0) & (local < width)
-    picked = zt.gather(1, local.clamp(0, width - 1)[:, None])[:, 0]
-    tgt_logit.copy_(torch.where(hit, picked, tgt_logit))
+    for r in _slabs(z.shape[0], width):
+        zt = z[r] if inv_temp == 1.0 else z[r].mul_(inv_temp)
+        m_new = torch.maximum(m[r], zt.amax(1))
+        alpha = torch.exp(m[r] - m_new)
+        e = torch.sub(zt, m_new[:, None]).exp_()
+        s[r] = s[r] * alpha + e.sum(1)
+        if sz is not None:
+            sz[r] = sz[r] * alpha + e.mul_(zt).sum(1)
+        m[r] = m_new
+        local = tgt[r] - start
+        hit = (local >= 0) & (local < width)
+        picked = zt.gather(1, local.clamp(0, width - 1)[:, None])[:, 0]
+        tgt_logit[r] = torch.where(hit, picked, tgt_logit[r])
 
 
 def torch_logit_grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz) -> None:
+    """dz may be ``z`` itself (same float32 buffer): each slab is read into a temporary before it is written."""
     width = z.shape[1]
-    zt = z if inv_temp == 1.0 else z.mul_(inv_temp)
-    grad = dz if dz.dtype == torch.float32 else torch.empty_like(zt)
-    torch.sub(zt, lse[:, None], out=grad).exp_()  # p
-    if b is None:
-        grad.mul_(a[:, None])
-    else:
-        grad.mul_(zt.mul_(-b[:, None]).add_(a[:, None]))  # p (a - b z); z is spent
-    local = tgt - start
-    hit = (local >= 0) & (local < width)
-    grad.scatter_add_(1, local.clamp(0, width - 1)[:, None], torch.where(hit, g_tgt, torch.zeros_like(g_tgt))[:, None])
-    grad.mul_(inv_temp)
-    if grad is not dz:
-        dz.copy_(grad)
+    for r in _slabs(z.shape[0], width):
+        zt = z[r] if inv_temp == 1.0 else z[r].mul_(inv_temp)
+        grad = torch.sub(zt, lse[r, None]).exp_()  # p
+        if b is None:
+            grad.mul_(a[r, None])
+        else:
+            grad.mul_(zt.mul_(-b[r, None]).add_(a[r, None]))  # p (a - b z); this slab of z is spent
+        local = tgt[r] - start
+        hit = (local >= 0) & (local < width)
+        bump = torch.where(hit, g_tgt[r], torch.zeros_like(g_tgt[r]))
+        grad.scatter_add_(1, local.clamp(0, width - 1)[:, None], bump[:, None])
+        dz[r] = grad.mul_(inv_temp)
 
 
 def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz) -> None:
     width = z.shape[1]
-    if greedy:
-        score = z
-    else:
+    tokens = None
+    if not greedy:
         tokens = (torch.arange(start, start + width, device=z.device) if vocab_ids is None
                   else vocab_ids[start:start + width])
-        score = z * inv_temp - torch.log(-torch.log(counter_uniform(keys, tokens)))
-    carg = score.argmax(dim=1)  # argmax documents the first maximal index
-    cmax = score.gather(1, carg[:, None])[:, 0]
-    better = cmax > best  # strict: an earlier chunk keeps ties
-    best.copy_(torch.where(better, cmax, best))
-    slot.copy_(torch.where(better, carg + start, slot))
-    z_sel.copy_(torch.where(better, z.gather(1, carg[:, None])[:, 0], z_sel))
-    m_new = torch.maximum(m, z.amax(1))
-    alpha = torch.exp(m - m_new)
-    e = torch.sub(z, m_new[:, None]).exp_()
-    s.mul_(alpha).add_(e.sum(1))
-    if sz is not None:
-        sz.mul_(alpha).add_(e.mul_(z).sum(1))
-    m.copy_(m_new)
+    for r in _slabs(z.shape[0], width):
+        zr = z[r]
+        if greedy:
+            score = zr
+        else:
+            score = zr * inv_temp - torch.log(-torch.log(counter_uniform(keys[r], tokens)))
+        carg = score.argmax(dim=1)  # argmax documents the first maximal index
+        cmax = score.gather(1, carg[:, None])[:, 0]
+        better = cmax > best[r]  # strict: an earlier chunk keeps ties
+        best[r] = torch.where(better, cmax, best[r])
+        slot[r] = torch.where(better, carg + start, slot[r])
+        z_sel[r] = torch.where(better, zr.gather(1, carg[:, None])[:, 0], z_sel[r])
+        m_new = torch.maximum(m[r], zr.amax(1))
+        alpha = torch.exp(m[r] - m_new)
+        e = torch.sub(zr, m_new[:, None]).exp_()
+        s[r] = s[r] * alpha + e.sum(1)
+        if sz is not None:
+            sz[r] = sz[r] * alpha + e.mul_(zr).sum(1)
+        m[r] = m_new

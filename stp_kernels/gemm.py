@@ -8,8 +8,9 @@ into each row's running max, sum exp and sum exp * z and picks the target logit.
 Backward, per chunk: z recomputed (2 N H V), the epilogue writes dz = inv_temp (g_tgt [v == t] + p (a - b z))
 ONCE in the input dtype, then dh += dz @ W[chunk] (float32 accumulation across chunks, 2 N H V) and
 dW[chunk] = dz^T @ h written directly in the weight's dtype (2 N H V). Forward + backward: exactly 8 N H V flops.
-No atomics, chunks in a fixed order: bitwise identical results run to run. Extra memory: two float32 [R, chunk]
-buffers, two [R, chunk] dz buffers and the float32 [R, H] dh accumulator; never [R, V].
+No atomics, chunks in a fixed order: bitwise identical results run to run. Extra memory, never [R, V]: the float32
+[R, chunk] logits buffer and an [R, chunk] dz buffer (two of each when overlapping on CUDA; on one stream with
+float32 inputs dz overwrites the logits in place) and the float32 [R, H] dh accumulator.
 
 On CUDA the 16-bit operands go to cuBLAS as they are (tensor cores, ``torch.mm(out_dtype=float32)``); on CPU,
 16-bit operands are multiplied in float32 (the CPU library has no 16-bit-in, float32-out product).
@@ -99,7 +100,9 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
     native = lhs.dtype == h.dtype  # dz and W[chunk] enter the gradient products in their own dtype
     count = 2 if pipe.on else 1
     zbufs = G.Buffers(rows, parts[0][1], dev, torch.float32, count)
-    dzbufs = G.Buffers(rows, parts[0][1], dev, h.dtype, count)
+    # One stream, float32 input, torch epilogue: dz overwrites z in its own buffer (it reads each slab first).
+    share = not pipe.on and h.dtype == torch.float32 and epi is None
+    dzbufs = zbufs if share else G.Buffers(rows, parts[0][1], dev, h.dtype, count)
     scratch = None
     if dh is not None and h.dtype != torch.float32 and native and not _acc_inplace_ok(dev, h.dtype):
         scratch = torch.empty(rows, hidden, dtype=torch.float32, device=dev)
