@@ -5,7 +5,8 @@
 
 On a GPU the shapes are LLaDA-8B's head (H=4096, V=126464, N in {2048, 4096}, bf16) and each row also reports the
 fraction of the matmul floor: 2*N*H*V flops (forward) or 8*N*H*V (forward+backward: a backward that does not keep
-the [N, V] logits recomputes them, then dh and dW) at the bf16 matmul rate measured in the same run. Each step synchronises the device inside the timed function.
+the [N, V] logits recomputes them, then dh and dW) at the bf16 matmul rate measured in the same run. Each step
+synchronises the device inside the timed function.
 """
 
 from __future__ import annotations
