@@ -117,7 +117,6 @@ def backend_status(device: str | torch.device | None = None, op: str = "masked_l
     return status
 
 
-@torch.compiler.disable  # runs kernels eagerly, once; never traced into a compiled graph
 def self_check(op: str, device: str | torch.device, *, force: bool = False) -> dict[str, str]:
     """Run the first-use self-check of ``op`` on ``device`` now (once per process unless ``force``) and return each
     checked backend's verdict: "passed" or the error. Failing backends are disabled, each with one warning."""
