@@ -122,3 +122,18 @@ def test_environment_switch(monkeypatch):
             _backends.resolve("masked_logprob", None, CPU)
     finally:
         _backends._reset_self_check()
+
+
+def test_package_import_leaves_triton_unimported():
+    """Triton's CPU interpreter must be chosen before triton is imported: importing stp_kernels (dispatch, self-check,
+    gemm, acceptance) must not import it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, stp_kernels, stp_kernels.gemm, stp_kernels.gemm_sample_step, stp_kernels.acceptance\n"
+            "print('triton' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
