@@ -1,9 +1,13 @@
 """The one dispatch point: which backends exist, which can run here, and which one an op uses.
 
 Choice order for ``backend=None``: the ``STP_KERNEL_BACKEND`` environment variable if set, else the fastest
-available for the tensors' device (CUDA: cuda, triton, torch_chunked; CPU: cpu, torch_chunked). Triton on a
+available for the tensors' device (CUDA: gemm, cuda, triton, torch_chunked; CPU: cpu, torch_chunked). Triton on a
 machine without CUDA runs through Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is first
 imported unless the user set it): correct but about a thousand times slower, so it is never a CPU default.
+
+First-use self-check (``_selfcheck``): the first call of an op on a CUDA device runs every compiled backend once on a
+small problem against float64; one that fails is disabled for the process (one warning naming it and the error;
+``backend_status`` shows why) and dispatch moves to the next. ``$STP_KERNEL_SELFCHECK=1`` also runs it on CPU.
 """
 
 from __future__ import annotations
@@ -11,19 +15,27 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from types import ModuleType
 
 import torch
 
+from . import _selfcheck
+
 log = logging.getLogger("stp_kernels")
 
-BACKENDS = ("torch", "torch_chunked", "cpu", "triton", "cuda")
-_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch_chunked"), "cpu": ("cpu", "torch_chunked")}
+BACKENDS = ("torch", "torch_chunked", "cpu", "triton", "cuda", "gemm")
+# gemm leads on CUDA: cuBLAS tensor-core matmuls per vocabulary chunk (the hand-written kernels stay selectable).
+# On CPU the C++ extension leads: gemm was not measurably faster on the shared 2-core development machine
+# (benchmarks/bench_masked_logprob.py, N=2048 H=256 V=32768 float32).
+_DEFAULT_ORDER = {"cuda": ("gemm", "cuda", "triton", "torch_chunked"), "cpu": ("cpu", "torch_chunked")}
 _ENV = "STP_KERNEL_BACKEND"
 
 _modules: dict[tuple[str, str], ModuleType | None] = {}
 _errors: dict[tuple[str, str], str] = {}
 _announced: set[tuple[str, str, str]] = set()
+_disabled: dict[tuple[str, str, str], str] = {}  # (op, backend, device type) -> the self-check's error
+_self_checked: dict[tuple[str, str], dict[str, str]] = {}  # (op, device type) -> verdict per checked backend
 
 
 def _triton_env_ok(device: str) -> str | None:
@@ -46,11 +58,13 @@ _REGISTRY: dict[str, dict[str, str]] = {
         "cpu": "stp_kernels._cpu",
         "triton": "stp_kernels.triton.masked_logprob",
         "cuda": "stp_kernels._cuda",
+        "gemm": "stp_kernels.gemm",
     },
     "sample_step": {
         "torch_chunked": "stp_kernels.torch_chunked_sample_step",
         "triton": "stp_kernels.triton.sample_step",
         "cuda": "stp_kernels._cuda_sample_step",
+        "gemm": "stp_kernels.gemm_sample_step",
     },
 }
 
@@ -94,8 +108,45 @@ def backend_status(device: str | torch.device | None = None, op: str = "masked_l
             status[name] = f"runs on {name} tensors only"
             continue
         module = _load(op, name, dev)
-        status[name] = "available" if module is not None else _errors.get((op, name), "unavailable")
+        if module is None:
+            status[name] = _errors.get((op, name), "unavailable")
+        elif (op, name, dev) in _disabled:
+            status[name] = f"disabled: failed the first-use self-check ({_disabled[(op, name, dev)]})"
+        else:
+            status[name] = "available"
     return status
+
+
+def self_check(op: str, device: str | torch.device, *, force: bool = False) -> dict[str, str]:
+    """Run the first-use self-check of ``op`` on ``device`` now (once per process unless ``force``) and return each
+    checked backend's verdict: "passed" or the error. Failing backends are disabled, each with one warning."""
+    dev = _device_type(device)
+    key = (op, dev)
+    if key in _self_checked and not force:
+        return dict(_self_checked[key])
+    verdicts: dict[str, str] = {}
+    _self_checked[key] = verdicts
+    for name in _selfcheck.CHECKED:
+        if name == "cpu" and dev != "cpu" or name == "cuda" and dev != "cuda":
+            continue
+        module = _load(op, name, dev)
+        if module is None:
+            continue
+        error = _selfcheck.run(op, module, dev)
+        verdicts[name] = "passed" if error is None else error
+        if error is None:
+            _disabled.pop((op, name, dev), None)
+        elif (op, name, dev) not in _disabled:
+            _disabled[(op, name, dev)] = error
+            warnings.warn(f"stp_kernels: backend {name!r} failed its first-use self-check for {op} on {dev} and is "
+                          f"disabled for this process: {error}", RuntimeWarning, stacklevel=3)
+    return verdicts
+
+
+def _reset_self_check() -> None:
+    """Forget verdicts (tests)."""
+    _disabled.clear()
+    _self_checked.clear()
 
 
 def available_backends(device: str | torch.device | None = None, op: str = "masked_logprob") -> list[str]:
@@ -121,6 +172,8 @@ def _device_type(device) -> str:
 def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
     """Pick the backend for a call; raise a clear error when a named one cannot run."""
     dev = _device_type(device)
+    if (op, dev) not in _self_checked and _selfcheck.enabled(dev):
+        self_check(op, dev)
     requested = backend if backend is not None else os.environ.get(_ENV) or None
     source = "backend=" if backend is not None else f"${_ENV}="
     if requested is not None:
@@ -140,7 +193,7 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Mo
         return requested, _load(op, requested, dev)
     for name in _DEFAULT_ORDER[dev]:
         module = _load(op, name, dev)
-        if module is not None:
+        if module is not None and (op, name, dev) not in _disabled:
             _announce(op, name, dev)
             return name, module
     raise RuntimeError(f"stp_kernels.{op}: no backend can run on {dev}")  # unreachable: torch_chunked always loads

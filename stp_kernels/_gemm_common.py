@@ -1,0 +1,261 @@
+"""What the ``gemm`` backends of ``masked_logprob`` and ``sample_step`` share: settings, the chunk matmul with a
+float32 output, the choice of epilogue (Triton or torch), the torch epilogues, and the two-stream chunk pipeline.
+
+Structure (both ops): the vocabulary is split in chunks of ``settings.chunk`` slots. Per chunk one library matmul
+(torch.mm: cuBLAS on CUDA, BLAS on CPU) writes z = h @ W[chunk].T as float32 [R, chunk] into a reused buffer, then
+an epilogue reads the chunk once and folds it into per-row state. Extra memory is O(R * chunk), independent of V.
+
+On CUDA the epilogue of chunk c runs on a second stream while the matmul of chunk c + 1 runs on the caller's
+stream; two buffers alternate and events order every hand-over (``Pipeline``). The per-row state is touched only
+by the epilogue stream, one chunk after the other, so the result does not depend on timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from .reference import counter_uniform
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ValueError(f"stp_kernels: ${name}={value!r} is not an integer (vocabulary slots per chunk)") from None
+    if parsed < 1:
+        raise ValueError(f"stp_kernels: ${name}={value!r} must be >= 1 (vocabulary slots per chunk)")
+    return parsed
+
+
+@dataclass
+class GemmSettings:
+    """Settings of the ``gemm`` backends (module-level ``settings``; also read from the environment at import)."""
+
+    chunk: int = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK", 4096), metadata={
+        "help": "vocabulary slots per matmul ($STP_GEMM_CHUNK). 4096 at R = 2048 rows makes a 32 MiB float32 "
+                "chunk, which stays in an H100/H200's 50 MB L2 between the matmul and the epilogue."})
+    epilogue: str = field(default_factory=lambda: os.environ.get("STP_GEMM_EPILOGUE", "auto"), metadata={
+        "help": "'auto' (Triton on CUDA, torch on CPU: Triton's CPU interpreter is for tests), 'triton' or "
+                "'torch' ($STP_GEMM_EPILOGUE)."})
+    overlap: bool = field(default=True, metadata={
+        "help": "CUDA: run the epilogue of chunk c on a second stream, overlapping the matmul of chunk c + 1."})
+
+
+settings = GemmSettings()
+EPILOGUES = ("auto", "triton", "torch")
+
+
+def chunk_size() -> int:
+    if not isinstance(settings.chunk, int) or settings.chunk < 1:
+        raise ValueError(f"stp_kernels gemm: settings.chunk = {settings.chunk!r}; it must be an int >= 1")
+    return settings.chunk
+
+
+def epilogue_module(device: torch.device) -> ModuleType | None:
+    """The Triton epilogue module when it is chosen and can run on ``device``, else None (torch epilogue)."""
+    choice = settings.epilogue
+    if choice not in EPILOGUES:
+        raise ValueError(f"stp_kernels gemm: settings.epilogue = {choice!r}; allowed: {', '.join(EPILOGUES)}")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return None
+    from . import _backends
+
+    reason = _backends._triton_env_ok(device.type)
+    try:
+        if reason:
+            raise RuntimeError(reason)
+        from .triton import epilogue
+        epilogue.check()
+    except Exception as exc:
+        if choice == "triton":
+            raise RuntimeError(f"stp_kernels gemm: settings.epilogue = 'triton' but Triton cannot run on "
+                               f"{device.type}: {type(exc).__name__}: {exc}") from exc
+        return None  # auto: torch epilogue
+    return epilogue
+
+
+# ------------------------------------------------------------------------------------------------ matmuls
+
+_fp32_out: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _library_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=float32) works for 16-bit operands on this device (CUDA builds of recent
+    torch: cuBLAS accumulates in float32 and writes float32). Probed once on tiny operands, checked for value."""
+    key = (str(device), dtype)
+    if key not in _fp32_out:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.randn(8, 16, device=device).to(dtype)
+                b = torch.randn(16, 8, device=device).to(dtype)
+                out = torch.empty(8, 8, device=device)
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
+                ok = bool(torch.allclose(out, a.float() @ b.float(), rtol=1e-3, atol=1e-3))
+            except (RuntimeError, TypeError):
+                ok = False
+        _fp32_out[key] = ok
+    return _fp32_out[key]
+
+
+def operand(h: torch.Tensor) -> torch.Tensor:
+    """The matmul operand for ``h``: itself when the library multiplies its dtype into float32, else float32."""
+    if h.dtype == torch.float32 or _library_fp32_out(h.device, h.dtype):
+        return h
+    return h.float()
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (float32) = a @ b with float32 accumulation; a and b share a dtype (see ``operand``)."""
+    if a.dtype == torch.float32 and b.dtype != torch.float32:
+        b = b.float()
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def weight_chunk(w: torch.Tensor, vocab_ids: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """W[sel(v)] for slots start..stop-1: a view without a prior, a gathered copy [stop - start, H] with one."""
+    return w[start:stop] if vocab_ids is None else w.index_select(0, vocab_ids[start:stop])
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+class Pipeline:
+    """Matmuls on the caller's stream, epilogues on a side stream (CUDA with ``settings.overlap``), else inline.
+
+    Buffers allocated here are allocated on the caller's stream and used by both; ``join`` makes the caller's stream
+    wait for all epilogue work, so by the time any buffer is freed (after ``join``) the caching allocator cannot
+    hand its memory to new work that could race with an epilogue still running.
+    """
+
+    def __init__(self, device: torch.device):
+        self.on = device.type == "cuda" and settings.overlap
+        if self.on:
+            self.main = torch.cuda.current_stream(device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index not in _side_streams:
+                _side_streams[index] = torch.cuda.Stream(device=device)
+            self.side_stream = _side_streams[index]
+
+    def mark(self, on_side: bool = False):
+        """An event recorded now on the main (or side) stream; None when not overlapping."""
+        if not self.on:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side_stream if on_side else self.main)
+        return event
+
+    def wait(self, event, on_side: bool = False) -> None:
+        if event is not None:
+            (self.side_stream if on_side else self.main).wait_event(event)
+
+    def side(self):
+        return torch.cuda.stream(self.side_stream) if self.on else contextlib.nullcontext()
+
+    def join(self) -> None:
+        if self.on:
+            self.main.wait_stream(self.side_stream)
+
+
+def chunks(vocab_size: int) -> list[tuple[int, int]]:
+    step = chunk_size()
+    return [(start, min(start + step, vocab_size)) for start in range(0, vocab_size, step)]
+
+
+class Buffers:
+    """Two float32 [R, chunk] buffers used alternately; a chunk narrower than ``chunk`` gets a contiguous view."""
+
+    def __init__(self, rows: int, width: int, device: torch.device, dtype: torch.dtype, count: int):
+        self.flat = [torch.empty(rows * width, dtype=dtype, device=device) for _ in range(count)]
+        self.rows = rows
+
+    def get(self, index: int, width: int) -> torch.Tensor:
+        return self.flat[index % len(self.flat)][: self.rows * width].view(self.rows, width)
+
+
+# ------------------------------------------------------------------------------------------------ torch epilogues
+# The same arithmetic as the Triton kernels in triton/epilogue.py, in torch ops (CPU default, and where Triton is
+# absent). Each epilogue walks the chunk in slabs of rows of about 2**20 elements, so its temporaries stay at a few
+# MiB (and in cache) whatever the chunk; the chunk ``z`` is scratch and may be overwritten.
+
+_SLAB_ELEMS = 1 << 20
+
+
+def _slabs(rows: int, width: int):
+    step = max(1, _SLAB_ELEMS // max(width, 1))
+    for r0 in range(0, rows, step):
+        yield slice(r0, min(r0 + step, rows))
+
+
+def torch_fold_lse(z, start, inv_temp, tgt, m, s, sz, tgt_logit) -> None:
+    width = z.shape[1]
+    for r in _slabs(z.shape[0], width):
+        zt = z[r] if inv_temp == 1.0 else z[r].mul_(inv_temp)
+        m_new = torch.maximum(m[r], zt.amax(1))
+        alpha = torch.exp(m[r] - m_new)
+        e = torch.sub(zt, m_new[:, None]).exp_()
+        s[r] = s[r] * alpha + e.sum(1)
+        if sz is not None:
+            sz[r] = sz[r] * alpha + e.mul_(zt).sum(1)
+        m[r] = m_new
+        local = tgt[r] - start
+        hit = (local >= 0) & (local < width)
+        picked = zt.gather(1, local.clamp(0, width - 1)[:, None])[:, 0]
+        tgt_logit[r] = torch.where(hit, picked, tgt_logit[r])
+
+
+def torch_logit_grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz) -> None:
+    """dz may be ``z`` itself (same float32 buffer): each slab is read into a temporary before it is written."""
+    width = z.shape[1]
+    for r in _slabs(z.shape[0], width):
+        zt = z[r] if inv_temp == 1.0 else z[r].mul_(inv_temp)
+        grad = torch.sub(zt, lse[r, None]).exp_()  # p
+        if b is None:
+            grad.mul_(a[r, None])
+        else:
+            grad.mul_(zt.mul_(-b[r, None]).add_(a[r, None]))  # p (a - b z); this slab of z is spent
+        local = tgt[r] - start
+        hit = (local >= 0) & (local < width)
+        bump = torch.where(hit, g_tgt[r], torch.zeros_like(g_tgt[r]))
+        grad.scatter_add_(1, local.clamp(0, width - 1)[:, None], bump[:, None])
+        dz[r] = grad.mul_(inv_temp)
+
+
+def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz) -> None:
+    width = z.shape[1]
+    tokens = None
+    if not greedy:
+        tokens = (torch.arange(start, start + width, device=z.device) if vocab_ids is None
+                  else vocab_ids[start:start + width])
+    for r in _slabs(z.shape[0], width):
+        zr = z[r]
+        if greedy:
+            score = zr
+        else:
+            score = zr * inv_temp - torch.log(-torch.log(counter_uniform(keys[r], tokens)))
+        carg = score.argmax(dim=1)  # argmax documents the first maximal index
+        cmax = score.gather(1, carg[:, None])[:, 0]
+        better = cmax > best[r]  # strict: an earlier chunk keeps ties
+        best[r] = torch.where(better, cmax, best[r])
+        slot[r] = torch.where(better, carg + start, slot[r])
+        z_sel[r] = torch.where(better, zr.gather(1, carg[:, None])[:, 0], z_sel[r])
+        m_new = torch.maximum(m[r], zr.amax(1))
+        alpha = torch.exp(m[r] - m_new)
+        e = torch.sub(zr, m_new[:, None]).exp_()
+        s[r] = s[r] * alpha + e.sum(1)
+        if sz is not None:
+            sz[r] = sz[r] * alpha + e.mul_(zr).sum(1)
+        m[r] = m_new

@@ -1,0 +1,66 @@
+"""``gemm`` backend of ``sample_step``: library matmuls over vocabulary chunks with a fused sampling epilogue.
+
+Contract (every sample_step backend):
+    forward(h, w, vocab_ids, keys, inv_temp, greedy, want_mean) -> (slot, z_sel, lse, mean)
+        score[r, v] = z[r, v] * inv_temp + gumbel(keys[r], token(v)) (greedy: score = z), z = h @ W[sel].T with
+        float32 accumulation; gumbel = -log(-log(u)) with u = ((bits >> 9) + 0.5) * 2**-23 bit-identical to
+        ``reference.counter_uniform``; slot = first argmax of score (ties to the lowest slot), z_sel = z[r, slot],
+        lse = logsumexp_v z[r, v], mean = sum_v softmax(z)_v z_v (untempered), or None when want_mean is False.
+
+Per chunk of ``_gemm_common.settings.chunk`` slots: z = h @ W[chunk].T (float32 output), then one epilogue pass
+folds the chunk into the running argmax of the score (a later chunk replaces only on a strictly greater score) and
+the online log-sum-exp and mean of the untempered z. 2 N H V flops; extra memory O(R * chunk). On CUDA the
+epilogue of chunk c overlaps the matmul of chunk c + 1 (second stream). Deterministic: fixed chunk order, no atomics.
+
+The noise is bit-exact everywhere; the Triton epilogue's ``log`` may differ from torch's by an ulp on GPU, which can
+only flip the argmax at near-ties.
+
+Status: verified on CPU (torch epilogue, and the Triton epilogue through Triton's interpreter); the CUDA path has
+not run on a GPU yet: ``python -m stp_kernels.acceptance`` measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _gemm_common as G
+
+__all__ = ["forward"]
+
+
+def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
+            greedy: bool, want_mean: bool | None = None):
+    """(slot int64 [R], z_sel float32 [R], lse float32 [R], mean float32 [R] | None); see the module docstring.
+
+    ``want_mean=None`` is the earlier three-output form (slot, z_sel, lse) for callers that predate ``want_mean``.
+    """
+    rows, dev = h.shape[0], h.device
+    vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
+    keys = keys.long().contiguous()
+    best = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
+    slot = torch.zeros(rows, dtype=torch.int64, device=dev)
+    z_sel = torch.zeros(rows, dtype=torch.float32, device=dev)
+    m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
+    s = torch.zeros(rows, dtype=torch.float32, device=dev)
+    sz = torch.zeros(rows, dtype=torch.float32, device=dev) if want_mean else None
+    epi = G.epilogue_module(dev)
+    fold = epi.fold_sample if epi is not None else G.torch_fold_sample
+    pipe = G.Pipeline(dev)
+    parts = G.chunks(vocab_size)
+    lhs = G.operand(h)
+    bufs = G.Buffers(rows, parts[0][1], dev, torch.float32, 2 if pipe.on else 1)
+    free = [None, None]
+    for c, (start, stop) in enumerate(parts):
+        z = bufs.get(c, stop - start)
+        pipe.wait(free[c % 2])
+        G.mm_f32(lhs, G.weight_chunk(w, vocab_ids, start, stop).T, z)
+        ready = pipe.mark()
+        with pipe.side():
+            pipe.wait(ready, on_side=True)
+            fold(z, start, float(inv_temp), bool(greedy), keys, vocab_ids, best, slot, z_sel, m, s, sz)
+            free[c % 2] = pipe.mark(on_side=True)
+    pipe.join()
+    lse = m + torch.log(s)
+    if want_mean is None:
+        return slot, z_sel, lse
+    return slot, z_sel, lse, (sz / s if sz is not None else None)
