@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stp import decoding
 from stp_kernels import _validate, sample_step
 from stp_kernels.reference import counter_uniform, row_keys
 
@@ -69,7 +70,7 @@ def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, remasking, prior,
-                early_stop, cfg_scale, confidence_threshold):
+                early_stop, cfg_scale, confidence_threshold, dream=None):
     fn = "stp.sampler.generate"
     if prompt_ids.dim() != 2:
         raise ValueError(f"{fn}: prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
@@ -95,6 +96,16 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
         raise ValueError(f"{fn}: cfg_scale must be >= 0, got {cfg_scale!r}")
     if confidence_threshold is not None and not 0 < confidence_threshold <= 1:
         raise ValueError(f"{fn}: confidence_threshold must be in (0, 1], got {confidence_threshold!r}")
+    if dream is not None:
+        if not isinstance(dream, decoding.DreamDecoding):
+            raise ValueError(f"{fn}: dream must be a stp.decoding.DreamDecoding or None, got {type(dream).__name__}")
+        dream.check(fn)
+        if remasking != "low_confidence":
+            raise ValueError(f"{fn}: remasking={remasking!r} is LLaDA's option; with dream set, dream.alg chooses "
+                             f"the positions (leave remasking='low_confidence')")
+        if confidence_threshold is not None:
+            raise ValueError(f"{fn}: confidence_threshold={confidence_threshold!r} cannot be combined with dream "
+                             f"(Dream's schedule fixes the count per step); allowed with dream: None")
     if prior is not None:
         if prior.tokens.shape != prior.mask.shape or prior.tokens.dim() != 2:
             raise ValueError(f"{fn}: prior.tokens {tuple(prior.tokens.shape)} and prior.mask "
@@ -126,6 +137,7 @@ def generate(
     confidence_threshold: float | None = None,
     vocab: torch.Tensor | None = None,
     backend: str | None = None,
+    dream: decoding.DreamDecoding | None = None,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -142,10 +154,13 @@ def generate(
             whose confidence exceeds it (the schedule's k is a floor, the budget still applies).
         vocab: sorted token ids of a vocabulary prior for sampling (None = full vocabulary).
         backend: ``stp_kernels`` backend for ``sample_step``.
+        dream: decode as Dream's ``diffusion_generate`` (``stp.decoding``: Dream's schedule per block and its
+            origin / maskgit_plus / topk_margin / entropy scores, with top_k / top_p) instead of LLaDA's
+            low-confidence remasking; with ``block_length == gen_length`` it is Dream's own setting.
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, remasking, prior, early_stop, cfg_scale,
-                                              confidence_threshold)
+                                              confidence_threshold, dream)
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
     total = plen + gen_length
@@ -212,6 +227,11 @@ def generate(
 
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
         row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+        if dream is not None:  # hook: Dream's scores (stp.decoding)
+            x0, conf = decoding.dream_sample(h, weight, dream, temperature=temperature, seed=seed, step=step,
+                                             row_ids=row_ids, vocab=vocab)
+            n = canvas_pos.numel()
+            return x0.view(batch, n), conf.view(batch, n)
         x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
                                vocab=vocab, backend=backend, check_inputs=False)
         if remasking == "random":
@@ -220,13 +240,15 @@ def generate(
         n = canvas_pos.numel()
         return x0.view(batch, n), conf.view(batch, n)
 
+    data_dependent = confidence_threshold is not None or dream is not None  # counts follow the canvas: no table
+    timesteps = decoding.dream_timesteps(steps_per_block, dream.eps, device) if dream is not None else None
     forward_passes = 0
     for step in range(total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
         canvas_pos = canvas_idx[: (step // steps_per_block + 1) * block_length]
-        if confidence_threshold is None:
+        if not data_dependent:
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
@@ -240,6 +262,9 @@ def generate(
         if confidence_threshold is not None:
             above = (still & (conf > confidence_threshold)).sum(1)
             kk = torch.minimum(torch.maximum(k_sched[:, step], above), budget - filled) * live
+        elif dream is not None:  # hook: Dream's count for this step of the block
+            kd = decoding.dream_commit_counts(dream, still, conf, timesteps, step % steps_per_block)
+            kk = torch.minimum(kd, budget - filled) * live
         # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, canvas_pos.expand(batch, -1))
