@@ -12,12 +12,20 @@ Committed tokens are never re-masked (a committed x0 that is [MASK] itself, whic
 leaves its position masked to compete again, exactly as in LLaDA's algorithm). With ``early_stop=tau`` (temporal
 pruning) a sample stops once floor(tau * gen_length) canvas positions are filled (anchors included; the last step
 transfers only up to that budget); when every sample has stopped, one more forward pass fills every remaining
-``[MASK]`` with its sampled x0.
+``[MASK]`` with its sampled x0. A sample's NFE counts the forward passes it used: the steps until it stopped, plus
+the fill when it had positions left.
+
+NFE against the paper: the STP authors' code marks a sample done only when its count would pass the budget, so a
+sample that lands exactly on it runs one more forward pass that commits nothing; this sampler stops on reaching it
+(same tokens, one forward pass fewer for such a sample). At the paper's setting (256 tokens, block 32, 128 steps,
+tau 0.95: budget 243, the last block decoded 2 tokens per step) that is every sample whose prior holds an odd
+number of anchors in the last block, or 14, 16 or 18 (a completion that ended before the last block has none there
+and never lands exactly); the share of rollouts therefore depends on the priors.
 
 Because the transfer counts depend only on the masked counts at block starts (known from the anchors), the whole
 schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
-the step loop needs no host synchronisation. Only the optional confidence-threshold mode (data-dependent transfers)
-synchronises once per step.
+the step loop needs no host synchronisation. Only the optional confidence-threshold mode and Dream's decoding
+(``dream``, ``stp.decoding``: counts that follow the canvas) synchronise once per step.
 """
 
 from __future__ import annotations
