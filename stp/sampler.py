@@ -18,9 +18,10 @@ the fill when it had positions left.
 NFE against the paper: the STP authors' code marks a sample done only when its count would pass the budget, so a
 sample that lands exactly on it runs one more forward pass that commits nothing; this sampler stops on reaching it
 (same tokens, one forward pass fewer for such a sample). At the paper's setting (256 tokens, block 32, 128 steps,
-tau 0.95: budget 243, the last block decoded 2 tokens per step) that is every sample whose prior holds an odd
-number of anchors in the last block, or 14, 16 or 18 (a completion that ended before the last block has none there
-and never lands exactly); the share of rollouts therefore depends on the priors.
+tau 0.95: budget 243, reached in the last block, decoded 2 tokens per step, 1 in some steps when it holds anchors)
+that is every sample whose prior holds an odd number of anchors in the last block, or 14, 16 or 18 (a completion
+that ended before the last block has none there and never lands exactly): the share of rollouts depends on the
+priors.
 
 Because the transfer counts depend only on the masked counts at block starts (known from the anchors), the whole
 schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
