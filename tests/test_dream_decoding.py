@@ -17,6 +17,7 @@ that [MASK] (logit 0) is never the argmax, as for a trained Dream.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -243,3 +244,61 @@ def test_embedding_padding_row_is_not_trained(dream, tmp_path):
     after = emb.weight.detach()
     assert torch.equal(after[PAD], before[PAD])
     assert not torch.equal(after[5], before[5]) and not torch.equal(after[MASK], before[MASK])
+
+
+# ------------------------------------------------------------------------------------------------ stp.eval flags
+
+
+def _no_call(*a, **k):
+    raise AssertionError("must not be called: the flags are checked first")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--top-k", "3"], "--top-k 3: applies to Dream's decoding only; allowed with --alg llada: no --top-k"),
+    (["--alg", "llada", "--top-p", "0.9"], "--top-p 0.9: applies to Dream's decoding only"),
+    (["--dream-eps", "0.01"], "--dream-eps 0.01: applies to Dream's decoding only"),
+    (["--alg", "entropy", "--top-k", "0"], "--top-k 0: must be an integer >= 1"),
+    (["--alg", "origin", "--top-p", "1.5"], "--top-p 1.5: must be a number in (0, 1]"),
+    (["--alg", "topk_margin", "--top-p", "nan"], "--top-p nan: must be a number in (0, 1]"),
+    (["--alg", "maskgit_plus", "--dream-eps", "1"], "--dream-eps 1.0: must be a number in (0, 1)"),
+    (["--alg", "greedy"], "argument --alg: invalid choice: 'greedy'"),
+])
+def test_eval_flags_checked_before_loading(extra, needle, tmp_path, monkeypatch, capsys):
+    import stp.models
+    import stp.sampler
+    from stp.eval import main
+
+    monkeypatch.setattr(stp.models, "load", _no_call)
+    monkeypatch.setattr(stp.sampler, "generate", _no_call)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--task", "countdown", "--source", "generated", "--limit", "2",
+              "--output", str(tmp_path / "o.jsonl"), *extra])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_eval_runs_dream_decoding(tmp_path, monkeypatch):
+    """--alg entropy --top-k 4 reaches generate() as DreamDecoding and is part of the settings (a file made with
+    LLaDA's decoding, whose settings have no such field, is another setting)."""
+    import stp.sampler
+    from stp.eval import ResumeError, main, read_results
+
+    seen = []
+    real = stp.sampler.generate
+
+    def spy(*a, **k):
+        seen.append(k.get("dream"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(stp.sampler, "generate", spy)
+    out = tmp_path / "o.jsonl"
+    argv = ["--model", "tiny", "--task", "sudoku", "--source", "generated", "--limit", "2", "--gen-length", "16",
+            "--block-length", "16", "--steps", "8", "--no-progress", "--device", "cpu", "--output", str(out)]
+    assert main([*argv, "--alg", "entropy", "--top-k", "4"]) == 0
+    assert seen == [DreamDecoding(alg="entropy", top_k=4, top_p=None, eps=1e-3)]
+    row = [json.loads(line) for line in out.read_text().splitlines()][0]
+    assert row["settings"]["dream"] == {"alg": "entropy", "top_k": 4, "top_p": None, "eps": 1e-3}
+    llada = {k: v for k, v in row["settings"].items() if k != "dream"}
+    with pytest.raises(ResumeError, match=r"'dream': file has \{'alg': 'entropy'.*this run \(absent\)"):
+        read_results(out, llada)
