@@ -22,7 +22,8 @@ Output, one JSON object per line (``--output``, default ``eval_outputs/<task>_<g
     settings_hash     str    16 hex digits: SHA-256 of the canonical JSON of ``settings``
     settings          dict   what determines the results (model, dtype, task, d1_compat, split, data, source,
                              data_seed, gen_length, block_length, steps, temperature, remasking,
-                             max_prompt_length, seed); not the batch size, device or --limit
+                             max_prompt_length, seed; with a Dream --alg also dream: alg, top_k, top_p,
+                             eps); not the batch size, device or --limit
     example_sha       str    16 hex digits of the example's canonical JSON (detects a changed data file)
     example           dict   the example itself (question / nums, target / puzzle, solution ...)
     prompt            str    the rendered chat prompt (before any truncation)
@@ -52,6 +53,7 @@ JSON (settings, accuracy, counts, mean rewards, seconds) is written next to the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -66,6 +68,7 @@ from typing import Any
 import torch
 
 from stp import models, sampler
+from stp.decoding import DREAM_ALGORITHMS, DreamDecoding
 from stp.pretrain import load_model
 from stp.tasks import TASKS, DataError, Task
 
@@ -111,7 +114,7 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int, temperature: float,
                   max_prompt_length: int, seed: int, remasking: str = "low_confidence",
-                  identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  identity: Mapping[str, Any] | None = None, dream: DreamDecoding | None = None) -> dict[str, Any]:
     """Everything that determines the results of a run (written into every row and hashed for resume).
 
     ``identity`` adds who/what is evaluated (model, dtype, split, data, source, data_seed...); the decoding fields
@@ -120,6 +123,8 @@ def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int,
     out.update(format=FORMAT_VERSION, task=task.name, d1_compat=bool(task.d1_compat), gen_length=int(gen_length),
                block_length=int(block_length), steps=int(steps), temperature=float(temperature), remasking=remasking,
                max_prompt_length=int(max_prompt_length), seed=int(seed))
+    if dream is not None:  # absent for LLaDA's decoding: results files made before the option keep their hash
+        out["dream"] = dataclasses.asdict(dream)
     return out
 
 
@@ -274,6 +279,7 @@ def evaluate(
     identity: Mapping[str, Any] | None = None,
     progress: bool = True,
     backend: str | None = None,
+    dream: DreamDecoding | None = None,
 ) -> dict[str, Any]:
     """Generate and score completions for ``examples``; resumable when ``output`` is given.
 
@@ -290,6 +296,8 @@ def evaluate(
         identity: extra settings naming what is evaluated (the CLI passes model, dtype, split, data, source,
             data_seed); default ``{"model": model.name, "dtype": <model dtype>}``.
         progress: show a tqdm bar. backend: ``stp_kernels`` backend for the sampler.
+        dream: decode as Dream's ``diffusion_generate`` (``stp.decoding.DreamDecoding``) instead of LLaDA's
+            low-confidence remasking; part of the settings.
 
     Returns:
         dict with ``accuracy`` (mean metric), ``n``, ``n_generated``, ``n_resumed``, ``n_prompt_truncated``,
@@ -301,6 +309,11 @@ def evaluate(
     steps = gen_length // 2 if steps is None and isinstance(gen_length, int) else steps
     check_decoding(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
                    max_prompt_length=max_prompt_length, batch_size=batch_size)
+    if dream is not None:
+        try:
+            dream.check("stp.eval.evaluate")
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     if model is not None:
         ident = {"model": getattr(model, "name", type(model).__name__),
                  "dtype": str(model.dtype).removeprefix("torch.")}
@@ -309,7 +322,7 @@ def evaluate(
     ident.update(identity or {})
     settings = eval_settings(task, gen_length=gen_length, block_length=block_length, steps=steps,
                              temperature=temperature, max_prompt_length=max_prompt_length, seed=seed,
-                             remasking=remasking, identity=ident)
+                             remasking=remasking, identity=ident, dream=dream)
     shash = settings_hash(settings)
     examples = list(examples)
     output = Path(output) if output is not None else None
@@ -336,7 +349,7 @@ def evaluate(
                                         gen_length=gen_length, block_length=block_length, steps=steps,
                                         batch_size=batch_size, temperature=temperature,
                                         max_prompt_length=max_prompt_length, seed=seed, remasking=remasking,
-                                        progress=progress, n_resumed=n_resumed, backend=backend)
+                                        progress=progress, n_resumed=n_resumed, backend=backend, dream=dream)
     else:
         n_generated = 0
 
@@ -381,7 +394,7 @@ def _encode(tokenizer, task: Task, example: Mapping[str, Any], max_prompt_length
 
 def _generate_pending(model, task, examples, pending, records, settings, shash, output, *, gen_length, block_length,
                       steps, batch_size, temperature, max_prompt_length, seed, remasking, progress, n_resumed,
-                      backend) -> int:
+                      backend, dream=None) -> int:
     from tqdm.auto import tqdm
 
     tokenizer = model.tokenizer
@@ -414,7 +427,7 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
             out = sampler.generate(model, ids.to(device), attention_mask=mask.to(device), gen_length=gen_length,
                                    block_length=block_length, steps=steps, temperature=temperature,
                                    remasking=remasking, seed=seed, sample_ids=torch.tensor(batch, device=device),
-                                   backend=backend)
+                                   backend=backend, dream=dream)
             completions = out.completions.tolist()
             nfe = out.nfe.tolist()
             lines = []
@@ -484,6 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_LENGTH, help="block length [32]")
     p.add_argument("--steps", type=int, default=None, help="denoising steps [gen_length / 2]")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature [0 = greedy]")
+    p.add_argument("--alg", default="llada", choices=("llada", *DREAM_ALGORITHMS),
+                   help="decoding: llada (LLaDA's low-confidence remasking, d1 protocol) or one of Dream's "
+                        "diffusion_generate algorithms (Dream-Instruct recommends entropy; Dream's own setting is "
+                        "one block: --block-length equal to --gen-length) [llada]")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="Dream algorithms: confidence and sampling over the K largest logits [all]")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="Dream algorithms: nucleus filter in (0, 1] before --top-k [off]")
+    p.add_argument("--dream-eps", type=float, default=None, metavar="EPS",
+                   help="Dream algorithms: final timestep of the schedule linspace(1, EPS, steps + 1) [0.001]")
     p.add_argument("--split", default="test", help="split to evaluate [test]")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="local .jsonl/.json/.csv/.parquet file (the whole file is the split)")
@@ -533,6 +556,7 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     check_decoding(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                    temperature=args.temperature, max_prompt_length=args.max_prompt_length,
                    batch_size=args.batch_size, flags=True)
+    args.dream = _dream_from_flags(args)
     if args.split not in task.splits:
         raise EvalError(f"--split {args.split!r}: unknown split for {task.name}; allowed: {', '.join(task.splits)}")
     if args.limit is not None and args.limit <= 0:
@@ -562,6 +586,26 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     if out.exists() and not out.is_file():
         raise EvalError(f"--output {args.output!r}: exists and is not a file")
     return task, device
+
+
+def _dream_from_flags(args: argparse.Namespace) -> DreamDecoding | None:
+    """--alg / --top-k / --top-p / --dream-eps -> DreamDecoding (None for --alg llada); EvalError naming the flag."""
+    given = {flag: value for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                                             ("--dream-eps", args.dream_eps)) if value is not None}
+    if args.alg == "llada":
+        if given:
+            flag, value = next(iter(given.items()))
+            raise EvalError(f"{flag} {value!r}: applies to Dream's decoding only; allowed with --alg llada: no "
+                            f"{', '.join(given)} (or choose --alg {' / '.join(DREAM_ALGORITHMS)})")
+        return None
+    if args.top_k is not None and args.top_k < 1:
+        raise EvalError(f"--top-k {args.top_k}: must be an integer >= 1 (omit it for all tokens)")
+    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise EvalError(f"--top-p {args.top_p}: must be a number in (0, 1] (omit it for no nucleus filter)")
+    if args.dream_eps is not None and not (math.isfinite(args.dream_eps) and 0 < args.dream_eps < 1):
+        raise EvalError(f"--dream-eps {args.dream_eps}: must be a number in (0, 1) (Dream's default: 0.001)")
+    eps = DreamDecoding.eps if args.dream_eps is None else args.dream_eps
+    return DreamDecoding(alg=args.alg, top_k=args.top_k, top_p=args.top_p, eps=eps)
 
 
 def _adapter_identity(adapter: str | None) -> str | None:
@@ -595,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             identity["adapter"] = _adapter_identity(args.adapter)
         settings = eval_settings(task, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                  temperature=args.temperature, max_prompt_length=args.max_prompt_length,
-                                 seed=args.seed, identity=identity)
+                                 seed=args.seed, identity=identity, dream=args.dream)
         output = Path(args.output)
         if args.overwrite:
             for path in (output, summary_path(output)):
@@ -617,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(model, task, examples, gen_length=args.gen_length, block_length=args.block_length,
                           steps=args.steps, batch_size=args.batch_size, output=output, temperature=args.temperature,
                           max_prompt_length=args.max_prompt_length, seed=args.seed, identity=identity,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, dream=args.dream)
     except EvalError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     n, acc = result["n"], result["accuracy"]

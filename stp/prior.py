@@ -6,13 +6,28 @@ For each training prompt:
    256 steps, gen length 256, low-confidence remasking) with ``stp.sampler.generate``;
 2. run ONE forward pass on ``[prompt ; [MASK] * len(s)]`` and score token i by ``log p(s_i | prompt, all masked)``
    (``stp_kernels.masked_logprob`` at the completion rows only; the [rows, vocab] logits are never materialised);
-3. choose the anchors with :func:`select_anchors`: the ``answer_*`` strategies always free every token that overlaps
-   an ``<answer>...</answer>`` block (tags included; an unclosed block runs to the end of the text) or a
-   ``\\boxed{...}`` (from the backslash to the brace-matched closing brace; unclosed: to the end of the text). Of the
-   remaining ``n_rest`` eligible positions, ``int(n_rest * rho)`` are freed -- the lowest-scoring ones
+3. choose the anchors with :func:`select_anchors`: the ``answer_*`` strategies always free the tokens that make up
+   the answer, by one of two rules (``free_rule``):
+
+   - ``inside`` (default, the STP authors' rule): only the text strictly between a ``<answer>`` and the next
+     ``</answer>``, and strictly between the braces of a ``\\boxed{...}`` (brace-matched), is freed: a token is freed
+     when its characters overlap that text. The tags, ``\\boxed`` and its braces stay eligible and, being among
+     the most confident tokens of a completion, often become anchors that fix the output format. An unclosed
+     ``<answer>`` or ``\\boxed{`` frees nothing (the authors match ``<answer>(.*?)</answer>`` and drop an unmatched
+     brace).
+   - ``inclusive`` (this project's earlier rule): the whole ``<answer>...</answer>`` block with its tags and the
+     whole ``\\boxed{...}`` from the backslash to the closing brace are freed, and an unclosed block or box frees
+     everything to the end of the text.
+
+   Of the remaining ``n_rest`` eligible positions, ``int(n_rest * rho)`` are freed -- the lowest-scoring ones
    (``*low_confidence``) or uniformly random ones (``*random``, from the counter RNG of ``stp_kernels.reference``
    keyed by (seed, prompt id): no global RNG). Ties are broken by position (the earlier position is freed first).
    The other ``n_rest - int(n_rest * rho)`` positions are the anchors, fixed at their absolute canvas positions.
+
+Special tokens. No special token of the tokenizer (its ``all_special_ids`` and every added token flagged special:
+EOS, padding, [MASK], chat-role markers...) is ever an anchor, and none counts in ``n_rest``: the authors build their
+priors from completions decoded without special tokens, so such tokens do not exist for their selection. Under the
+``inside`` rule the text searched for tags and boxes is likewise decoded without them.
 
 End of sequence. The canvas is ``gen_length`` positions and the completion keeps all of them (absolute positions
 are what anchors mean), but only the *content* -- positions before the first EOS -- can hold anchors. The first EOS
@@ -32,16 +47,17 @@ The JSONL file, one line per prompt (``PRIOR_FORMAT`` = 1)::
      "prompt": "<prompt text>" | null, "prompt_length": <tokens>,
      "completion_ids": [gen_length ints], "anchor_mask": "0101...": gen_length chars, 1 = anchor,
      "kinds": gen_length chars: a anchor, f freed (low score / random), s answer or boxed span, e first EOS and after,
-              m [MASK] token,
+              m [MASK] token, x another special token,
      "valid_length": first EOS index + 1 (gen_length without EOS), "n_rest": int, "n_anchors": int,
      "scores": [gen_length floats, log p(s_i | prompt, all masked)] (absent with --no-scores),
-     "settings": {"model", "task", "split", "source", "data", "rho", "strategy", "gen_length", "block_length",
-                  "steps", "temperature", "remasking", "seed", "dtype"}}
+     "settings": {"model", "task", "split", "source", "data", "rho", "strategy", "free_rule", "gen_length",
+                  "block_length", "steps", "temperature", "remasking", "seed", "dtype"}}
 
 Command line (every flag is checked before the model loads; an error names the flag, its value and what is allowed)::
 
     python -m stp.prior --model NAME_OR_PATH --task NAME [--split train] [--data PATH] [--source file|hub|generated]
-        [--limit N] --out PATH.jsonl [--rho 0.95] [--strategy answer_low_confidence] [--gen-length 256]
+        [--limit N] --out PATH.jsonl [--rho 0.95] [--strategy answer_low_confidence] [--free-rule inside|inclusive]
+        [--gen-length 256]
         [--block-length 32] [--steps 256] [--temperature 0.9] [--seed 0] [--batch-size 8] [--device cpu|cuda[:i]]
         [--dtype auto|float32|bfloat16|float16] [--no-scores] [--backend NAME]
 
@@ -50,7 +66,8 @@ always uses its generator's seed 0, so the prompt set does not change with ``--s
 paper's ``low_confidence``. Prompts are the task's chat-formatted prompts (``Task.format_prompt``); a trainer finds
 the prior of a prompt by ``prompt_id(prompt_text)``.
 
-Every line carries the settings; a rerun must use the same ones (a different one is refused, naming it), and skips
+Every line carries the settings; a rerun must use the same ones (a different one is refused, naming it; a file
+written before ``free_rule`` existed counts as ``inclusive``, the only rule then), and skips
 the prompts already in the file. Lines are written, flushed and fsync'ed once per batch, so a killed run loses at
 most the batch in flight; the torn trailing line such a kill can leave is dropped with a warning (and cut off the
 file before appending). A corrupt line anywhere else is an error naming the file and line number.
@@ -65,7 +82,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,18 +92,21 @@ import torch
 from stp_kernels import masked_logprob
 from stp_kernels.reference import counter_uniform, row_keys
 
-__all__ = ["STRATEGIES", "PRIOR_FORMAT", "Selection", "PriorFileError", "TornLineWarning", "prompt_id",
-           "sample_id_of", "free_spans", "select_anchors", "score_completions", "build_priors", "load_priors",
-           "read_prior_file", "to_sampler_prior", "main"]
+__all__ = ["STRATEGIES", "FREE_RULES", "PRIOR_FORMAT", "Selection", "PriorFileError", "TornLineWarning",
+           "prompt_id", "sample_id_of", "free_spans", "special_token_ids", "select_anchors", "score_completions",
+           "build_priors", "load_priors", "read_prior_file", "to_sampler_prior", "main"]
 
 STRATEGIES = ("answer_low_confidence", "low_confidence", "random", "answer_random")
+FREE_RULES = ("inside", "inclusive")  # which text the answer_* strategies always free (module docstring, step 3)
 PRIOR_FORMAT = 1
 _RANDOM_STEP = 0x9F1A0C5  # counter "step" of the random strategies (distinct from the sampler's steps)
 # Settings that identify a prior file (a rerun must match them all), with the CLI flag each comes from.
 SETTING_FLAGS = {"model": "--model", "task": "--task", "split": "--split", "source": "--source", "data": "--data",
-                 "rho": "--rho", "strategy": "--strategy", "gen_length": "--gen-length",
+                 "rho": "--rho", "strategy": "--strategy", "free_rule": "--free-rule", "gen_length": "--gen-length",
                  "block_length": "--block-length", "steps": "--steps", "temperature": "--temperature",
                  "remasking": "remasking", "seed": "--seed", "dtype": "--dtype"}
+# Settings added after files were first written, with the value every older file was built with.
+_SETTING_WHEN_MISSING = {"free_rule": "inclusive"}
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -129,59 +149,89 @@ class Selection:
     masked: torch.Tensor  # positions holding [MASK] (never anchors)
     freed: torch.Tensor  # eligible positions freed by score / at random
     valid_length: int  # first EOS index + 1, or L without EOS
-    n_rest: int  # eligible positions: content, not span, not [MASK]
+    n_rest: int  # eligible positions: content, not span, not [MASK], not another special token
+    special: torch.Tensor | None = None  # other special tokens of the tokenizer (never anchors)
 
     @property
     def n_anchors(self) -> int:
         return int(self.anchors.sum())
 
     def kinds(self) -> str:
-        """One char per position: a anchor, f freed, s span, e EOS/padding, m [MASK] (in that precedence)."""
+        """One char per position: a anchor, e EOS/padding, m [MASK], x other special token, s span, f freed (in that
+        precedence)."""
+        special = self.special if self.special is not None else torch.zeros_like(self.masked)
         out = []
-        for a, f, s, e, m in zip(self.anchors.tolist(), self.freed.tolist(), self.span.tolist(),
-                                 self.ended.tolist(), self.masked.tolist()):
-            out.append("a" if a else "e" if e else "m" if m else "s" if s else "f" if f else "?")
+        for a, f, s, e, m, x in zip(self.anchors.tolist(), self.freed.tolist(), self.span.tolist(),
+                                    self.ended.tolist(), self.masked.tolist(), special.tolist()):
+            out.append("a" if a else "e" if e else "m" if m else "x" if x else "s" if s else "f" if f else "?")
         return "".join(out)
 
 
-def free_spans(text: str) -> list[tuple[int, int]]:
-    """Character intervals [start, end) of ``text`` always kept free: each ``<answer>...</answer>`` block with its
-    tags (unclosed: to the end) and each ``\\boxed{...}`` from the backslash to its brace-matched ``}`` (unclosed:
-    to the end).
+def free_spans(text: str, rule: str = "inside") -> list[tuple[int, int]]:
+    """Character intervals [start, end) of ``text`` that the ``answer_*`` strategies always free (non-empty, sorted).
+
+    ``inside`` (the STP authors' rule): the text strictly between each ``<answer>`` and the next ``</answer>``, and
+    strictly between the braces of each ``\\boxed{...}`` (brace-matched); an unclosed tag or box frees nothing.
+    ``inclusive``: each ``<answer>...</answer>`` block with its tags (unclosed: to the end) and each ``\\boxed{...}``
+    from the backslash to its brace-matched ``}`` (unclosed: to the end).
 
     >>> free_spans(r"x \\boxed{a{b}c} y <answer>7</answer>!")
+    [(9, 14), (26, 27)]
+    >>> free_spans(r"x \\boxed{a{b}c} y <answer>7</answer>!", "inclusive")
     [(2, 15), (18, 36)]
     """
+    if rule not in FREE_RULES:
+        raise ValueError(f"stp.prior.free_spans: rule={rule!r}; allowed: {', '.join(FREE_RULES)}")
+    inside = rule == "inside"
+    open_tag, close_tag, box = "<answer>", "</answer>", "\\boxed{"
     spans = []
     start = 0
-    while (i := text.find("<answer>", start)) >= 0:
-        j = text.find("</answer>", i + len("<answer>"))
-        end = len(text) if j < 0 else j + len("</answer>")
-        spans.append((i, end))
-        start = end
+    while (i := text.find(open_tag, start)) >= 0:
+        j = text.find(close_tag, i + len(open_tag))
+        if j < 0:  # no closing tag after this one, hence none after any later opening tag either
+            if not inside:
+                spans.append((i, len(text)))
+            break
+        spans.append((i + len(open_tag), j) if inside else (i, j + len(close_tag)))
+        start = j + len(close_tag)
     start = 0
-    while (i := text.find("\\boxed{", start)) >= 0:
-        depth, k = 0, i + len("\\boxed")
-        end = len(text)
+    while (i := text.find(box, start)) >= 0:
+        depth, k = 0, i + len(box) - 1
+        close = -1
         while k < len(text):
             if text[k] == "{":
                 depth += 1
             elif text[k] == "}":
                 depth -= 1
                 if depth == 0:
-                    end = k + 1
+                    close = k
                     break
             k += 1
-        spans.append((i, end))
-        start = i + len("\\boxed{")
-    return sorted(spans)
+        if close >= 0:
+            spans.append((i + len(box), close) if inside else (i, close + 1))
+        elif not inside:
+            spans.append((i, len(text)))
+        start = i + len(box)
+    return sorted(sp for sp in spans if sp[1] > sp[0])
 
 
-def _token_char_spans(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def special_token_ids(tokenizer) -> set[int]:
+    """Every special token id of a tokenizer: ``all_special_ids`` and each added token flagged special (what
+    ``decode(..., skip_special_tokens=True)`` drops)."""
+    ids = {int(t) for t in (getattr(tokenizer, "all_special_ids", None) or [])}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(t) for t, tok in added.items() if getattr(tok, "special", False))
+    return ids
+
+
+def _token_char_spans(ids: list[int], tokenizer, skip: set[int] | frozenset = frozenset()
+                      ) -> tuple[str, list[tuple[int, int]]]:
     """(decoded text, [start, end) character interval of each token): from the decodings of every prefix, so it
-    holds for any tokenizer (byte-level BPE included), not only those with offset mappings."""
+    holds for any tokenizer (byte-level BPE included), not only those with offset mappings. Tokens in ``skip`` are
+    left out of the text (zero width)."""
     kwargs = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    prefixes = tokenizer.batch_decode([ids[:k] for k in range(len(ids) + 1)], **kwargs)
+    prefixes = tokenizer.batch_decode([[t for t in ids[:k] if t not in skip] for k in range(len(ids) + 1)],
+                                      **kwargs)
     bounds = [len(p) for p in prefixes]
     for k in range(1, len(bounds)):  # a partial multi-byte character may shorten a prefix: keep them monotone
         bounds[k] = max(bounds[k], bounds[k - 1])
@@ -194,16 +244,18 @@ def _random_scores(seed: int, sample_id: int, length: int) -> torch.Tensor:
     return counter_uniform(keys, torch.arange(length, dtype=torch.long))[0]
 
 
-def _check_rho_strategy(rho, strategy, fn: str) -> None:
+def _check_rho_strategy(rho, strategy, fn: str, free_rule: str = "inside") -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"{fn}: strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if free_rule not in FREE_RULES:
+        raise ValueError(f"{fn}: free_rule={free_rule!r}; allowed: {', '.join(FREE_RULES)}")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
         raise ValueError(f"{fn}: rho={rho!r}; allowed: a number in [0, 1]")
 
 
 def select_anchors(scores, completion_ids, tokenizer=None, *, rho: float, strategy: str, seed: int = 0,
-                   sample_id: int = 0, eos_token_id: int | None = None,
-                   mask_token_id: int | None = None) -> Selection:
+                   sample_id: int = 0, eos_token_id: int | None = None, mask_token_id: int | None = None,
+                   free_rule: str = "inside", special_ids: Collection[int] | None = None) -> Selection:
     """Choose the anchors of one completion (pure: no model, no global RNG).
 
     Args:
@@ -216,9 +268,13 @@ def select_anchors(scores, completion_ids, tokenizer=None, *, rho: float, strate
         strategy: one of ``STRATEGIES``.
         seed, sample_id: key of the random strategies' counter RNG (the CLI uses ``sample_id_of(prompt_id)``).
         eos_token_id, mask_token_id: default to the tokenizer's.
+        free_rule: ``inside`` (the STP authors' rule) or ``inclusive``: what the ``answer_*`` strategies always
+            free (module docstring, step 3).
+        special_ids: token ids never anchored and not counted in ``n_rest`` besides EOS and [MASK] (default: every
+            special token of the tokenizer, :func:`special_token_ids`).
     """
     fn = "stp.prior.select_anchors"
-    _check_rho_strategy(rho, strategy, fn)
+    _check_rho_strategy(rho, strategy, fn, free_rule)
     ids = torch.as_tensor(completion_ids, dtype=torch.long).flatten().cpu()
     length = ids.numel()
     if eos_token_id is None:
@@ -234,17 +290,26 @@ def select_anchors(scores, completion_ids, tokenizer=None, *, rho: float, strate
             valid_length = int(hits[0, 0]) + 1
             ended = pos >= valid_length - 1
     masked = (ids == int(mask_token_id)) if mask_token_id is not None else torch.zeros(length, dtype=torch.bool)
+    if special_ids is None:
+        special_ids = special_token_ids(tokenizer) if tokenizer is not None else set()
+    special_ids = {int(t) for t in special_ids}
+    special = torch.tensor([t in special_ids for t in ids.tolist()], dtype=torch.bool) & ~ended & ~masked
     span = torch.zeros(length, dtype=torch.bool)
     content = valid_length - 1 if bool(ended.any()) else length  # positions before the first EOS
     if strategy.startswith("answer_") and content > 0:
         if tokenizer is None:
             raise ValueError(f"{fn}: strategy {strategy!r} needs a tokenizer to find <answer> and \\boxed{{}} spans")
-        text, tok_spans = _token_char_spans(ids[:content].tolist(), tokenizer)
-        for a, b in free_spans(text):
+        inside = free_rule == "inside"
+        text, tok_spans = _token_char_spans(ids[:content].tolist(), tokenizer, special_ids if inside else frozenset())
+        for a, b in free_spans(text, free_rule):
             for k, (s, e) in enumerate(tok_spans):
-                if (s < b and e > a) or (s == e and a <= s < b):
+                if s < b and e > a:  # the token's characters overlap the span
                     span[k] = True
-    eligible = ~ended & ~masked & ~span
+                elif s == e and (a < s <= b if inside else a <= s < b):
+                    # A zero-width token (e.g. the last bytes of a character split over several tokens, whose
+                    # earlier token already took the character): inside when the character ending at it is.
+                    span[k] = True
+    eligible = ~ended & ~masked & ~special & ~span
     n_rest = int(eligible.sum())
     n_free = int(n_rest * rho)
     if strategy.endswith("random"):
@@ -262,7 +327,7 @@ def select_anchors(scores, completion_ids, tokenizer=None, *, rho: float, strate
     freed[order[:n_free]] = True
     anchors = eligible & ~freed
     return Selection(anchors=anchors, span=span, ended=ended, masked=masked, freed=freed,
-                     valid_length=valid_length, n_rest=n_rest)
+                     valid_length=valid_length, n_rest=n_rest, special=special)
 
 
 # ------------------------------------------------------------------------------------------------------- building
@@ -321,7 +386,8 @@ def score_completions(model, prompt_ids: torch.Tensor, attention_mask: torch.Ten
     return logp.view(batch, length).float().cpu()
 
 
-def build_priors(model, prompts, *, rho: float, strategy: str, gen_length: int = 256, block_length: int = 32,
+def build_priors(model, prompts, *, rho: float, strategy: str, free_rule: str = "inside", gen_length: int = 256,
+                 block_length: int = 32,
                  steps: int = 256, temperature: float = 0.9, seed: int, remasking: str = "low_confidence",
                  attention_mask: torch.Tensor | None = None, indices: Sequence[int] | None = None,
                  settings: Mapping[str, Any] | None = None,
@@ -336,7 +402,7 @@ def build_priors(model, prompts, *, rho: float, strategy: str, gen_length: int =
     """
     from stp import sampler
 
-    _check_rho_strategy(rho, strategy, "stp.prior.build_priors")
+    _check_rho_strategy(rho, strategy, "stp.prior.build_priors", free_rule)
     ids, mask, keys = _encode(model, prompts, attention_mask)
     pids = [prompt_id(k) for k in keys]
     if indices is None:
@@ -350,14 +416,17 @@ def build_priors(model, prompts, *, rho: float, strategy: str, gen_length: int =
                            seed=seed, sample_ids=sample_ids, backend=backend)
     completions = out.completions.cpu()
     scores = score_completions(model, ids, mask, completions, backend=backend)
-    recorded = {"model": getattr(model, "name", None), "rho": rho, "strategy": strategy, "gen_length": gen_length,
+    recorded = {"model": getattr(model, "name", None), "rho": rho, "strategy": strategy, "free_rule": free_rule,
+                "gen_length": gen_length,
                 "block_length": block_length, "steps": steps, "temperature": temperature,
                 "remasking": remasking, "seed": seed, **(settings or {})}
     records = []
+    specials = special_token_ids(model.tokenizer) if model.tokenizer is not None else set()
+    specials |= {int(t) for t in (model.eos_token_id, model.mask_token_id, model.pad_token_id) if t is not None}
     for b, pid in enumerate(pids):
         sel = select_anchors(scores[b], completions[b], model.tokenizer, rho=rho, strategy=strategy, seed=seed,
                              sample_id=sample_id_of(pid), eos_token_id=model.eos_token_id,
-                             mask_token_id=model.mask_token_id)
+                             mask_token_id=model.mask_token_id, free_rule=free_rule, special_ids=specials)
         rec = {"format": PRIOR_FORMAT, "prompt_id": pid, "index": int(indices[b]),
                "prompt": keys[b] if keep_prompt and isinstance(keys[b], str) else None,
                "prompt_length": int(mask[b].sum()), "completion_ids": completions[b].tolist(),
@@ -473,6 +542,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .jsonl (appended to / resumed)")
     p.add_argument("--rho", default="0.95")
     p.add_argument("--strategy", default="answer_low_confidence")
+    p.add_argument("--free-rule", default="inside", help="what the answer_* strategies always free: inside (the "
+                   "text strictly inside <answer>...</answer> and \\boxed{...}, the STP authors' rule) or inclusive "
+                   "(the tags and delimiters too, and everything after an unclosed one)")
     p.add_argument("--gen-length", default="256")
     p.add_argument("--block-length", default="32")
     p.add_argument("--steps", default="256")
@@ -535,6 +607,8 @@ def _validate(args, parser) -> dict:
     v["rho"] = as_float("--rho", args.rho, 0.0, 1.0, "a number in [0, 1]")
     if args.strategy not in STRATEGIES:
         fail("--strategy", args.strategy, ", ".join(STRATEGIES))
+    if args.free_rule not in FREE_RULES:
+        fail("--free-rule", args.free_rule, ", ".join(FREE_RULES))
     gen = as_int("--gen-length", args.gen_length)
     block = as_int("--block-length", args.block_length)
     if gen % block:
@@ -568,7 +642,8 @@ def _validate(args, parser) -> dict:
         fail("--out", args.out, "a path in an existing directory")
     v.update(gen_length=gen, block_length=block, steps=steps, device=dev, out=out, source=source, data=data)
     v["settings"] = {"model": args.model, "task": args.task, "split": args.split, "source": source, "data": data,
-                     "rho": v["rho"], "strategy": args.strategy, "gen_length": gen, "block_length": block,
+                     "rho": v["rho"], "strategy": args.strategy, "free_rule": args.free_rule, "gen_length": gen,
+                     "block_length": block,
                      "steps": steps, "temperature": v["temperature"], "remasking": "low_confidence",
                      "seed": v["seed"], "dtype": args.dtype}
     return v
@@ -578,9 +653,10 @@ def _check_settings(records: list[dict], settings: dict, path: Path) -> None:
     for lineno, rec in enumerate(records, start=1):
         theirs = rec["settings"]
         for key, ours in settings.items():
-            if theirs.get(key, "<missing>") != ours:
+            value = theirs.get(key, _SETTING_WHEN_MISSING.get(key, "<missing>"))
+            if value != ours:
                 flag = SETTING_FLAGS.get(key, key)
-                raise PriorFileError(f"{path}:{lineno} was written with {flag} {theirs.get(key, '<missing>')!r}; "
+                raise PriorFileError(f"{path}:{lineno} was written with {flag} {value!r}; "
                                      f"this run has {flag} {ours!r}. One file holds one setting: rerun with the "
                                      f"same {flag} or write to another --out")
 
@@ -633,7 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for start in range(0, len(todo), bs):
             chunk = todo[start:start + bs]
             recs = build_priors(model, [t for _, t in chunk], indices=[i for i, _ in chunk], rho=v["rho"],
-                                strategy=args.strategy, gen_length=v["gen_length"], block_length=v["block_length"],
+                                strategy=args.strategy, free_rule=args.free_rule, gen_length=v["gen_length"],
+                                block_length=v["block_length"],
                                 steps=v["steps"], temperature=v["temperature"], seed=v["seed"],
                                 settings=settings, keep_scores=not args.no_scores, backend=args.backend)
             f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))

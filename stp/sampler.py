@@ -12,7 +12,16 @@ Committed tokens are never re-masked (a committed x0 that is [MASK] itself, whic
 leaves its position masked to compete again, exactly as in LLaDA's algorithm). With ``early_stop=tau`` (temporal
 pruning) a sample stops once floor(tau * gen_length) canvas positions are filled (anchors included; the last step
 transfers only up to that budget); when every sample has stopped, one more forward pass fills every remaining
-``[MASK]`` with its sampled x0.
+``[MASK]`` with its sampled x0. A sample's NFE counts the forward passes it used: the steps until it stopped, plus
+the fill when it had positions left.
+
+NFE against the paper: the STP authors' code marks a sample done only when its count would pass the budget, so a
+sample that lands exactly on it runs one more forward pass that commits nothing; this sampler stops on reaching it
+(same tokens, one forward pass fewer for such a sample). At the paper's setting (256 tokens, block 32, 128 steps,
+tau 0.95: budget 243, reached in the last block, decoded 2 tokens per step, 1 in some steps when it holds anchors)
+that is every sample whose prior holds an odd number of anchors in the last block, or 14, 16 or 18 (a completion
+that ended before the last block has none there and never lands exactly): the share of rollouts depends on the
+priors.
 
 The trajectory record (``GenerationOutput.commit_step`` and, with ``record_logprobs=True``,
 ``behaviour_logprobs``) says how each completion was drawn, so that trajectory methods can rebuild any intermediate
@@ -25,8 +34,8 @@ limit when the maximum is unique); anchors get 0. Both are gathered on device, w
 
 Because the transfer counts depend only on the masked counts at block starts (known from the anchors), the whole
 schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
-the step loop needs no host synchronisation. Only the optional confidence-threshold mode (data-dependent transfers)
-synchronises once per step.
+the step loop needs no host synchronisation. Only the optional confidence-threshold mode and Dream's decoding
+(``dream``, ``stp.decoding``: counts that follow the canvas) synchronise once per step.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stp import decoding
 from stp_kernels import _validate, sample_step
 from stp_kernels.reference import counter_uniform, row_keys
 
@@ -102,7 +112,7 @@ def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, remasking, prior,
-                early_stop, cfg_scale, confidence_threshold):
+                early_stop, cfg_scale, confidence_threshold, dream=None):
     fn = "stp.sampler.generate"
     if prompt_ids.dim() != 2:
         raise ValueError(f"{fn}: prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
@@ -128,6 +138,16 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
         raise ValueError(f"{fn}: cfg_scale must be >= 0, got {cfg_scale!r}")
     if confidence_threshold is not None and not 0 < confidence_threshold <= 1:
         raise ValueError(f"{fn}: confidence_threshold must be in (0, 1], got {confidence_threshold!r}")
+    if dream is not None:
+        if not isinstance(dream, decoding.DreamDecoding):
+            raise ValueError(f"{fn}: dream must be a stp.decoding.DreamDecoding or None, got {type(dream).__name__}")
+        dream.check(fn)
+        if remasking != "low_confidence":
+            raise ValueError(f"{fn}: remasking={remasking!r} is LLaDA's option; with dream set, dream.alg chooses "
+                             f"the positions (leave remasking='low_confidence')")
+        if confidence_threshold is not None:
+            raise ValueError(f"{fn}: confidence_threshold={confidence_threshold!r} cannot be combined with dream "
+                             f"(Dream's schedule fixes the count per step); allowed with dream: None")
     if prior is not None:
         if prior.tokens.shape != prior.mask.shape or prior.tokens.dim() != 2:
             raise ValueError(f"{fn}: prior.tokens {tuple(prior.tokens.shape)} and prior.mask "
@@ -160,6 +180,7 @@ def generate(
     vocab: torch.Tensor | None = None,
     record_logprobs: bool = False,
     backend: str | None = None,
+    dream: decoding.DreamDecoding | None = None,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -178,10 +199,13 @@ def generate(
         record_logprobs: also record the behaviour log-prob of every committed token (one more LM-head pass per
             step, see ``behaviour_logprob``); the commit steps are always recorded.
         backend: ``stp_kernels`` backend for ``sample_step``.
+        dream: decode as Dream's ``diffusion_generate`` (``stp.decoding``: Dream's schedule per block and its
+            origin / maskgit_plus / topk_margin / entropy scores, with top_k / top_p) instead of LLaDA's
+            low-confidence remasking; with ``block_length == gen_length`` it is Dream's own setting.
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, remasking, prior, early_stop, cfg_scale,
-                                              confidence_threshold)
+                                              confidence_threshold, dream)
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
     total = plen + gen_length
@@ -250,6 +274,11 @@ def generate(
 
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
         row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+        if dream is not None:  # hook: Dream's scores (stp.decoding)
+            x0, conf = decoding.dream_sample(h, weight, dream, temperature=temperature, seed=seed, step=step,
+                                             row_ids=row_ids, vocab=vocab)
+            n = canvas_pos.numel()
+            return x0.view(batch, n), conf.view(batch, n)
         x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
                                vocab=vocab, backend=backend, check_inputs=False)
         if remasking == "random":
@@ -259,13 +288,15 @@ def generate(
         lp = behaviour_logprob(h, weight, x0, temperature, vocab).view(batch, n) if record_logprobs else None
         return x0.view(batch, n), conf.view(batch, n), lp
 
+    data_dependent = confidence_threshold is not None or dream is not None  # counts follow the canvas: no table
+    timesteps = decoding.dream_timesteps(steps_per_block, dream.eps, device) if dream is not None else None
     forward_passes = 0
     for step in range(total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
         canvas_pos = canvas_idx[: (step // steps_per_block + 1) * block_length]
-        if confidence_threshold is None:
+        if not data_dependent:
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
@@ -279,6 +310,9 @@ def generate(
         if confidence_threshold is not None:
             above = (still & (conf > confidence_threshold)).sum(1)
             kk = torch.minimum(torch.maximum(k_sched[:, step], above), budget - filled) * live
+        elif dream is not None:  # hook: Dream's count for this step of the block
+            kd = decoding.dream_commit_counts(dream, still, conf, timesteps, step % steps_per_block)
+            kk = torch.minimum(kd, budget - filled) * live
         # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
         order = conf.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, canvas_pos.expand(batch, -1))

@@ -40,15 +40,35 @@ SCORES = [-1.0, -5.0, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, -0.9, -0.15, -0.
 
 
 @pytest.mark.parametrize("rho, anchors", [
-    # answer_* eligible: 0, 1, 15, 16, 20 (boxed = 2..14, answer = 17..19, EOS+after = 21..23); n_rest = 5.
+    # The STP authors' rule (default): only the text strictly inside is free: box content a{b}c = 9..13 and the
+    # answer 7 = 18. Eligible: 0..8, 14..17, 19, 20 (n_rest = 15). Ascending scores: 1, 20, 15, 0, 8, 7, 6, 14,
+    # {5, 16 tie at -0.5: position 5 first}, 4, 3, 2, 17 (<answer>, -0.05), 19 (</answer>, -0.02).
+    (0.6, [2, 3, 4, 16, 17, 19]),  # int(15 * 0.6) = 9 freed: 1, 20, 15, 0, 8, 7, 6, 14, 5; both tags are anchors
+    (0.5, [2, 3, 4, 5, 14, 16, 17, 19]),  # int(7.5) = 7 freed; the closing brace of the box (14) is an anchor
+    (0.95, [19]),  # int(14.25) = 14 freed: only </answer>, the most confident eligible token, stays
+    (0.0, list(range(9)) + [14, 15, 16, 17, 19, 20]),
+    (1.0, []),
+])
+def test_answer_low_confidence_inside_exact(rho, anchors):
+    for kwargs in ({}, {"free_rule": "inside"}):
+        sel = P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=rho, strategy="answer_low_confidence", **kwargs)
+        assert _positions(sel.anchors) == anchors
+        assert _positions(sel.span) == [9, 10, 11, 12, 13, 18]
+        assert _positions(sel.ended) == [21, 22, 23] and sel.valid_length == 22
+        assert sel.n_rest == 15 and sel.n_anchors == 15 - int(15 * rho)
+
+
+@pytest.mark.parametrize("rho, anchors", [
+    # The inclusive rule: eligible 0, 1, 15, 16, 20 (boxed = 2..14, answer = 17..19, EOS+after = 21..23); n_rest = 5.
     (0.6, [0, 16]),  # int(5 * 0.6) = 3 freed: 1 (-5), 20 (-4), 15 (-3)
     (0.5, [0, 15, 16]),  # int(2.5) = 2 freed: 1, 20
     (0.95, [16]),  # int(4.75) = 4 freed: only the most confident eligible token (-0.5) stays
     (0.0, [0, 1, 15, 16, 20]),
     (1.0, []),
 ])
-def test_answer_low_confidence_exact(rho, anchors):
-    sel = P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=rho, strategy="answer_low_confidence")
+def test_answer_low_confidence_inclusive_exact(rho, anchors):
+    sel = P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=rho, strategy="answer_low_confidence",
+                           free_rule="inclusive")
     assert _positions(sel.anchors) == anchors
     assert _positions(sel.span) == list(range(2, 15)) + [17, 18, 19]
     assert _positions(sel.ended) == [21, 22, 23] and sel.valid_length == 22
@@ -75,12 +95,16 @@ def _expected_random(seed, sample_id, eligible, rho):
     return sorted(order[int(len(eligible) * rho):])
 
 
-@pytest.mark.parametrize("strategy, eligible", [("random", list(range(21))), ("answer_random", [0, 1, 15, 16, 20])])
+@pytest.mark.parametrize("strategy, rule, eligible", [
+    ("random", "inside", list(range(21))), ("answer_random", "inclusive", [0, 1, 15, 16, 20]),
+    ("answer_random", "inside", list(range(9)) + [14, 15, 16, 17, 19, 20])])
 @pytest.mark.parametrize("rho", [0.3, 0.6, 0.95])
-def test_random_exact_and_keyed(strategy, eligible, rho):
-    sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=rho, strategy=strategy, seed=7, sample_id=12345)
+def test_random_exact_and_keyed(strategy, rule, eligible, rho):
+    sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=rho, strategy=strategy, seed=7, sample_id=12345,
+                           free_rule=rule)
     assert _positions(sel.anchors) == _expected_random(7, 12345, eligible, rho)
-    again = P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=rho, strategy=strategy, seed=7, sample_id=12345)
+    again = P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=rho, strategy=strategy, seed=7, sample_id=12345,
+                             free_rule=rule)
     assert torch.equal(sel.anchors, again.anchors)  # scores are ignored; no global RNG involved
     torch.manual_seed(0)
     a = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="random", seed=7, sample_id=1).anchors
@@ -94,15 +118,17 @@ def test_random_pinned_values():
     assert P._random_scores(0, 0, 4).tolist() == pytest.approx([0.0312808, 0.3952108, 0.4588467, 0.1965349], abs=1e-6)
     sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="random", seed=0, sample_id=0)
     assert _positions(sel.anchors) == [1, 2, 5, 6, 8, 9, 10, 12, 13, 14, 19]
-    sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="answer_random", seed=0, sample_id=0)
+    sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="answer_random", seed=0, sample_id=0,
+                           free_rule="inclusive")
     assert _positions(sel.anchors) == [1, 16, 20]
     other = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="random", seed=1, sample_id=0)
     assert _positions(other.anchors) != [1, 2, 5, 6, 8, 9, 10, 12, 13, 14, 19]  # the seed matters
 
 
+@pytest.mark.parametrize("rule", P.FREE_RULES)
 @pytest.mark.parametrize("rho", [0.0, 0.05, 0.15, 0.5, 0.85, 0.95, 1.0])
 @pytest.mark.parametrize("strategy", P.STRATEGIES)
-def test_counts_and_spans_never_anchors(rho, strategy):
+def test_counts_and_spans_never_anchors(rho, strategy, rule):
     g = torch.Generator().manual_seed(3)
     texts = ["x" * 7 + "\\boxed{1{2}{3}}yy<answer>\n42\n</answer>zz", "<answer>unclosed " + "q" * 9,
              "pre \\boxed{never closed {", "plain text without spans"]
@@ -110,24 +136,78 @@ def test_counts_and_spans_never_anchors(rho, strategy):
         ids = _ids(text, tail=(MASK, EOS) + (5,) * 4)
         ids[3] = MASK  # a [MASK] inside the content is never an anchor
         scores = torch.randn(len(ids), generator=g)
-        sel = P.select_anchors(scores, ids, TOK, rho=rho, strategy=strategy, seed=1, sample_id=9)
+        sel = P.select_anchors(scores, ids, TOK, rho=rho, strategy=strategy, seed=1, sample_id=9, free_rule=rule)
         assert sel.n_anchors == sel.n_rest - int(sel.n_rest * rho)
         assert not (sel.anchors & (sel.span | sel.ended | sel.masked)).any()
         assert sel.ended.sum() == 5 and sel.valid_length == len(ids) - 4
         if strategy.startswith("answer_"):
             decoded = [TOK.decode([t]) for t in ids]
+            inside_text = {"1", "2", "3", "4", "\n"} | ({"<answer>", "</answer>", "{", "}"} if rule == "inclusive"
+                                                      else set())
             for i in _positions(sel.anchors):
-                assert decoded[i] not in ("<answer>", "</answer>", "{", "}")
+                assert decoded[i] not in inside_text
             assert sel.n_rest == int((~sel.span & ~sel.ended & ~sel.masked).sum())
         else:
             assert sel.n_rest == len(ids) - 5 - 2  # content minus the two [MASK]s
 
 
-def test_free_spans_brace_matching():
-    assert P.free_spans("a\\boxed{a{b}c}d") == [(1, 14)]
-    assert P.free_spans("<answer>x</answer> <answer>y") == [(0, 18), (19, 28)]
-    assert P.free_spans("\\boxed{\\frac{1}{2}} and \\boxed{3}") == [(0, 19), (24, 33)]
+def test_free_spans_brace_matching_inclusive():
+    assert P.free_spans("a\\boxed{a{b}c}d", "inclusive") == [(1, 14)]
+    assert P.free_spans("<answer>x</answer> <answer>y", "inclusive") == [(0, 18), (19, 28)]
+    assert P.free_spans("\\boxed{\\frac{1}{2}} and \\boxed{3}", "inclusive") == [(0, 19), (24, 33)]
+    assert P.free_spans("nothing", "inclusive") == []
+
+
+def test_free_spans_inside_is_the_authors_rule():
+    """Expected values from the authors' selection: the group of ``<answer>(.*?)</answer>`` (re.DOTALL, each match
+    from the end of the previous one) and, for every ``\\boxed{`` match, the text up to its brace-matched ``}``
+    (counting every brace; a box never closed gives nothing)."""
+    assert P.free_spans("a\\boxed{a{b}c}d") == [(8, 13)]
+    assert P.free_spans("<answer>x</answer> <answer>y") == [(8, 9)]  # the unclosed second block frees nothing
+    assert P.free_spans("<answer>\n42\n</answer>") == [(8, 12)]  # newlines inside (DOTALL)
+    assert P.free_spans("<answer>a<answer>b</answer>") == [(8, 18)]  # from the first tag to the next closing one
+    assert P.free_spans("<answer>a</answer></answer>b<answer>c</answer>") == [(8, 9), (36, 37)]
+    assert P.free_spans("<answer></answer>\\boxed{}") == []  # empty contents free nothing
+    assert P.free_spans("\\boxed{\\frac{1}{2}} and \\boxed{3}") == [(7, 18), (31, 32)]
+    assert P.free_spans("\\boxed{\\boxed{1}}") == [(7, 16), (14, 15)]  # a box inside a box: both contents
+    assert P.free_spans("\\boxed{a \\boxed{b}") == [(16, 17)]  # the outer box never closes
+    assert P.free_spans("pre \\boxed{never closed {") == []
     assert P.free_spans("nothing") == []
+    with pytest.raises(ValueError, match="rule='all'; allowed: inside, inclusive"):
+        P.free_spans("x", "all")
+
+
+def test_unclosed_answer_frees_nothing_inside():
+    ids = _ids("ab<answer>7")
+    sel = P.select_anchors([0.0] * len(ids), ids, TOK, rho=0.0, strategy="answer_low_confidence")
+    assert not sel.span.any() and sel.n_rest == 4 and _positions(sel.anchors) == [0, 1, 2, 3]
+    sel = P.select_anchors([0.0] * len(ids), ids, TOK, rho=0.0, strategy="answer_low_confidence",
+                           free_rule="inclusive")
+    assert _positions(sel.span) == [2, 3] and _positions(sel.anchors) == [0, 1]
+
+
+def test_special_tokens_never_anchors():
+    """Every special token (not only EOS and [MASK]) is kept out of the anchors and of n_rest; under the authors'
+    rule the text is searched with them left out, so a special token splitting ``\\boxed{`` does not hide the box."""
+    user = TOK.convert_tokens_to_ids("<|user|>")  # an added token flagged special, not in all_special_ids
+    assert user not in TOK.all_special_ids and user in P.special_token_ids(TOK)
+    head = TOK("x\\box", add_special_tokens=False)["input_ids"]
+    tail = TOK("ed{5}y", add_special_tokens=False)["input_ids"]
+    ids = head + [user] + tail + [EOS]  # x \ b o x <|user|> e d { 5 } y EOS
+    scores = [float(i) for i in range(len(ids))]  # later positions more confident
+    sel = P.select_anchors(scores, ids, TOK, rho=0.0, strategy="answer_low_confidence")
+    assert _positions(sel.special) == [5] and _positions(sel.span) == [9]
+    assert sel.n_rest == len(ids) - 1 - 2 and 5 not in _positions(sel.anchors)
+    assert sel.kinds() == "aaaaaxaaasaae"
+    sel = P.select_anchors(scores, ids, TOK, rho=0.0, strategy="low_confidence")
+    assert 5 not in _positions(sel.anchors) and sel.n_rest == len(ids) - 2
+    # Scored as the most confident token, it is still never chosen.
+    hot = list(scores)
+    hot[5] = 100.0
+    sel = P.select_anchors(hot, ids, TOK, rho=0.9, strategy="low_confidence")
+    assert _positions(sel.anchors) == [10, 11]  # 11 eligible, int(9.9) = 9 freed: } and y, the most confident, stay
+    sel = P.select_anchors(hot, ids, TOK, rho=0.9, strategy="low_confidence", special_ids=[])
+    assert _positions(sel.anchors) == [5, 11]  # an explicit empty set excludes only EOS and [MASK]: 12 eligible
 
 
 def test_no_eos_means_all_content():
@@ -141,6 +221,8 @@ def test_select_anchors_bad_args():
         P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=0.5, strategy="best")
     with pytest.raises(ValueError, match="rho=1.5"):
         P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=1.5, strategy="random")
+    with pytest.raises(ValueError, match="free_rule='tags'; allowed: inside, inclusive"):
+        P.select_anchors(SCORES, _ids(CONTENT), TOK, rho=0.5, strategy="random", free_rule="tags")
 
 
 # ------------------------------------------------------------------------------------------- CLI, end to end
@@ -182,6 +264,7 @@ def test_end_to_end_file(built):
     for rec in recs:
         assert len(rec["completion_ids"]) == len(rec["anchor_mask"]) == len(rec["kinds"]) == len(rec["scores"]) == 32
         assert rec["settings"]["rho"] == 0.5 and rec["settings"]["strategy"] == "answer_low_confidence"
+        assert rec["settings"]["free_rule"] == "inside"
         sel = P.select_anchors(rec["scores"], rec["completion_ids"], model.tokenizer, rho=0.5,
                                strategy="answer_low_confidence", eos_token_id=model.eos_token_id,
                                mask_token_id=model.mask_token_id)
@@ -275,11 +358,31 @@ def test_mixed_settings_refused(built, tmp_path, monkeypatch):
         P.main([*args, "--out", str(out)])
     with pytest.raises(SystemExit, match=r"--strategy 'answer_low_confidence'; this run has --strategy 'random'"):
         P.main([*ARGS, "--strategy", "random", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"--free-rule 'inside'; this run has --free-rule 'inclusive'"):
+        P.main([*ARGS, "--free-rule", "inclusive", "--out", str(out)])
+
+
+def test_file_without_free_rule_counts_as_inclusive(built, tmp_path, monkeypatch):
+    """Files written before the setting existed were built with the inclusive rule: resumable with it only."""
+    out = tmp_path / "p.jsonl"
+    recs = [json.loads(line) for line in _lines(built)]
+    for rec in recs:
+        del rec["settings"]["free_rule"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    before = out.read_bytes()
+    monkeypatch.setattr("stp.models.load", _no_load)
+    with pytest.raises(SystemExit, match=r"written with --free-rule 'inclusive'; this run has --free-rule 'inside'"):
+        P.main([*ARGS, "--out", str(out)])
+    monkeypatch.undo()
+    monkeypatch.setattr("stp.sampler.generate", _no_load)  # every prompt is done: nothing is generated
+    assert P.main([*ARGS, "--free-rule", "inclusive", "--out", str(out)]) == 0
+    assert out.read_bytes() == before
 
 
 @pytest.mark.parametrize("flag, value, allowed, extra", [
     ("--rho", "1.5", "a number in [0, 1]", []),
     ("--strategy", "best", "answer_low_confidence, low_confidence, random, answer_random", []),
+    ("--free-rule", "tags", "inside, inclusive", []),
     ("--task", "mbpp", "gsm8k, math, countdown, sudoku", []),
     ("--split", "dev", "train, test", []),
     ("--block-length", "24", "a divisor of --gen-length=32", []),

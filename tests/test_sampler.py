@@ -142,6 +142,19 @@ def test_early_stop_saves_the_expected_forward_passes(model):
     assert (out.completions != model.mask_token_id).all()
 
 
+def test_early_stop_landing_exactly_on_the_budget_stops_there(model):
+    """L=64, block 16, 32 steps (2 tokens per step), tau=0.95: budget floor(60.8) = 60 = 48 + 2 * 6, reached exactly
+    at step 29 with its whole k: the sample stops there, NFE = 30 + the fill = 31. (The STP authors' code marks a
+    sample done only when its count would pass the budget: it would run step 30, commit nothing there, and count
+    32.)"""
+    prompts, _ = _prompts(model, [4], seed=3)
+    out = generate(model, prompts, steps=32, gen_length=64, block_length=16, early_stop=0.95, seed=2,
+                   vocab=_without_mask(model))
+    assert out.nfe.tolist() == [31] and out.forward_passes == 31
+    assert (out.trace == 29).sum().item() == 2 and torch.equal(out.one_shot, out.trace == 30)
+    assert ((out.trace >= 0) & ~out.one_shot).sum().item() == 60
+
+
 def test_early_stop_with_anchors_counts_them_in_the_budget(model):
     prompts, _ = _prompts(model, [4], seed=9)
     mask = torch.zeros(1, 64, dtype=torch.bool)

@@ -1,9 +1,10 @@
 """Dream checkpoints (Dream-org/Dream-v0-Base-7B / -Instruct-7B) as a bidirectional transformers Qwen2.
 
-Dream is Qwen2 weight for weight (same key names, q/k/v biases, untied head) run with full attention; its only twist
-is that logits are shifted right by one (position i is predicted from the hidden state of i - 1, position 0 keeps its
-own, `torch.cat([logits[:, :1], logits[:, :-1]], 1)`), inherited from its autoregressive initialisation. The shift
-is applied in `DiffusionLM.backbone` (`shift_logits=True`). No `trust_remote_code`.
+Dream is Qwen2 weight for weight (same key names, q/k/v biases, untied head, embedding with ``padding_idx`` =
+``pad_token_id`` so that row is never trained) run with full attention; its only twist is that logits are shifted
+right by one (position i is predicted from the hidden state of i - 1, position 0 keeps its own,
+`torch.cat([logits[:, :1], logits[:, :-1]], 1)`), inherited from its autoregressive initialisation. The shift is
+applied in `DiffusionLM.backbone` (`shift_logits=True`). No `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def qwen2_config(config: dict, *, attn_implementation: str = "sdpa"):
     rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": float(config.get("rope_theta",
                                                                                                     10000.0))}
     n_layers = int(config["num_hidden_layers"])
+    # Dream builds its embedding with padding_idx = config.pad_token_id (its EOS/pad id): that row gets no gradient
+    # (transformers' Qwen2 does the same with the same field), so full fine-tuning leaves it as loaded.
+    pad = config.get("pad_token_id")
+    if pad is not None and not (isinstance(pad, int) and 0 <= pad < int(config["vocab_size"])):
+        raise ValueError(f"{where}: pad_token_id={pad!r}; allowed: None or an integer in [0, vocab_size="
+                         f"{config['vocab_size']})")
     return Qwen2Config(
         vocab_size=int(config["vocab_size"]),
         hidden_size=int(config["hidden_size"]),
@@ -53,6 +60,7 @@ def qwen2_config(config: dict, *, attn_implementation: str = "sdpa"):
         layer_types=["full_attention"] * n_layers,
         attention_dropout=float(config.get("attention_dropout", 0.0)),
         use_cache=False,
+        pad_token_id=pad,
         attn_implementation=attn_implementation,
     )
 
