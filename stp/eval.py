@@ -1,4 +1,4 @@
-"""Evaluation under the d1 protocol (METHOD.md 5): ``python -m stp.eval --model PATH --task NAME --gen-length 256``.
+"""d1 protocol evaluation (docs/method.md 5): ``python -m stp.eval --model PATH --task NAME --gen-length 256``.
 
 Protocol (defaults, as d1): greedy decoding (temperature 0), block length 32, steps = gen_length / 2, the task's test
 split; gen lengths 128 / 256 / 512 are the published ones (any positive multiple of the block length is accepted).
@@ -6,7 +6,7 @@ Prompts are the task's chat prompts (``Task.format_prompt`` with the model's tok
 special tokens (the chat template already has them), left-padded into batches with an attention mask.
 
 Long prompts: the default is no limit (``max_prompt_length=0``), as d1's evaluation script does; the 200-token
-limit of METHOD.md 4 is a training-rollout setting. With a limit, a longer prompt is TRUNCATED FROM THE LEFT, keeping
+limit (docs/method.md 4) is a rollout setting. With a limit, a longer prompt is TRUNCATED FROM THE LEFT, keeping
 its last tokens (the question's end and the assistant turn opener), as the d1 / TRL trainers do; a warning gives the
 count before generation starts and every row records ``prompt_truncated``. It is never skipped: skipping would change
 the denominator of the accuracy.

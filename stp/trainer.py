@@ -1,4 +1,4 @@
-"""The RL loop: token-level GRPO with Spatio-Temporal Pruning on a masked diffusion LM (METHOD.md 4, DESIGN.md).
+"""The RL loop: token-level GRPO with Spatio-Temporal Pruning on a masked diffusion LM (docs/method.md 4).
 
 Objective (``stp.loss``), for each rollout of ``prompts_per_step`` prompts x ``num_generations`` (G) completions::
 

@@ -1,4 +1,4 @@
-"""Variance of the sequence log-likelihood estimate over repeated mask draws (METHOD.md section 6, "stability").
+"""Variance of the sequence log-likelihood estimate over repeated mask draws (docs/method.md section 6, "stability").
 
 For each completion, each estimator / score mode, each K and each anchor fraction (1 - rho), the sequence estimate
 S = sum over valid positions of the per-token log-probs (``score=elbo``: the ELBO estimate) is computed with

@@ -1,6 +1,6 @@
 """The sampler against a straightforward reference of LLaDA's algorithm, and its pruning options.
 
-The reference below is written from the algorithm (METHOD.md section 0), as LLaDA's own `generate` does it: full
+The reference below is written from the algorithm (docs/method.md section 0), as LLaDA's own `generate` does it: full
 logits, float64 softmax, Gumbel noise as exp(z) / (-log u)^T, a Python loop over rows for top-k. It reads its noise
 u from the same counter the sampler uses (`counter_uniform`): a fixed noise tensor shared by both.
 The model is the embedded tiny model with random weights from a fixed seed: the comparisons are deterministic.

@@ -9,12 +9,12 @@ Data schema (JSONL / JSON / CSV / parquet, one example per row):
 Hub: test = ``HuggingFaceH4/MATH-500`` (500); train = ``ankner/math-500`` train split (d1's training source), whose
 rows carry ``solution``.
 
-Rewards (METHOD.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
+Rewards (docs/method.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
 
     correctness_reward 2.0 if the last \\boxed{} of the completion is equivalent to the reference
     format_reward      0.5 x ([<answer>...</answer> present] + [\\boxed in the answer: 1, else 0.5])
 
-The format term is 0.25 even for an empty completion ("else 0.5"): that is METHOD.md's formula, kept as is; a constant
+The format term is 0.25 even for an empty completion ("else 0.5"): that is d1's formula, kept as is; a constant
 offset changes no GRPO advantage.
 """
 
