@@ -8,11 +8,38 @@ Busy means: the 1-minute load average was above the number of cores at the start
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 
-__all__ = ["SPREAD_LIMIT", "load_average", "busy_warnings", "format_table"]
+__all__ = ["SPREAD_LIMIT", "device_line", "load_average", "load_line", "busy_warnings", "machine_lines",
+           "format_table"]
 
 SPREAD_LIMIT = 1.5  # max / min over a row's rounds; quiet 2-core runs of the CPU benchmarks stay well below it
+
+
+def device_line() -> str:
+    """The machine a number was measured on: device (CPU model, cores, torch threads), versions, date."""
+    import torch
+
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    else:
+        cpu = platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        except OSError:
+            pass
+        dev = f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+
+        tri = triton.__version__
+    except ImportError:
+        tri = "absent"
+    return (f"{dev}; torch {torch.__version__}, triton {tri}, python {platform.python_version()}; "
+            f"{datetime.date.today().isoformat()}")
 
 
 def load_average() -> float | None:
@@ -21,6 +48,14 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
+
+
+def load_line(start: float | None, end: float | None) -> str:
+    """'1-minute load average: S at the start, E at the end (N cores)'."""
+    def show(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    return f"1-minute load average: {show(start)} at the start, {show(end)} at the end ({os.cpu_count()} cores)"
 
 
 def busy_warnings(load_start: float | None, load_end: float | None, cores: int, rows: list[dict],
@@ -46,6 +81,13 @@ def busy_warnings(load_start: float | None, load_end: float | None, cores: int, 
         out.append(f"WARNING: rounds disagree (max / min above {spread_limit:g}) in {len(wide)} rows ({names}): "
                    f"something else ran during the measurement; rerun on a quiet machine")
     return out
+
+
+def machine_lines(load_start: float | None, load_end: float | None, rows: list[dict] | None = None) -> list[str]:
+    """The lines every measured table starts with: the machine, the load average at start and end, and the busy
+    warnings (``busy_warnings``)."""
+    return [f"Machine: {device_line()}", load_line(load_start, load_end),
+            *busy_warnings(load_start, load_end, os.cpu_count() or 1, rows or [])]
 
 
 def _fmt(value) -> str:

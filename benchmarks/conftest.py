@@ -9,13 +9,11 @@ spread more than ``SPREAD_LIMIT``).
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 
 import pytest
 
-from benchmarks._report import busy_warnings, format_table, load_average
+from benchmarks._report import busy_warnings, device_line, format_table, load_average, load_line
 
 ROWS: list[dict] = []
 LOAD: dict[str, float | None] = {"start": load_average()}  # at import; the session start refines it
@@ -40,42 +38,12 @@ def record(request):
     return add
 
 
-def _device_line() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name()
-    else:
-        cpu = platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-        except OSError:
-            pass
-        dev = f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    try:
-        import triton
-
-        tri = triton.__version__
-    except ImportError:
-        tri = "absent"
-    return (f"{dev}; torch {torch.__version__}, triton {tri}, python {platform.python_version()}; "
-            f"{datetime.date.today().isoformat()}")
-
-
-def _load_line(start: float | None, end: float | None) -> str:
-    def show(v):
-        return "n/a" if v is None else f"{v:.2f}"
-
-    return f"1-minute load average: {show(start)} at the start, {show(end)} at the end ({os.cpu_count()} cores)"
-
-
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
     end = load_average()
     warnings = busy_warnings(LOAD.get("start"), end, os.cpu_count() or 1, ROWS)
-    text = format_table(ROWS, [f"Device: {_device_line()}", _load_line(LOAD.get("start"), end), *warnings])
+    text = format_table(ROWS, [f"Device: {device_line()}", load_line(LOAD.get("start"), end), *warnings])
     terminalreporter.write_sep("=", "stp benchmark summary (side by side, one run)")
     terminalreporter.write_line(text)
     path = os.environ.get("STP_BENCH_MD")
