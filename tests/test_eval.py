@@ -230,6 +230,7 @@ def test_default_output_names_model_and_adapter(tmp_path, monkeypatch):
     assert stp_eval.default_output("sudoku", 32, "tiny", str(tmp_path / "runs" / "a" / "adapter")) == names[2]
 
 
+@pytest.mark.slow
 def test_cli_second_model_with_default_output(tmp_path, monkeypatch, capsys):
     """Evaluating the base and then base + adapter with the default --output: both run (the second used to refuse,
     the file holding the first one's settings), each into its own file, and the printed line names the adapter."""

@@ -85,6 +85,7 @@ def llada_reference(model, prompt, *, steps, gen_length, block_length, temperatu
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_equals_llada_reference(model, temperature):
     prompts, _ = _prompts(model, [7, 7], seed=1)
@@ -128,6 +129,7 @@ def test_anchors_are_kept_and_excluded_from_transfers(model):
     assert torch.equal(torch.stack([(out.trace == s).sum(1) for s in range(16)], 1), k)
 
 
+@pytest.mark.slow
 def test_early_stop_saves_the_expected_forward_passes(model):
     """L=256, block 32, 128 steps, tau=0.95: 2 tokens per step, budget floor(0.95*256) = 243 filled positions.
     After 121 steps 242 are filled; step 122 transfers 1 (reaching 243) and the sample is done; one more forward
@@ -142,6 +144,7 @@ def test_early_stop_saves_the_expected_forward_passes(model):
     assert (out.completions != model.mask_token_id).all()
 
 
+@pytest.mark.slow
 def test_early_stop_with_anchors_counts_them_in_the_budget(model):
     prompts, _ = _prompts(model, [4], seed=9)
     mask = torch.zeros(1, 64, dtype=torch.bool)
@@ -156,6 +159,7 @@ def test_early_stop_with_anchors_counts_them_in_the_budget(model):
     assert out.nfe.item() < 32 + 1
 
 
+@pytest.mark.slow
 def test_mixed_prompt_lengths_equal_one_by_one(model):
     lengths = [3, 9, 6]
     prompts, mask = _prompts(model, lengths, seed=10)
@@ -166,6 +170,7 @@ def test_mixed_prompt_lengths_equal_one_by_one(model):
         assert torch.equal(batch.completions[b], alone.completions[0]), f"prompt {b} (length {n}) differs"
 
 
+@pytest.mark.slow
 def test_random_remasking_and_threshold_decoding(model):
     prompts, _ = _prompts(model, [5, 5], seed=12)
     rnd = generate(model, prompts, steps=16, gen_length=32, block_length=8, seed=2, remasking="random",
