@@ -250,6 +250,7 @@ def test_cli_second_model_with_default_output(tmp_path, monkeypatch, capsys):
         == [str(adapter)] * 2
 
 
+@pytest.mark.slow
 def test_cli_adapter_and_compact_prompt(tmp_path, capsys):
     """--adapter merges the trainer's adapter; the tiny model reads the compact prompt by default; the rows equal
     evaluate() on the merged model in memory."""
