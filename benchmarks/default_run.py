@@ -10,7 +10,9 @@ builds the checkpoint with `stp.pretrain`, as on a fresh install; its row says s
 
 Columns: reward = mean held-out reward (greedy, the preset's `run.eval_examples` test puzzles); answered = fraction of
 completions whose answer the task can read (Sudoku: an `<answer>...</answer>` block); reward | answered = mean
-reward of those completions.
+reward of those completions. The table starts with the machine, the 1-minute load average at the start and the end,
+and a warning when the machine was busy (``benchmarks/_report.py``): wall times from a busy machine are not the
+figures of a quiet one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks._report import load_average, machine_lines
 
 
 def _run(preset: str, seed: int, workdir: str, env: dict[str, str]) -> tuple[dict, float]:
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     env = dict(os.environ)
+    load_start = load_average()
     rows = ["| preset | seed | reward before | reward after | answered before | answered after | reward \\| answered "
             "before | reward \\| answered after | steps | wall s |", "|" + "---|" * 10]
     with tempfile.TemporaryDirectory(prefix="stp-default-run-") as work:
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{_fmt(s.get('reward_of_answered_before'))} | {_fmt(s.get('reward_of_answered_after'))} | "
                             f"{s['steps']} | {wall:.0f}{note} |")
                 print(rows[-1], flush=True)
-    table = "\n".join(rows)
+    table = "\n".join(machine_lines(load_start, load_average()) + [""] + rows)
     print(f"\n{table}")
     if args.out:
         with open(args.out, "w") as f:

@@ -6,7 +6,7 @@ micro model (hidden 256, 4 layers, 4 heads, MLP 768, vocabulary 1024; random wei
 Each preset runs `python -m stp.train --preset NAME` for --steps optimizer steps in a fresh output directory (no
 held-out evaluation); the table averages metrics.jsonl over every optimizer step after the first rollout (warm-up):
 rollout and scoring times are per rollout, update time per optimizer step, and "s / rollout cycle" is the time of
-one rollout with its mu inner iterations.
+one rollout with its mu inner iterations. The table starts with the machine and its load (``benchmarks/_report.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+from benchmarks._report import load_average, machine_lines
 
 PRESETS = ("tiny", "d1-tiny", "elbo-tiny")
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error(f"--steps={args.steps}: allowed: an integer >= 2 (the first rollout is warm-up)")
+    load_start = load_average()
     with tempfile.TemporaryDirectory() as workdir:
         model = os.path.join(workdir, "micro")
         _micro_model(model)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> str:
     for preset, r in results.items():
         cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
         lines.append(f"| {preset} | " + " | ".join(cells) + f" | {r['s / rollout cycle'] / base:.2f}x |")
-    table = "\n".join(lines)
+    table = "\n".join(machine_lines(load_start, load_average()) + [""] + lines)
     print(table)
     if args.out:
         with open(args.out, "w") as f:

@@ -679,7 +679,7 @@ def _merge(base: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Mapping[st
     return out
 
 
-# METHOD.md section 4 (and 1, 2, 3): the paper's STP settings for LLaDA-8B-Instruct.
+# docs/method.md section 4 (and 1, 2, 3): the paper's STP settings for LLaDA-8B-Instruct.
 _PAPER = {
     "model": {"name_or_path": LLADA, "dtype": "bfloat16", "use_lora": True, "lora_r": 128, "lora_alpha": 64,
               "lora_dropout": 0.05, "lora_target_modules": LORA_TARGETS_ALL},
@@ -935,7 +935,7 @@ def build_parser(defaults: Mapping[str, Any] | None = None, origins: Mapping[str
         prog=prog, allow_abbrev=False,
         usage=f"{prog} [-h] [--preset NAME] [--config FILE.yaml] [--section.field VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a masked diffusion LM with GRPO and Spatio-Temporal Pruning (METHOD.md).\n\nPrecedence: "
+        description="Train a masked diffusion LM with GRPO and Spatio-Temporal Pruning: docs/method.md\n\nPrecedence: "
                     "dataclass defaults < --preset < --config FILE.yaml < --section.field flags.",
         epilog=f"presets:\n{rows}\n\nmethods (--method; each shows its own settings):\n{methods}\n\n"
                "booleans: --run.resume, --run.resume false, --no-run.resume; optional values "

@@ -1,4 +1,4 @@
-"""Evaluation under the d1 protocol (METHOD.md 5): ``python -m stp.eval --model PATH --task NAME --gen-length 256``.
+"""d1 protocol evaluation (docs/method.md 5): ``python -m stp.eval --model PATH --task NAME --gen-length 256``.
 
 Protocol (defaults, as d1): greedy decoding (temperature 0), block length 32, steps = gen_length / 2, the task's test
 split; gen lengths 128 / 256 / 512 are the published ones (any positive multiple of the block length is accepted).
@@ -6,7 +6,7 @@ Prompts are the task's chat prompts (``Task.format_prompt`` with the model's tok
 special tokens (the chat template already has them), left-padded into batches with an attention mask.
 
 Long prompts: the default is no limit (``max_prompt_length=0``), as d1's evaluation script does; the 200-token
-limit of METHOD.md 4 is a training-rollout setting. With a limit, a longer prompt is TRUNCATED FROM THE LEFT, keeping
+limit (docs/method.md 4) is a rollout setting. With a limit, a longer prompt is TRUNCATED FROM THE LEFT, keeping
 its last tokens (the question's end and the assistant turn opener), as the d1 / TRL trainers do; a warning gives the
 count before generation starts and every row records ``prompt_truncated``. It is never skipped: skipping would change
 the denominator of the accuracy.
@@ -15,7 +15,8 @@ Completions are decoded up to the first EOS (exclusive), skipping special tokens
 ``extract_answer``, ``metric`` and ``rewards``. Each sample's noise counter is keyed by its example index
 (``sample_ids``), so results do not depend on the batch size or on which examples share a batch.
 
-Output, one JSON object per line (``--output``, default ``eval_outputs/<task>_<gen_length>.jsonl``)::
+Output, one JSON object per line (``--output``, default ``eval_outputs/<task>_<gen_length>_<model>[+<adapter>].jsonl``,
+see ``default_output``: another model or adapter gets another file)::
 
     index             int    position of the example in the loaded split (after --limit: the first N)
     id                any    the example's "id" / "unique_id" / "idx" field if it has one, else the index
@@ -45,8 +46,11 @@ another ``--output`` or ``--overwrite``); so is a row whose example differs from
 LAST line (a write cut short by a kill) is reported with its line number, dropped from the file and regenerated; a
 corrupt line anywhere else is an error, never skipped silently.
 
-At the end the accuracy (mean metric over the examples of this run, resumed rows included) is printed and a summary
-JSON (settings, accuracy, counts, mean rewards, seconds) is written next to the output as ``<stem>.summary.json``.
+At the end the accuracy (mean metric over the examples of this run, resumed rows included) is printed with the model,
+the adapter and the answer rate (the fraction of completions whose answer the task could read at all: an accuracy of
+0.0 with an answer rate of 0.0 means no answer was readable, not that every answer was wrong), and a summary JSON
+(settings, accuracy, answer rate, counts, mean rewards, seconds) is written next to the output as
+``<stem>.summary.json``.
 ``evaluate`` is the library entry (the trainer uses it for held-out reward, with or without an output file).
 """
 
@@ -73,7 +77,7 @@ from stp.pretrain import load_model
 from stp.tasks import TASKS, DataError, Task
 
 __all__ = ["EvalError", "EvalWarning", "ResumeError", "evaluate", "eval_settings", "settings_hash",
-           "read_results", "summary_path", "main", "D1_GEN_LENGTHS", "DEFAULT_BLOCK_LENGTH",
+           "read_results", "summary_path", "default_output", "main", "D1_GEN_LENGTHS", "DEFAULT_BLOCK_LENGTH",
            "DEFAULT_MAX_PROMPT_LENGTH"]
 
 FORMAT_VERSION = 1
@@ -163,6 +167,34 @@ def summary_path(output: str | os.PathLike) -> Path:
     output = Path(output)
     stem = output.stem if output.suffix == ".jsonl" else output.name
     return output.with_name(stem + ".summary.json")
+
+
+def _slug(name_or_path: str) -> str:
+    """A file-name-safe short name of a model or adapter: a local directory by its last path components and a hash
+    of its resolved path (two runs' ``adapter`` directories, or two ``checkpoint`` folders, must not share a file),
+    anything else (``tiny``, ``pretrained:sudoku``, a Hub id) by its name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        resolved = path.resolve()
+        parts = [p for p in resolved.parts[-2:] if p not in ("/", "")]
+        label = "-".join(parts) if resolved.name in ("adapter", "final", "model") else resolved.name
+        name = f"{label}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:6]}"
+    else:
+        name = name_or_path.replace("/", "--")
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in name).strip("-.") or "model"
+
+
+def default_output(task: str, gen_length: int, model: str, adapter: str | None = None) -> Path:
+    """``eval_outputs/<task>_<gen_length>_<model>[+<adapter>].jsonl``: one file per evaluated model and adapter, so
+    evaluating another model (or the same base with another adapter) never meets the first one's results file.
+
+    >>> str(default_output("sudoku", 32, "pretrained:sudoku"))
+    'eval_outputs/sudoku_32_pretrained-sudoku.jsonl'
+    >>> str(default_output("gsm8k", 256, "GSAI-ML/LLaDA-8B-Instruct"))
+    'eval_outputs/gsm8k_256_GSAI-ML--LLaDA-8B-Instruct.jsonl'
+    """
+    name = _slug(model) + (f"+{_slug(adapter)}" if adapter is not None else "")
+    return Path("eval_outputs") / f"{task}_{gen_length}_{name}.jsonl"
 
 
 def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -301,6 +333,8 @@ def evaluate(
 
     Returns:
         dict with ``accuracy`` (mean metric), ``n``, ``n_generated``, ``n_resumed``, ``n_prompt_truncated``,
+        ``n_answered``, ``answer_rate`` (the fraction whose ``answer`` the task could extract),
+        ``accuracy_of_answered`` (mean metric of those; None when there are none),
         ``mean_reward``, ``mean_rewards`` (per reward function), ``mean_nfe``, ``mean_completion_tokens``,
         ``eos_rate``, ``seconds``, ``settings``, ``settings_hash``, ``output``, ``summary`` (path or None) and
         ``records`` (the rows, by index).
@@ -355,6 +389,7 @@ def evaluate(
 
     rows = [records[i] for i in range(len(examples))]
     reward_names = list(rows[0]["rewards"]) if rows else []
+    answered = [r for r in rows if r["answer"] is not None]
     result: dict[str, Any] = {
         "task": task.name,
         "accuracy": _mean([r["metric"] for r in rows]),
@@ -362,6 +397,10 @@ def evaluate(
         "n_generated": n_generated,
         "n_resumed": n_resumed,
         "n_prompt_truncated": sum(bool(r.get("prompt_truncated")) for r in rows),
+        # What a low accuracy is made of: how often the task could read an answer at all, and how good those were.
+        "n_answered": len(answered),
+        "answer_rate": _mean([1.0 if r["answer"] is not None else 0.0 for r in rows]),
+        "accuracy_of_answered": _mean([r["metric"] for r in answered]) if answered else None,
         "mean_reward": _mean([r["reward"] for r in rows]),
         "mean_rewards": {k: _mean([r["rewards"][k] for r in rows]) for k in reward_names},
         "mean_nfe": _mean([r["nfe"] for r in rows]),
@@ -518,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-length", type=int, default=DEFAULT_MAX_PROMPT_LENGTH,
                    help="longer prompts are cut from the left to this many tokens; 0 = no limit (default, as d1)")
     p.add_argument("--output", default=None, metavar="PATH.jsonl",
-                   help="results file [eval_outputs/<task>_<gen_length>.jsonl]; resumed if it exists")
+                   help="results file [eval_outputs/<task>_<gen_length>_<model>[+<adapter>].jsonl]; resumed if it "
+                        "exists")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --output first instead of resuming")
     p.add_argument("--device", default=None, help="torch device [cuda if available, else cpu]")
     p.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)} [auto = the checkpoint's]")
@@ -581,7 +621,7 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device!r}: CUDA is not available here; allowed: cpu")
     if args.output is None:
-        args.output = str(Path("eval_outputs") / f"{task.name}_{args.gen_length}.jsonl")
+        args.output = str(default_output(task.name, args.gen_length, args.model, args.adapter))
     out = Path(args.output)
     if out.exists() and not out.is_file():
         raise EvalError(f"--output {args.output!r}: exists and is not a file")
@@ -665,8 +705,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     n, acc = result["n"], result["accuracy"]
-    print(f"{task.name} ({args.split}, gen_length {args.gen_length}, model {args.model}): accuracy {acc:.4f} "
-          f"({acc * n:.2f} / {n}); {result['n_generated']} generated, {result['n_resumed']} resumed, "
+    who = f"model {args.model}" + (f" + adapter {args.adapter}" if args.adapter is not None else ", no adapter")
+    of_answered = result["accuracy_of_answered"]
+    print(f"{task.name} ({args.split}, gen_length {args.gen_length}, {who}): accuracy {acc:.4f} "
+          f"({acc * n:.2f} / {n}); answered {result['n_answered']} / {n} (answer rate {result['answer_rate']:.3f}; "
+          f"accuracy of the answered {'-' if of_answered is None else f'{of_answered:.4f}'}); "
+          f"{result['n_generated']} generated, {result['n_resumed']} resumed, "
           f"{result['n_prompt_truncated']} prompts truncated; mean reward {result['mean_reward']:.4f}, "
           f"mean nfe {result['mean_nfe']:.1f}; {result['seconds']:.1f} s")
     print(f"results: {result['output']}\nsummary: {result['summary']}")

@@ -1,4 +1,4 @@
-"""Per-token log-likelihood estimators of a masked diffusion LM's completions (METHOD.md section 3).
+"""Per-token log-likelihood estimators of a masked diffusion LM's completions (docs/method.md section 3).
 
 One interface, ``per_token_logprobs``, for three estimators:
 

@@ -1,4 +1,4 @@
-"""Token-level GRPO with clipping and a k3 KL penalty (METHOD.md section 4), with TRL's names.
+"""Token-level GRPO with clipping and a k3 KL penalty (docs/method.md section 4), with TRL's names.
 
     A_g   = (R_g - mean_group(R)) / (std_group(R) + 1e-4)      (scale_rewards=False: d1's std-free advantages)
     r     = exp(logp_theta - logp_old)                         per token, same masks (same seed and iteration)

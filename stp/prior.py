@@ -1,4 +1,4 @@
-"""Static priors (spatial pruning, METHOD.md section 1): ``python -m stp.prior`` and the library behind it.
+"""Static priors (spatial pruning, docs/method.md section 1): ``python -m stp.prior`` and the library behind it.
 
 For each training prompt:
 
@@ -531,7 +531,7 @@ def to_sampler_prior(records: Sequence[Mapping[str, Any]], gen_length: int,
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stp.prior", description="Build the static priors (anchors) of a "
-                                "task's prompts with a base model (METHOD.md section 1).")
+                                "task's prompts with a base model (docs/method.md section 1).")
     p.add_argument("--model", required=True, help="'tiny', a local model directory, or a Hub id")
     p.add_argument("--task", required=True, help="gsm8k, math, countdown, sudoku")
     p.add_argument("--split", default="train")

@@ -1,6 +1,6 @@
 """Block-wise masked-diffusion decoding (LLaDA's ``generate``) with spatial and temporal pruning.
 
-Semantics (METHOD.md sections 0-2). The completion canvas of ``gen_length`` positions follows the prompt and starts
+Semantics (docs/method.md sections 0-2). The completion canvas of ``gen_length`` positions follows the prompt and starts
 as ``[MASK]`` everywhere except at the anchors of a static prior (spatial pruning), which are placed before the
 first step and never changed. The canvas is decoded in blocks of ``block_length``, left to right, with
 ``steps // num_blocks`` steps per block. Each step runs the model once on the whole sequence, samples

@@ -20,7 +20,7 @@ masks of a sample's valid positions.
 
 Schemes (``l`` = valid length = first EOS index + 1; positions ``c >= l`` are padding):
 
-- ``random_count`` (METHOD.md 3): ``n_j = 1 + floor(u_count * l)`` ~ UniformInt{1..l}; the n_j valid positions with
+- ``random_count`` (docs/method.md 3): ``n_j = 1 + floor(u_count * l)`` ~ UniformInt{1..l}; the n_j valid positions with
   the smallest ``u`` (ties to the lower position) are masked, every padding position is masked, anchors are then
   unmasked: ``M_j = (chosen_j U padding) minus anchors``.
 - ``d1`` (diffu-GRPO): the whole completion is masked (minus anchors, if given), and each real prompt token
@@ -81,7 +81,7 @@ def noise_masks(
         sample_ids: [B] int64 stable sample identities (0 <= id < 2**51), NOT batch positions.
         lengths: [B] int64 valid completion lengths l in [1, C] (first EOS index + 1).
         num_draws: K (1 <= K <= 4096).
-        scheme: "random_count" (default, METHOD.md 3), "d1" or "block".
+        scheme: "random_count" (default, docs/method.md 3), "d1" or "block".
         anchors: [B, C] bool, True = anchor (never masked), or None.
         prompt_mask: [B, P] bool, True = real prompt token (maskable); "d1" only, and required there.
         prompt_mask_prob: probability a real prompt token is masked ("d1").

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -82,18 +83,21 @@ def test_cli_end_to_end_default_output(tmp_path, monkeypatch, capsys):
             "--batch-size", "2", "--no-progress", "--device", "cpu"]
     with pytest.warns(EvalWarning, match="3 of 3 prompts .* truncated from the left"):
         assert main(argv) == 0
-    out = tmp_path / "eval_outputs" / "countdown_32.jsonl"
+    out = tmp_path / "eval_outputs" / "countdown_32_tiny.jsonl"
     rows = read_rows(out)
     assert len(rows) == 3
     check_rows(rows, get_task("countdown"), 3)
     assert rows[0]["settings"]["model"] == "tiny" and rows[0]["settings"]["split"] == "test"
     summary = json.loads(summary_path(out).read_text())
-    assert summary_path(out).name == "countdown_32.summary.json"
+    assert summary_path(out).name == "countdown_32_tiny.summary.json"
     assert summary["n"] == 3 and summary["n_generated"] == 3 and summary["n_resumed"] == 0
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["seconds"] >= 0
     assert summary["settings"]["steps"] == 16 and summary["n_prompt_truncated"] == 3
+    assert summary["n_answered"] == sum(r["answer"] is not None for r in rows)
+    assert summary["answer_rate"] == pytest.approx(summary["n_answered"] / 3)
     stdout = capsys.readouterr().out
     assert "accuracy" in stdout and str(out.relative_to(tmp_path)) in stdout
+    assert "model tiny, no adapter" in stdout and f"answered {summary['n_answered']} / 3" in stdout
 
     # Second run: nothing to do, so neither the model is loaded nor generate called; each example stays once.
     monkeypatch.setattr(stp.models, "load", no_load)
@@ -208,6 +212,45 @@ def test_merge_adapter_matches_the_peft_model(tmp_path):
         stp.models.merge_adapter(stp.models.load("tiny"), tmp_path / "bin")
 
 
+def test_default_output_names_model_and_adapter(tmp_path, monkeypatch):
+    """Another model, the same base with an adapter, or another run's adapter (every run names it 'adapter') each
+    get their own default results file; the same command gets the same file back (resume)."""
+    monkeypatch.chdir(tmp_path)
+    for run in ("a", "b"):
+        (tmp_path / "runs" / run / "adapter").mkdir(parents=True)
+    names = [stp_eval.default_output("sudoku", 32, "tiny"),
+             stp_eval.default_output("sudoku", 32, "pretrained:sudoku"),
+             stp_eval.default_output("sudoku", 32, "tiny", "runs/a/adapter"),
+             stp_eval.default_output("sudoku", 32, "tiny", "runs/b/adapter"),
+             stp_eval.default_output("sudoku", 32, "GSAI-ML/LLaDA-8B-Instruct"),
+             stp_eval.default_output("sudoku", 64, "tiny")]
+    assert len(set(names)) == len(names), names
+    assert all(n.parent == Path("eval_outputs") and "/" not in n.name for n in names)
+    assert "a-adapter" in names[2].name and names[2].name.startswith("sudoku_32_tiny+")
+    assert stp_eval.default_output("sudoku", 32, "tiny", str(tmp_path / "runs" / "a" / "adapter")) == names[2]
+
+
+@pytest.mark.slow
+def test_cli_second_model_with_default_output(tmp_path, monkeypatch, capsys):
+    """Evaluating the base and then base + adapter with the default --output: both run (the second used to refuse,
+    the file holding the first one's settings), each into its own file, and the printed line names the adapter."""
+    adapter, _ = _lora_adapter(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "tiny", "--task", "sudoku", "--source", "generated", "--limit", "2", "--gen-length", "32",
+            "--block-length", "32", "--steps", "16", "--no-progress"]
+    assert main(argv) == 0
+    assert "model tiny, no adapter" in capsys.readouterr().out
+    assert main(argv + ["--adapter", str(adapter)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"model tiny + adapter {adapter}" in stdout
+    files = sorted(p.name for p in (tmp_path / "eval_outputs").glob("*.jsonl"))
+    assert len(files) == 2 and "sudoku_32_tiny.jsonl" in files, files
+    with_adapter = next(f for f in files if f != "sudoku_32_tiny.jsonl")
+    assert [r["settings"]["adapter"].split("@")[0] for r in read_rows(tmp_path / "eval_outputs" / with_adapter)] \
+        == [str(adapter)] * 2
+
+
+@pytest.mark.slow
 def test_cli_adapter_and_compact_prompt(tmp_path, capsys):
     """--adapter merges the trainer's adapter; the tiny model reads the compact prompt by default; the rows equal
     evaluate() on the merged model in memory."""
@@ -291,6 +334,32 @@ def test_decoding_stops_at_eos_and_scores(tiny, countdown, monkeypatch):
     for r in range(3):
         assert not mask[r, : mask.shape[1] - lengths[r]].any()
         assert (seen["prompt_ids"][r, : mask.shape[1] - lengths[r]] == tiny.pad_token_id).all()
+
+
+def test_answer_rate_explains_a_zero(tiny, countdown, monkeypatch):
+    """Completions without a readable answer: accuracy 0.0 and answer rate 0.0 (nothing could be read), against one
+    readable wrong answer out of three: accuracy 0.0, answer rate 1/3, accuracy of the answered 0.0."""
+    task, examples = countdown
+    tok = tiny.tokenizer
+
+    def fake(texts):
+        def generate(model, prompt_ids, *, gen_length, sample_ids, **kwargs):
+            rows = []
+            for i in sample_ids.tolist():
+                ids = tok(texts[i], add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]
+                rows.append((ids + [tiny.eos_token_id] * gen_length)[:gen_length])
+            return SimpleNamespace(completions=torch.tensor(rows), nfe=torch.full((len(rows),), 4))
+        return generate
+
+    monkeypatch.setattr(stp.sampler, "generate", fake(["no tags at all"] * 3))
+    none = evaluate(tiny, task, examples, gen_length=64, block_length=32, steps=32, progress=False)
+    assert none["accuracy"] == 0.0 and none["answer_rate"] == 0.0 and none["n_answered"] == 0
+    assert none["accuracy_of_answered"] is None
+    wrong = "<reasoning>\nx\n</reasoning>\n<answer>\n1+1\n</answer>"
+    monkeypatch.setattr(stp.sampler, "generate", fake([wrong, "untagged", "untagged"]))
+    some = evaluate(tiny, task, examples, gen_length=64, block_length=32, steps=32, progress=False)
+    assert some["accuracy"] == 0.0 and some["n_answered"] == 1
+    assert some["answer_rate"] == pytest.approx(1 / 3) and some["accuracy_of_answered"] == 0.0
 
 
 def test_model_without_tokenizer(tiny, countdown, monkeypatch):

@@ -93,6 +93,7 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_cli_run_writes_a_checkpoint_that_loads_and_generates(tmp_path, capsys):
     out = tmp_path / "ckpt"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
@@ -116,6 +117,7 @@ def test_cli_run_writes_a_checkpoint_that_loads_and_generates(tmp_path, capsys):
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_countdown_run_with_left_padded_prompts(tmp_path):
     path = pt.pretrain("countdown", out_dir=tmp_path / "cd", progress=False, **SMALL)
     info = json.loads((path / "pretrain.json").read_text())
@@ -123,6 +125,7 @@ def test_countdown_run_with_left_padded_prompts(tmp_path):
     assert models.load(str(path)).vocab_size == models.build_tokenizer().__len__()
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_and_no_global_rng(tmp_path):
     state = torch.random.get_rng_state()
     settings = {**SMALL, "eval_examples": 0}

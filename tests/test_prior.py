@@ -408,6 +408,7 @@ def test_bad_flags_fail_before_model_load(flag, value, allowed, extra, tmp_path,
     assert not (tmp_path / "p.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sampler_prior_anchors_unchanged(built):
     from stp.models import load
     from stp.sampler import generate
@@ -429,6 +430,7 @@ def test_sampler_prior_anchors_unchanged(built):
         P.to_sampler_prior(recs, 8)
 
 
+@pytest.mark.slow
 def test_build_priors_library_batch_independent():
     """The library call on token prompts; a prompt's completion does not depend on its batch."""
     from stp.models import load

@@ -1,6 +1,6 @@
 """The sampler against a straightforward reference of LLaDA's algorithm, and its pruning options.
 
-The reference below is written from the algorithm (METHOD.md section 0), as LLaDA's own `generate` does it: full
+The reference below is written from the algorithm (docs/method.md section 0), as LLaDA's own `generate` does it: full
 logits, float64 softmax, Gumbel noise as exp(z) / (-log u)^T, a Python loop over rows for top-k. It reads its noise
 u from the same counter the sampler uses (`counter_uniform`): a fixed noise tensor shared by both.
 The model is the embedded tiny model with random weights from a fixed seed: the comparisons are deterministic.
@@ -85,6 +85,7 @@ def llada_reference(model, prompt, *, steps, gen_length, block_length, temperatu
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_equals_llada_reference(model, temperature):
     prompts, _ = _prompts(model, [7, 7], seed=1)
@@ -128,6 +129,7 @@ def test_anchors_are_kept_and_excluded_from_transfers(model):
     assert torch.equal(torch.stack([(out.trace == s).sum(1) for s in range(16)], 1), k)
 
 
+@pytest.mark.slow
 def test_early_stop_saves_the_expected_forward_passes(model):
     """L=256, block 32, 128 steps, tau=0.95: 2 tokens per step, budget floor(0.95*256) = 243 filled positions.
     After 121 steps 242 are filled; step 122 transfers 1 (reaching 243) and the sample is done; one more forward
@@ -155,6 +157,7 @@ def test_early_stop_landing_exactly_on_the_budget_stops_there(model):
     assert ((out.trace >= 0) & ~out.one_shot).sum().item() == 60
 
 
+@pytest.mark.slow
 def test_early_stop_with_anchors_counts_them_in_the_budget(model):
     prompts, _ = _prompts(model, [4], seed=9)
     mask = torch.zeros(1, 64, dtype=torch.bool)
@@ -169,6 +172,7 @@ def test_early_stop_with_anchors_counts_them_in_the_budget(model):
     assert out.nfe.item() < 32 + 1
 
 
+@pytest.mark.slow
 def test_mixed_prompt_lengths_equal_one_by_one(model):
     lengths = [3, 9, 6]
     prompts, mask = _prompts(model, lengths, seed=10)
@@ -179,6 +183,7 @@ def test_mixed_prompt_lengths_equal_one_by_one(model):
         assert torch.equal(batch.completions[b], alone.completions[0]), f"prompt {b} (length {n}) differs"
 
 
+@pytest.mark.slow
 def test_random_remasking_and_threshold_decoding(model):
     prompts, _ = _prompts(model, [5, 5], seed=12)
     rnd = generate(model, prompts, steps=16, gen_length=32, block_length=8, seed=2, remasking="random",

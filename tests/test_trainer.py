@@ -168,6 +168,7 @@ class _Killed(BaseException):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [2, 3])
 def test_resume_after_kill_reproduces_the_metrics(tmp_path, monkeypatch, kill_at):
     """Kill = the process dies when it starts writing checkpoint ``kill_at``: the metrics row of that step is on
@@ -237,6 +238,7 @@ def test_sigkill_subprocess_then_resume(tmp_path):
 # --------------------------------------------------------------------------------------------------- SIGINT, NaN
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "tests._trainer_entry", *TINY, "--grpo.max_steps", "200", "--run.save_every", "0",
@@ -367,6 +369,7 @@ def test_two_processes_match_one(tmp_path):
 # ------------------------------------------------------------------------------------------- the default run
 
 
+@pytest.mark.slow
 def test_default_command_shortened(tmp_path):
     """``python -m stp.train`` with only the run shortened. The default model is ``pretrained:TASK``, the tiny model
     after ``stp.pretrain``'s SFT, which ``ensure_pretrained`` builds into the cache on first use (minutes); the test
@@ -402,6 +405,7 @@ def test_default_command_shortened(tmp_path):
     assert "held-out reward" in res.stderr and "answers readable by the task" in res.stderr
 
 
+@pytest.mark.slow
 def test_default_run_learns(tmp_path):
     """The real default, end to end and unshortened but for fewer held-out puzzles: ``stp.pretrain`` builds the
     starting checkpoint into an empty cache (about a minute), then ``python -m stp.train`` runs its 60 STP steps.

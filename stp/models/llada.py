@@ -1,7 +1,7 @@
 """LLaDA checkpoints (GSAI-ML/LLaDA-8B-Base / -Instruct and same-layout models) as a bidirectional transformers Llama.
 
 LLaDA's modeling code is OLMo-derived remote code that does not load on transformers 5. Its "llama" block is, weight
-for weight, a Llama decoder layer (METHOD.md section 0), so the checkpoint is renamed one to one into
+for weight, a Llama decoder layer (docs/method.md section 0), so the checkpoint is renamed one to one into
 `LlamaForCausalLM` and run with bidirectional attention (see `base.py`). No `trust_remote_code`.
 
 Options of LLaDA's config that Llama cannot express (ALiBi, q/k layer norms, logit scaling, ...) are refused by name

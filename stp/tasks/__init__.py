@@ -1,4 +1,4 @@
-"""Tasks and rewards: GSM8K, MATH, Countdown (3 numbers) and 4x4 Sudoku, under the d1 protocol (METHOD.md 5).
+"""Tasks and rewards: GSM8K, MATH, Countdown (3 numbers) and 4x4 Sudoku, under the d1 protocol (docs/method.md 5).
 
     >>> from stp.tasks import get_task
     >>> task = get_task("countdown")

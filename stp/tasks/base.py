@@ -5,7 +5,7 @@ with one signature::
 
     fn(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float
 
-``Task.reward`` is their sum (METHOD.md section 5), ``Task.rewards`` the per-function values, and ``Task.metric`` the
+``Task.reward`` is their sum (docs/method.md 5), ``Task.rewards`` the per-function values, and ``Task.metric`` the
 evaluation score, built on the same ``Task.extract_answer`` the rewards use.
 """
 

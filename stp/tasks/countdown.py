@@ -9,7 +9,7 @@ Data schema (JSONL / JSON / CSV / parquet, one example per row):
 Hub: ``Jiayi-Pan/Countdown-Tasks-3to4`` (train split only, filtered to 3 numbers). d1's 256-problem test set is a
 local file (``countdown_cd3_test.jsonl``): pass it as ``data_path``, or use ``source="generated"``.
 
-Reward (METHOD.md 5; maximum 1.0): 1.0 if the answer is an expression that uses each given number exactly once and
+Reward (docs/method.md 5; maximum 1.0): 1.0 if the answer is an expression that uses each given number exactly once and
 equals the target (|error| < 1e-5); 0.1 if an expression is present but wrong; 0 otherwise. Parsed by
 ``stp.tasks.arith``, never ``eval``. An expression inside ``\\boxed{}`` in the answer counts (d1's evaluation prompt
 asks for one), with ``\\times``, ``\\cdot`` and ``\\div`` read as ``*``, ``*`` and ``/``.

@@ -10,7 +10,7 @@ A full solution is kept as ``solution``; ``answer`` becomes its final answer wit
 
 Hub: ``openai/gsm8k`` (config ``main``), splits train (7473) and test (1319).
 
-Rewards (METHOD.md 5, d1 protocol; maximum 0.5 + 0.5 + 0.5 + 0.5 + 2.0 = 4.0):
+Rewards (docs/method.md 5, d1 protocol; maximum 0.5 + 0.5 + 0.5 + 0.5 + 2.0 = 4.0):
 
     xmlcount_reward    0.125 per tag line used exactly once, less 0.001 per character after the answer
     soft_format_reward 0.5 if the completion starts <reasoning>...</reasoning> <answer>...</answer>

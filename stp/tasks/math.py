@@ -10,12 +10,12 @@ Hub: test = ``HuggingFaceH4/MATH-500`` (500); train = ``ankner/math-500`` train 
 rows carry ``solution``. Rows keep their ``solution``: ``d1_compat`` takes its reference from it with d1's own helpers
 (:func:`d1_reference`), as d1's data loader passes the solution column to its reward.
 
-Rewards (METHOD.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
+Rewards (docs/method.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
 
     correctness_reward 2.0 if the last \\boxed{} of the completion is equivalent to the reference
     format_reward      0.5 x ([<answer>...</answer> present] + [\\boxed in the answer: 1, else 0.5])
 
-The format term is 0.25 even for an empty completion ("else 0.5"): that is METHOD.md's formula, kept as is; a constant
+The format term is 0.25 even for an empty completion ("else 0.5"): that is d1's formula, kept as is; a constant
 offset changes no GRPO advantage.
 """
 

@@ -8,7 +8,7 @@ Data schema (JSONL / JSON / CSV / parquet, one example per row):
 No hub dataset: d1's 4x4 puzzles are a local CSV (``4x4_sudoku_unique_puzzles.csv``, columns Puzzle, Solution): pass
 it as ``data_path``; by default puzzles come from :func:`generate`.
 
-Reward (METHOD.md 5; maximum 1.0): the fraction of the puzzle's empty cells that the 16 digits of the answer fill
+Reward (docs/method.md 5; maximum 1.0): the fraction of the puzzle's empty cells that the 16 digits of the answer fill
 correctly (the answer's digits are padded with 0 / cut to 16).
 """
 
