@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stp import fsdp
 from stp.config import ConfigError, TrainConfig
 from stp.loss import RolloutBatch, group_advantages, policy_loss, rollout_logprobs
 
@@ -419,10 +420,12 @@ def _save_checkpoint(out: Path, step: int, *, lm, optimizer, scheduler, state: M
         r_tensors, r_meta = rollout.to_files()
         _save_tensors(tmp / f"rollout-rank{rank}.safetensors", r_tensors)
         _write_file(tmp / f"rollout-rank{rank}.json", _json_bytes(r_meta))
+    trainable = fsdp.full_tensors(_trainable(lm))  # whole tensors under FSDP (collective); as they are otherwise
+    o_state = fsdp.full_optimizer_state(optimizer.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_tensors(tmp / "trainable.safetensors", _trainable(lm))
-        o_tensors, o_meta = _optimizer_to_files(optimizer.state_dict())
+        _save_tensors(tmp / "trainable.safetensors", trainable)
+        o_tensors, o_meta = _optimizer_to_files(o_state)
         _save_tensors(tmp / "optimizer.safetensors", o_tensors)
         _write_file(tmp / "optimizer.json", _json_bytes(o_meta))
         _write_file(tmp / "scheduler.json", _json_bytes(scheduler.state_dict()))
@@ -455,9 +458,10 @@ def _load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator) -> tu
                          f"(e.g. {sorted(set(weights) ^ set(params))[:3]}): a different model or LoRA setting")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
+            fsdp.copy_into(p, weights[name])
     optimizer.load_state_dict(_optimizer_from_files(_load_tensors(path / "optimizer.safetensors"),
                                                     json.loads((path / "optimizer.json").read_text())))
+    fsdp.shard_optimizer_state(optimizer)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rank = accelerator.process_index
     _set_rng_state(_load_tensors(path / f"rng-rank{rank}.safetensors"),
@@ -609,6 +613,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     cfg.check_environment()
     m, ro, est, g, run = cfg.model, cfg.rollout, cfg.estimator, cfg.grpo, cfg.run
     accelerator = Accelerator(cpu=run.device == "cpu", mixed_precision=run.mixed_precision)
+    fsdp.check(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     # The only global-RNG consumer in the loop is dropout (LoRA dropout); seed it per process from the config.
     global_seed = derive_seed(run.seed, "global-rng", rank)
@@ -678,6 +683,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                               num_training_steps=g.max_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process per optimizer step.
     policy, optimizer = accelerator.prepare(_PolicyLoss(lm), optimizer)
+    if fsdp.is_sharded(policy):  # fully_shard replaced the parameters by sharded ones
+        params = list(_trainable(lm).values())
 
     # ---- start or resume
     state: dict[str, Any] = {"nfe_sum": 0.0, "nfe_count": 0, "nan_streak": 0, "train_seconds": 0.0,
@@ -698,8 +705,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         for stale in (out / "checkpoints").glob(".tmp-*") if (out / "checkpoints").is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if resume_from is None and accelerator.is_main_process and run.eval_examples:
-        state["eval_before"] = _evaluate(lm, task, heldout, cfg)
+    if resume_from is None and run.eval_examples:
+        with fsdp.full_parameters(accelerator, policy):
+            if accelerator.is_main_process:
+                state["eval_before"] = _evaluate(lm, task, heldout, cfg)
     writer = None
     if run.tensorboard and accelerator.is_main_process:
         try:
@@ -734,6 +743,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 prompt_ids = ids_all[lo:hi].repeat_interleave(rep, 0).to(accelerator.device)  # [B, Lp], B = p*G
                 prompt_mask = attn_all[lo:hi].repeat_interleave(rep, 0).to(accelerator.device)  # [B, Lp]
                 sample_ids = torch.arange(lo * rep, hi * rep, device=accelerator.device)  # [B] index in the step
+                fsdp.unshard_all(accelerator, policy)  # whole weights for rollout and scoring (see stp.fsdp)
                 prior = None
                 if priors is not None:
                     from stp.prior import prompt_id, to_sampler_prior
@@ -769,6 +779,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 with accelerator.autocast():
                     old, ref = rollout_logprobs(lm, batch, seed=mask_seed, num_iterations=mu, likelihood=likelihood,
                                                 beta=g.beta, ref_context=ref_context)  # [mu, B, C] each
+                fsdp.reshard_all(accelerator, policy)
                 t_scoring = time.time() - t0
 
                 # gathered over processes (rank-major = the global sample order)
@@ -846,8 +857,11 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                    "time_update": t_update, "step_seconds": step_seconds,
                    "tokens_per_s": g.samples_per_step * ro.gen_length / mu / step_seconds,
                    "rollout_tokens_per_s": rm["rollout_tokens_per_s"]}
-            if run.eval_every and step % run.eval_every == 0 and step < g.max_steps and accelerator.is_main_process:
-                ev = _evaluate(lm, task, heldout, cfg)
+            ev = None
+            if run.eval_every and step % run.eval_every == 0 and step < g.max_steps:
+                with fsdp.full_parameters(accelerator, policy):
+                    if accelerator.is_main_process:
+                        ev = _evaluate(lm, task, heldout, cfg)
                 if ev is not None:
                     row.update(eval_reward=ev["reward"], eval_accuracy=ev["accuracy"],
                                eval_answer_rate=ev["answer_rate"], eval_seconds=ev["seconds"])
@@ -887,6 +901,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
 
     # ---- the end: held-out evaluation, plot, summary
     summary: dict[str, Any] = {}
+    lora_state = fsdp.full_lora_state(lm.model, policy) if m.use_lora else None  # whole under FSDP, else None
+    fsdp.unshard_all(accelerator, policy)  # the final evaluation reads whole weights
     if accelerator.is_main_process:
         after = _evaluate(lm, task, heldout, cfg) if not (interrupted or diverged) else None
         before = state["eval_before"]
@@ -910,9 +926,11 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         _write_atomic(out / "summary.json", _json_bytes(summary))
         _plot(metrics_path, out / "progress.png")
         if m.use_lora and not (interrupted or diverged):
-            lm.model.save_pretrained(str(out / "adapter"))  # adapter_model.safetensors + adapter_config.json
+            # adapter_model.safetensors + adapter_config.json
+            lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)
         if writer is not None:
             writer.close()
+    fsdp.reshard_all(accelerator, policy)
     accelerator.wait_for_everyone()
     if diverged:
         raise TrainingDiverged(f"{run.max_nan_steps} consecutive non-finite losses (run.max_nan_steps); stopped at "
