@@ -189,11 +189,31 @@ def test_base_without_adapter_and_dtype(tmp_path: Path, seed: int) -> None:
     assert json.loads((out / "config.json").read_text()) == dict(LLADA_CONFIG, torch_dtype="bfloat16")
 
 
-def test_progress_messages(tmp_path: Path, capsys) -> None:
-    base = write_checkpoint(tmp_path / "llada", LLADA_CONFIG, llada_weights(LLADA_CONFIG, 0))
+def test_saved_directory_round_trip(tmp_path: Path, seed: int) -> None:
+    """A directory this project saved (as `pretrained:TASK` resolves to): transformers layout, config and tokenizer
+    files copied from it."""
+    base = tmp_path / "saved"
+    build_tiny(seed=seed % 1000).save(base)
+    adapter = _adapter(load(str(base)), tmp_path / "adapter", seed, ["k_proj", "gate_proj"])
+    ids = _ids(seed, 2, 9, 100)
+    want = _merged_logits(str(base), adapter, ids)
+    out = tmp_path / "export"
+    ex.export(str(base), out, adapter=adapter, progress=False)
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    with torch.no_grad():
+        assert torch.equal(load(str(out)).logits(ids), want)
+
+
+def test_progress_messages_and_missing_code_warning(tmp_path: Path, capsys) -> None:
+    cfg = dict(LLADA_CONFIG, auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
+                                       "AutoModel": "modeling_llada.LLaDAModelLM"})
+    base = write_checkpoint(tmp_path / "llada", cfg, llada_weights(cfg, 0))
     ex.export(str(base), tmp_path / "export", max_shard_size="100KB")
     err = capsys.readouterr().err
     assert "loading" in err and "[1/" in err and "wrote" in err and "llada layout" in err
+    assert "auto_map names ['configuration_llada.py', 'modeling_llada.py']" in err
 
 
 # --------------------------------------------------------------------------------------------- writes and errors
