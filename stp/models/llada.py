@@ -65,6 +65,23 @@ def llada_key(key: str) -> str:
     return f"model.layers.{m.group(1)}.{_BLOCK_MAP[m.group(2)]}.{m.group(3)}"
 
 
+_TOP_INVERSE = {v: k for k, v in _TOP_MAP.items()}
+_BLOCK_INVERSE = {v: k for k, v in _BLOCK_MAP.items()}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(\w+(?:\.\w+)?)\.(weight|bias)")
+
+
+def llada_name(name: str, *, prefix: str = "model.") -> str:
+    """LlamaForCausalLM parameter name -> LLaDA checkpoint key (the inverse of `llada_key`; `prefix` is what the
+    checkpoint puts before ``transformer.``: ``model.`` in GSAI-ML's releases)."""
+    if name in _TOP_INVERSE:
+        return prefix + _TOP_INVERSE[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m is None or m.group(2) not in _BLOCK_INVERSE:
+        raise ValueError(f"parameter {name!r} has no place in a LLaDA checkpoint (known: embed_tokens, norm, lm_head "
+                         f"and layers.N.{{{','.join(_BLOCK_INVERSE)}}})")
+    return f"{prefix}transformer.blocks.{m.group(1)}.{_BLOCK_INVERSE[m.group(2)]}.{m.group(3)}"
+
+
 def llama_config(config: dict, *, attn_implementation: str = "sdpa"):
     """LLaDA config.json (its own field names) -> transformers LlamaConfig."""
     from transformers import LlamaConfig
