@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stp import fsdp
 from stp.files import fsync_dir, json_bytes, load_tensors, save_tensors, write_atomic, write_file
 from stp.loss import RolloutBatch
 from stp.metrics import truncate_metrics
@@ -164,10 +165,12 @@ def save_checkpoint(out: Path, step: int, *, lm, optimizer, scheduler, state: Ma
         r_tensors, r_meta = rollout.to_files()
         save_tensors(tmp / f"rollout-rank{rank}.safetensors", r_tensors)
         write_file(tmp / f"rollout-rank{rank}.json", json_bytes(r_meta))
+    weights = fsdp.full_tensors(trainable(lm))  # whole tensors under FSDP (a collective); as they are otherwise
+    o_state = fsdp.full_optimizer_state(optimizer.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_tensors(tmp / "trainable.safetensors", trainable(lm))
-        o_tensors, o_meta = _optimizer_to_files(optimizer.state_dict())
+        save_tensors(tmp / "trainable.safetensors", weights)
+        o_tensors, o_meta = _optimizer_to_files(o_state)
         save_tensors(tmp / "optimizer.safetensors", o_tensors)
         write_file(tmp / "optimizer.json", json_bytes(o_meta))
         write_file(tmp / "scheduler.json", json_bytes(scheduler.state_dict()))
@@ -200,9 +203,10 @@ def load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator) -> tup
                          f"(e.g. {sorted(set(weights) ^ set(params))[:3]}): a different model or LoRA setting")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
+            fsdp.copy_into(p, weights[name])
     optimizer.load_state_dict(_optimizer_from_files(load_tensors(path / "optimizer.safetensors"),
                                                     json.loads((path / "optimizer.json").read_text())))
+    fsdp.shard_optimizer_state(optimizer)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rank = accelerator.process_index
     _set_rng_state(load_tensors(path / f"rng-rank{rank}.safetensors"),

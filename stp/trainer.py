@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stp import checkpoint, data_order, metrics, policy
+from stp import checkpoint, data_order, fsdp, metrics, policy
 from stp.checkpoint import SavedRollout, last_checkpoint
 from stp.config import ConfigError, TrainConfig
 from stp.loss import RolloutBatch, group_advantages
@@ -62,6 +62,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     cfg.check_environment()
     m, ro, g, run = cfg.model, cfg.rollout, cfg.grpo, cfg.run
     accelerator = Accelerator(cpu=run.device == "cpu", mixed_precision=run.mixed_precision)
+    fsdp.check(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     # The only global-RNG consumer in the loop is dropout (LoRA dropout); seed it per process from the config.
     global_seed = derive_seed(run.seed, "global-rng", rank)
@@ -102,13 +103,17 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                               num_training_steps=g.max_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process per optimizer step.
     loss_module, optimizer = accelerator.prepare(policy.PolicyLoss(lm, method), optimizer)
+    if fsdp.is_sharded(loss_module):  # fully_shard replaced the parameters by sharded ones
+        params = list(checkpoint.trainable(lm).values())
 
     # ---- start or resume (a mid-rollout checkpoint brings that rollout back: `rollout`)
     step, rollout, state = checkpoint.start_or_resume(out, cfg, resume_from, lm=lm, optimizer=optimizer,
                                                       scheduler=scheduler, accelerator=accelerator)
     wall_before = state["wall_seconds"]  # earlier processes of this run
-    if resume_from is None and accelerator.is_main_process and run.eval_examples:
-        state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
+    if resume_from is None and run.eval_examples:
+        with fsdp.full_parameters(accelerator, loss_module):  # every process takes part in the gather
+            if accelerator.is_main_process:
+                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
     log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
         log.heldout(state["eval_before"], 0)
@@ -134,6 +139,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 prompt_ids = ids_all[lo:hi].repeat_interleave(rep, 0).to(accelerator.device)  # [B, Lp]
                 prompt_mask = attn_all[lo:hi].repeat_interleave(rep, 0).to(accelerator.device)  # [B, Lp]
                 sample_ids = torch.arange(lo * rep, hi * rep, device=accelerator.device)  # [B] index in the step
+                fsdp.unshard_all(accelerator, loss_module)  # whole weights for rollout and scoring (stp.fsdp)
                 prior = method.prior([texts[j] for j in range(lo, hi) for _ in range(rep)], ro.gen_length,
                                      accelerator.device)  # anchors [B, L] or None
                 lm.eval()
@@ -166,6 +172,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 with accelerator.autocast():
                     scores = method.score(lm, batch, seed=mask_seed, num_iterations=mu,
                                           ref_context=ref_context)  # {name: [mu, B, ...]}
+                fsdp.reshard_all(accelerator, loss_module)
                 t_scoring = time.time() - t0
                 rm = metrics.rollout_metrics(accelerator, fn_names, fn_rewards, gen, completions, eos, ro.gen_length,
                                              t_rollout, t_scoring, state)
@@ -212,8 +219,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
             row = metrics.step_row(step, r, it, (r * g.prompts_per_step) // order.n, rollout.metrics, loss_v,
                                    dict(zip(parts, part_v)), grad_norm, scheduler.get_last_lr()[0], skipped,
                                    t_update, mu, g.samples_per_step * ro.gen_length)
-            if run.eval_every and step % run.eval_every == 0 and step < g.max_steps and accelerator.is_main_process:
-                row.update(metrics.eval_columns(metrics.evaluate_heldout(lm, task, heldout, cfg)))
+            if run.eval_every and step % run.eval_every == 0 and step < g.max_steps:
+                with fsdp.full_parameters(accelerator, loss_module):
+                    if accelerator.is_main_process:
+                        row.update(metrics.eval_columns(metrics.evaluate_heldout(lm, task, heldout, cfg)))
             if log is not None:
                 if skipped:
                     print(f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
@@ -245,6 +254,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
 
     # ---- the end: held-out evaluation, plot, summary, adapter
     summary: dict[str, Any] = {}
+    lora_state = fsdp.full_lora_state(lm.model, loss_module) if m.use_lora else None  # whole under FSDP, else None
+    fsdp.unshard_all(accelerator, loss_module)  # the final evaluation reads whole weights
     if accelerator.is_main_process:
         after = metrics.evaluate_heldout(lm, task, heldout, cfg) if not (interrupted or diverged) else None
         log.heldout(after, step)
@@ -252,8 +263,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
                                         diverged=diverged, world=world)
         if m.use_lora and not (interrupted or diverged):
-            lm.model.save_pretrained(str(out / "adapter"))  # adapter_model.safetensors + adapter_config.json
+            # adapter_model.safetensors + adapter_config.json
+            lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)
         log.close()
+    fsdp.reshard_all(accelerator, loss_module)
     accelerator.wait_for_everyone()
     if diverged:
         raise TrainingDiverged(f"{run.max_nan_steps} consecutive non-finite losses (run.max_nan_steps); stopped at "
