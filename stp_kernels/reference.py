@@ -161,9 +161,12 @@ def sample_step_reference(
     temperature: float = 0.0,
     vocab: torch.Tensor | None = None,
     upcast: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+):
     """Materialise logits and noise: x0 = argmax_v (z_v / T + gumbel_v) (argmax z when T == 0), ties to the lowest
-    id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])."""
+    id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])
+    and, with ``return_entropy``, the predictive entropy float32 [R] of softmax(z) (untempered, over the vocabulary
+    prior when one is given): lse(z) - sum_v softmax(z)_v z_v, computed in ``upcast``."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if rows is not None:
         h = h.index_select(0, rows)
@@ -177,5 +180,9 @@ def sample_step_reference(
     else:
         score = z
     slot = score.argmax(dim=-1)
-    conf = torch.softmax(z, dim=-1).gather(1, slot[:, None])[:, 0]
-    return ids[slot], conf.float()
+    p = torch.softmax(z, dim=-1)
+    conf = p.gather(1, slot[:, None])[:, 0]
+    if not return_entropy:
+        return ids[slot], conf.float()
+    entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+    return ids[slot], conf.float(), entropy.float()

@@ -161,7 +161,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
 }
 
 // ------------------------------------------------------------------------------------------------ sample_step
-// Contract: stp_kernels/torch_chunked_sample_step.py (forward(h, w, vocab_ids, keys, inv_temp, greedy)).
+// Contract: stp_kernels/torch_chunked_sample_step.py (forward(h, w, vocab_ids, keys, inv_temp, greedy, want_mean)).
 
 stp_ss::SsDtype to_ss_dtype(at::ScalarType t) {
   switch (t) {
@@ -173,9 +173,9 @@ stp_ss::SsDtype to_ss_dtype(at::ScalarType t) {
   return stp_ss::SsDtype::kFloat32;  // unreachable
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> sample_step_forward(
     const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& vocab_ids, const at::Tensor& keys,
-    double inv_temp, bool greedy) {
+    double inv_temp, bool greedy, bool want_mean) {
   check_head(h, w);
   check_row_vector(keys, "keys", h, at::kLong);
   stp_ss::SsParams p;
@@ -197,16 +197,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
   at::Tensor slot = at::empty({p.R}, h.options().dtype(at::kLong));
   at::Tensor z_sel = at::empty({p.R}, h.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.R}, h.options().dtype(at::kFloat));
-  if (p.R == 0) return {slot, z_sel, lse};
+  std::optional<at::Tensor> mean;
+  if (want_mean) mean = at::empty({p.R}, h.options().dtype(at::kFloat));
+  if (p.R == 0) return {slot, z_sel, lse, mean};
   p.slot_out = slot.data_ptr<int64_t>();
   p.z_sel_out = z_sel.data_ptr<float>();
   p.lse_out = lse.data_ptr<float>();
+  p.mean_out = want_mean ? mean->data_ptr<float>() : nullptr;
   const size_t ws_bytes = stp_ss::ss_forward_workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, h.options().dtype(at::kByte));
   p.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
   p.workspace_bytes = ws_bytes;
   check_launch(stp_ss::ss_forward(p, at::cuda::getCurrentCUDAStream().stream()), "sample_step_forward");
-  return {slot, z_sel, lse};
+  return {slot, z_sel, lse, mean};
 }
 
 }  // namespace
@@ -222,7 +225,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("g_tgt"), py::arg("a"), py::arg("b"), py::arg("need_dh"), py::arg("need_dw"));
   m.def("sample_step_forward", &sample_step_forward,
-        "(h, w, vocab_ids, keys, inv_temp, greedy) -> (slot int64, z_sel float32, lse float32); contract: "
-        "stp_kernels.torch_chunked_sample_step",
-        py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("keys"), py::arg("inv_temp"), py::arg("greedy"));
+        "(h, w, vocab_ids, keys, inv_temp, greedy, want_mean) -> (slot int64, z_sel float32, lse float32, "
+        "mean float32 | None); contract: stp_kernels.torch_chunked_sample_step",
+        py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("keys"), py::arg("inv_temp"), py::arg("greedy"),
+        py::arg("want_mean"));
 }
