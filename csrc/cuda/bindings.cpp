@@ -137,7 +137,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   const auto f32 = h.options().dtype(at::kFloat);
   std::optional<at::Tensor> dh, dw;
   if (need_dh) dh = at::empty({p.R, p.H}, f32);
-  if (need_dw) dw = at::empty({p.Vs, p.H}, f32);
+  if (need_dw) dw = at::empty({p.Vs, p.H}, w.options());  // the weight's dtype: written once, no float32 copy
   if (p.R == 0) {  // no rows: the gradients are exactly zero, nothing to launch
     if (dh) dh->zero_();
     if (dw) dw->zero_();
@@ -149,9 +149,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   p.a = a.data_ptr<float>();
   p.b = b.has_value() ? b->data_ptr<float>() : nullptr;
   p.dh = need_dh ? dh->data_ptr<float>() : nullptr;
-  p.dw = need_dw ? dw->data_ptr<float>() : nullptr;
-  // Scratch for one vocabulary chunk of dz: one [R, chunk] float32 buffer, or the dz_hi / dz_lo pair of [R, chunk]
-  // buffers for bf16 / fp16 (the size query accounts for both; the launcher lays them out).
+  p.dw = need_dw ? dw->data_ptr() : nullptr;
+  // Scratch for one vocabulary chunk of dz: one [R, chunk] buffer in the input dtype.
   const size_t ws_bytes = stp_mlp::mlp_backward_workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, h.options().dtype(at::kByte));
   p.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
@@ -221,7 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "(h, w, vocab_ids, tgt, inv_temp, want_mean) -> (lse, tgt_logit, mean | None)",
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("want_mean"));
   m.def("backward", &backward,
-        "(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw) -> (dh | None, dw | None)",
+        "(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw) -> (dh float32 | None, dw in w's dtype | None)",
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("g_tgt"), py::arg("a"), py::arg("b"), py::arg("need_dh"), py::arg("need_dw"));
   m.def("sample_step_forward", &sample_step_forward,
