@@ -72,13 +72,13 @@ def backend_contract() -> str:
     backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw) -> (dh | None, dw | None)
         g_tgt, a [R] float32; b [R] float32 or None (treated as zeros). With p = exp(z - lse):
             dz[r, v] = g_tgt[r] * [v == tgt[r]] + p[r, v] * (a[r] - b[r] * z[r, v])
-            dh[r]    = inv_temp * sum_v dz[r, v] * w[sel(v)]          float32 [R, H] (or h's dtype)
+            dh[r]    = inv_temp * sum_v dz[r, v] * w[sel(v)]          float32 [R, H]
             dw[v]    = inv_temp * sum_r dz[r, v] * h[r]               [Vs, H] (slot order), float32 or w's dtype
-        Recomputes z tile by tile. dw may come back in float32 or already in w's dtype; a backend whose dw is
-        [V, H] (LLaDA's head: 2 GB in float32) should write it in w's dtype directly, from a complete float32 sum
-        rounded once, so that no float32 [V, H] buffer exists and the caller's cast is a no-op. For 16-bit inputs
-        a backend may round dz once to the input dtype before the two products (as torch's own autograd does). For outputs logp = z_t - lse, lse and entropy = lse - sum_v p z with
-        upstream gradients g_logp, g_lse, g_ent:
+        Recomputes z tile by tile. dw may come back in float32 or already in w's dtype; a backend should write it
+        in w's dtype directly (from a complete float32 sum, rounded once), so that no float32 [V, H] buffer exists
+        (LLaDA's head: 2 GB) and the caller's cast is a no-op. For 16-bit inputs a backend may round dz once to the
+        input dtype before the two products (as torch's own autograd does).
+        For outputs logp = z_t - lse, lse and entropy = lse - sum_v p z with upstream gradients g_logp, g_lse, g_ent:
             d logp / dz_v = [v == t] - p_v;  d lse / dz_v = p_v;  d entropy / dz_v = p_v * (mean - z_v)
         so g_tgt = g_logp, a = g_lse - g_logp + g_ent * mean, b = g_ent.
     """
