@@ -1,8 +1,9 @@
 """``cuda`` backend of ``masked_logprob``: hand-written CUDA kernels (csrc/cuda), compiled as ``stp_kernels._C_cuda``.
 
 Forward: an online log-sum-exp over vocabulary tiles with per-split partials merged in a fixed order; backward:
-logits recomputed in vocabulary chunks, then dh and dw as two tensor-core products (bf16/fp16; SIMT fp32 for
-float32). Deterministic: no atomics, bitwise identical results run to run. Interface: ``reference.backend_contract``.
+logits recomputed in vocabulary chunks, dz rounded once to the input dtype, then dh (float32) and dw (written in
+the weight's dtype) as two tensor-core products (bf16/fp16; SIMT fp32 for float32). Deterministic: no atomics,
+bitwise identical results run to run. Interface: ``reference.backend_contract``.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ def _bwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tg
             lse: torch.Tensor, g_tgt: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, need_dh: bool,
             need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     dh, dw = _impl(backend, h).backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw)
+    # Backends may return dw in float32 or already in w's dtype (triton, cuda, torch_chunked): then .to() below is
+    # a no-op and no float32 [V, H] buffer ever exists.
     dh = _own(dh.to(h.dtype)) if need_dh else h.new_empty(0)
     if not need_dw:
         dw = w.new_empty(0)

@@ -73,9 +73,12 @@ def backend_contract() -> str:
         g_tgt, a [R] float32; b [R] float32 or None (treated as zeros). With p = exp(z - lse):
             dz[r, v] = g_tgt[r] * [v == tgt[r]] + p[r, v] * (a[r] - b[r] * z[r, v])
             dh[r]    = inv_temp * sum_v dz[r, v] * w[sel(v)]          float32 [R, H]
-            dw[v]    = inv_temp * sum_r dz[r, v] * h[r]               float32 [Vs, H] (slot order)
-        Recomputes z tile by tile. For outputs logp = z_t - lse, lse and entropy = lse - sum_v p z with
-        upstream gradients g_logp, g_lse, g_ent:
+            dw[v]    = inv_temp * sum_r dz[r, v] * h[r]               [Vs, H] (slot order), float32 or w's dtype
+        Recomputes z tile by tile. dw may come back in float32 or already in w's dtype; a backend should write it
+        in w's dtype directly (from a complete float32 sum, rounded once), so that no float32 [V, H] buffer exists
+        (LLaDA's head: 2 GB) and the caller's cast is a no-op. For 16-bit inputs a backend may round dz once to the
+        input dtype before the two products (as torch's own autograd does).
+        For outputs logp = z_t - lse, lse and entropy = lse - sum_v p z with upstream gradients g_logp, g_lse, g_ent:
             d logp / dz_v = [v == t] - p_v;  d lse / dz_v = p_v;  d entropy / dz_v = p_v * (mean - z_v)
         so g_tgt = g_logp, a = g_lse - g_logp + g_ent * mean, b = g_ent.
     """
@@ -161,9 +164,12 @@ def sample_step_reference(
     temperature: float = 0.0,
     vocab: torch.Tensor | None = None,
     upcast: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+):
     """Materialise logits and noise: x0 = argmax_v (z_v / T + gumbel_v) (argmax z when T == 0), ties to the lowest
-    id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])."""
+    id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])
+    and, with ``return_entropy``, the predictive entropy float32 [R] of softmax(z) (untempered, over the vocabulary
+    prior when one is given): lse(z) - sum_v softmax(z)_v z_v, computed in ``upcast``."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if rows is not None:
         h = h.index_select(0, rows)
@@ -177,5 +183,9 @@ def sample_step_reference(
     else:
         score = z
     slot = score.argmax(dim=-1)
-    conf = torch.softmax(z, dim=-1).gather(1, slot[:, None])[:, 0]
-    return ids[slot], conf.float()
+    p = torch.softmax(z, dim=-1)
+    conf = p.gather(1, slot[:, None])[:, 0]
+    if not return_entropy:
+        return ids[slot], conf.float()
+    entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+    return ids[slot], conf.float(), entropy.float()

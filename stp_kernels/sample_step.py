@@ -2,8 +2,9 @@
 
 For each scored row: x0 = argmax_v (z_v / T + g_v) with Gumbel noise g drawn from a counter-based generator
 (``reference.counter_gumbel``: a pure function of seed, step, row identity and token id, computed inside the
-kernel), x0 = argmax z when T == 0, and confidence = softmax(z)[x0] from the untempered logits z = h @ W.T.
-The [rows, vocab] logits and noise are never written. Backends: ``torch`` (reference, materialises), ``torch_chunked``,
+kernel), x0 = argmax z when T == 0, confidence = softmax(z)[x0] from the untempered logits z = h @ W.T and, on
+request, the predictive entropy of softmax(z) from the same pass (an entropy-bounded sampler reads it). The
+[rows, vocab] logits and noise are never written. Backends: ``torch`` (reference, materialises), ``torch_chunked``,
 ``triton``, ``cuda``; same dispatch as ``masked_logprob``.
 """
 
@@ -31,6 +32,7 @@ def sample_step(
     vocab: torch.Tensor | None = None,
     backend: str | None = None,
     return_logp: bool = False,
+    return_entropy: bool = False,
     check_inputs: bool = True,
 ):
     """Sample x0 and its confidence at the scored rows of one denoising step.
@@ -44,10 +46,14 @@ def sample_step(
         temperature: Gumbel-max temperature; 0 is greedy (argmax, no noise).
         vocab: sorted int64 token ids of a vocabulary prior; sampling and the confidence softmax use only those.
         return_logp: also return log softmax(z)[x0].
+        return_entropy: also return the entropy -sum_v p_v log p_v of p = softmax(z) (untempered logits, over the
+            vocabulary prior when given), as lse(z) - sum_v p_v z_v from the same pass (backends compute the mean
+            logit only when asked).
         check_inputs: run the range checks of rows and vocab (one host sync); a caller that calls once per denoising
             step validates them once itself and passes False.
 
-    Returns: x0 int64 [R] token ids, confidence float32 [R] (and log-confidence float32 [R] when asked).
+    Returns: (x0 int64 [R] token ids, confidence float32 [R]) + (log-confidence float32 [R],) if ``return_logp``
+    + (entropy float32 [R],) if ``return_entropy``, in that order.
     """
     fn = "stp_kernels.sample_step"
     h, num_rows = V.head_inputs(fn, hidden, weight)
@@ -72,15 +78,17 @@ def sample_step(
 
     name, impl = _backends.resolve("sample_step", backend, h.device)
     if name == "torch":
-        x0, conf = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
-                                         temperature=temperature, vocab=vocab, upcast=torch.float32)
-        return (x0, conf, conf.log()) if return_logp else (x0, conf)
+        out = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
+                                    temperature=temperature, vocab=vocab, upcast=torch.float32,
+                                    return_entropy=return_entropy)
+        x0, conf = out[0], out[1]
+        return (x0, conf) + ((conf.log(),) if return_logp else ()) + (out[2:] if return_entropy else ())
     if rows is not None:
         h = h.index_select(0, rows)
     keys = row_keys(seed, step, row_ids)
     greedy = temperature == 0.0
-    slot, z_sel, lse = impl.forward(h.contiguous(), weight.contiguous(), vocab, keys,
-                                    0.0 if greedy else 1.0 / temperature, greedy)
+    slot, z_sel, lse, mean = impl.forward(h.contiguous(), weight.contiguous(), vocab, keys,
+                                          0.0 if greedy else 1.0 / temperature, greedy, return_entropy)
     x0 = slot if vocab is None else vocab[slot]
     logp = z_sel - lse
-    return (x0, logp.exp(), logp) if return_logp else (x0, logp.exp())
+    return (x0, logp.exp()) + ((logp,) if return_logp else ()) + ((lse - mean,) if return_entropy else ())

@@ -1,11 +1,15 @@
 """``torch_chunked`` backend of ``sample_step``: vocabulary tiles in plain torch (portable fallback).
 
 Contract (shared by every sample_step backend):
-    forward(h, w, vocab_ids, keys, inv_temp, greedy) -> (slot, z_sel, lse)
+    forward(h, w, vocab_ids, keys, inv_temp, greedy, want_mean) -> (slot, z_sel, lse, mean)
         h [R, H], w [V, H] (float32 / bfloat16 / float16), vocab_ids [Vs] int64 or None, keys [R] int64 holding the
-        per-row uint32 counter keys (``reference.row_keys``), inv_temp = 1 / temperature (ignored when greedy).
+        per-row uint32 counter keys (``reference.row_keys``), inv_temp = 1 / temperature (ignored when greedy),
+        want_mean: compute ``mean`` (otherwise it is None and costs nothing).
         score[r, v] = z[r, v] * inv_temp + gumbel(keys[r], token(v)) (greedy: score = z), z = h @ W[sel].T in fp32;
-        slot = first argmax of score (ties go to the lowest slot), z_sel = z[r, slot], lse = logsumexp_v z[r, v].
+        slot = first argmax of score (ties go to the lowest slot), z_sel = z[r, slot], lse = logsumexp_v z[r, v],
+        mean = sum_v softmax(z[r])_v * z[r, v] (the mean of the UNTEMPERED logits under their own softmax, over the
+        prior-restricted vocabulary). Outputs: slot int64 [R]; z_sel, lse, mean float32 [R].
+        Callers derive confidence = exp(z_sel - lse) and the predictive entropy = lse - mean.
         Never materialises [R, Vs].
 """
 
@@ -18,7 +22,7 @@ from .reference import counter_uniform
 _BLOCK_ELEMS = 1 << 20  # [R, tile]: noise hashing makes a few int64 temporaries of this size
 
 
-def forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool):
+def forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, want_mean: bool):
     num_rows = h.shape[0]
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
     tile = max(128, min(vocab_size, _BLOCK_ELEMS // max(num_rows, 1)))
@@ -29,6 +33,7 @@ def forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool):
     z_sel = torch.zeros(num_rows, device=dev)
     m = torch.full((num_rows,), float("-inf"), device=dev)
     s = torch.zeros(num_rows, device=dev)
+    sz = torch.zeros(num_rows, device=dev) if want_mean else None
     for start in range(0, vocab_size, tile):
         stop = min(start + tile, vocab_size)
         tokens = torch.arange(start, stop, device=dev) if vocab_ids is None else vocab_ids[start:stop]
@@ -43,6 +48,10 @@ def forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool):
         slot = torch.where(better, targ + start, slot)
         z_sel = torch.where(better, z.gather(1, targ[:, None])[:, 0], z_sel)
         m_new = torch.maximum(m, z.amax(1))
-        s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+        scale = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        s = s * scale + e.sum(1)
+        if sz is not None:
+            sz = sz * scale + (e * z).sum(1)
         m = m_new
-    return slot, z_sel, m + torch.log(s)
+    return slot, z_sel, m + torch.log(s), (sz / s if sz is not None else None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -35,6 +37,12 @@ def _make(seed, device, backend, dtype, with_vocab):
             None if vocab is None else vocab.to(**to))
 
 
+def _logits64(hidden, weight, rows, vocab):
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).double()
+    ids = torch.arange(weight.shape[0], device=weight.device) if vocab is None else vocab
+    return h @ weight.index_select(0, ids).double().T
+
+
 def _score_gap(hidden, weight, rows, row_ids, vocab, temperature, seed, step):
     """Per row: the gap between the best and second-best float64 reference score (near-ties may differ)."""
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows).double()
@@ -52,11 +60,22 @@ def _score_gap(hidden, weight, rows, row_ids, vocab, temperature, seed, step):
 def test_matches_float64(device, backend, dtype, temperature, with_vocab, seed):
     hidden, weight, rows, row_ids, vocab = _make(seed, device, backend, dtype, with_vocab)
     step = seed % 1000
-    x0, conf, logp = sample_step(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
-                                 temperature=temperature, vocab=vocab, backend=backend, return_logp=True)
-    ref_x0, ref_conf = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
-                                             temperature=temperature, vocab=vocab)
-    assert x0.dtype == torch.int64 and conf.dtype == torch.float32
+    x0, conf, logp, entropy = sample_step(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
+                                          temperature=temperature, vocab=vocab, backend=backend, return_logp=True,
+                                          return_entropy=True)
+    ref_x0, ref_conf, ref_entropy = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows,
+                                                          row_ids=row_ids, temperature=temperature, vocab=vocab,
+                                                          return_entropy=True)
+    assert x0.dtype == torch.int64 and conf.dtype == torch.float32 and entropy.dtype == torch.float32
+    # The entropy of the untempered softmax over the (prior-restricted) vocabulary, at every row. It is lse - mean,
+    # a difference of two numbers of the logits' size, so its float32 error scales with the largest logit.
+    z_max = _logits64(hidden, weight, rows, vocab).abs().amax(-1)
+    bad = ~((entropy.double() - ref_entropy.double()).abs() <= 2e-6 * (1 + z_max))  # NaN is bad too
+    assert not bad.any(), f"{backend} entropy: error > 2e-6 (1 + max |z|) at rows {bad.nonzero()[:5, 0].tolist()}"
+    # Asking for the entropy changes nothing else.
+    x0_only, conf_only = sample_step(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
+                                     temperature=temperature, vocab=vocab, backend=backend)
+    assert torch.equal(x0_only, x0) and torch.equal(conf_only, conf)
     differ = x0 != ref_x0
     if differ.any():  # allowed only where the float64 scores of the top two candidates are a near-tie
         gap = _score_gap(hidden, weight, rows, row_ids, vocab, temperature, seed, step)
@@ -66,6 +85,43 @@ def test_matches_float64(device, backend, dtype, temperature, with_vocab, seed):
     assert_close(logp[same].exp(), conf[same], atol=1e-7, rtol=1e-6, what=f"{backend} logp")
     if vocab is not None:
         assert torch.isin(x0, vocab).all(), "x0 outside the vocabulary prior"
+
+
+def _entropy64(z: torch.Tensor) -> torch.Tensor:
+    """-sum p log p of softmax(z) in float64, written independently of the reference's lse - mean."""
+    logp = torch.log_softmax(z.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_entropy_of_peaked_and_flat_rows(device, backend, seed):
+    """Rows from nearly one-hot (entropy ~ 0: lse and mean cancel) to uniform (entropy = log Vs), realistic logit
+    spreads (max logit ~ 30), with the output tuple in the documented order."""
+    gen = torch.Generator().manual_seed(seed)
+    n, hdim, vsize = _sizes(device, backend)
+    hidden = torch.randn(n, hdim, generator=gen)
+    # Per-row logit spread from 0 (uniform) to 30 standard deviations' worth (peaked).
+    hidden *= torch.linspace(0.0, 1.0, n)[:, None] ** 2 * 10.0
+    weight = torch.randn(vsize, hdim, generator=gen) * (3.0 / hdim**0.5)
+    vocab = torch.randperm(vsize, generator=gen)[: vsize * 2 // 3].sort().values
+    for voc in (None, vocab):
+        out = sample_step(hidden.to(device), weight.to(device), seed=seed, step=1, temperature=0.8,
+                          vocab=None if voc is None else voc.to(device), backend=backend, return_entropy=True)
+        assert len(out) == 3
+        ids = torch.arange(vsize) if voc is None else voc
+        z = hidden.double() @ weight.index_select(0, ids).double().T
+        expected = _entropy64(z)
+        assert expected[0].item() == pytest.approx(math.log(ids.numel()), abs=1e-9)
+        assert expected[-1].item() < 0.5 * expected[0].item()  # the rows do span peaked to flat
+        atol = 2e-6 * (1 + z.abs().amax(-1))
+        err = (out[2].cpu().double() - expected).abs()
+        assert (err <= atol).all() and torch.isfinite(out[2]).all(), (
+            f"{backend}: entropy error {err.max().item():.3e} at row {err.argmax().item()}")
+        both = sample_step(hidden.to(device), weight.to(device), seed=seed, step=1, temperature=0.8,
+                           vocab=None if voc is None else voc.to(device), backend=backend, return_logp=True,
+                           return_entropy=True)
+        assert len(both) == 4 and torch.equal(both[3], out[2]) and torch.equal(both[0], out[0])
+        assert_close(both[2].exp(), both[1], atol=1e-7, rtol=1e-6, what=f"{backend} logp is the 3rd output")
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

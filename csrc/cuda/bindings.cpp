@@ -137,7 +137,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   const auto f32 = h.options().dtype(at::kFloat);
   std::optional<at::Tensor> dh, dw;
   if (need_dh) dh = at::empty({p.R, p.H}, f32);
-  if (need_dw) dw = at::empty({p.Vs, p.H}, f32);
+  if (need_dw) dw = at::empty({p.Vs, p.H}, w.options());  // the weight's dtype: written once, no float32 copy
   if (p.R == 0) {  // no rows: the gradients are exactly zero, nothing to launch
     if (dh) dh->zero_();
     if (dw) dw->zero_();
@@ -149,9 +149,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
   p.a = a.data_ptr<float>();
   p.b = b.has_value() ? b->data_ptr<float>() : nullptr;
   p.dh = need_dh ? dh->data_ptr<float>() : nullptr;
-  p.dw = need_dw ? dw->data_ptr<float>() : nullptr;
-  // Scratch for one vocabulary chunk of dz: one [R, chunk] float32 buffer, or the dz_hi / dz_lo pair of [R, chunk]
-  // buffers for bf16 / fp16 (the size query accounts for both; the launcher lays them out).
+  p.dw = need_dw ? dw->data_ptr() : nullptr;
+  // Scratch for one vocabulary chunk of dz: one [R, chunk] buffer in the input dtype.
   const size_t ws_bytes = stp_mlp::mlp_backward_workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, h.options().dtype(at::kByte));
   p.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
@@ -161,7 +160,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> backward(
 }
 
 // ------------------------------------------------------------------------------------------------ sample_step
-// Contract: stp_kernels/torch_chunked_sample_step.py (forward(h, w, vocab_ids, keys, inv_temp, greedy)).
+// Contract: stp_kernels/torch_chunked_sample_step.py (forward(h, w, vocab_ids, keys, inv_temp, greedy, want_mean)).
 
 stp_ss::SsDtype to_ss_dtype(at::ScalarType t) {
   switch (t) {
@@ -173,9 +172,9 @@ stp_ss::SsDtype to_ss_dtype(at::ScalarType t) {
   return stp_ss::SsDtype::kFloat32;  // unreachable
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> sample_step_forward(
     const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& vocab_ids, const at::Tensor& keys,
-    double inv_temp, bool greedy) {
+    double inv_temp, bool greedy, bool want_mean) {
   check_head(h, w);
   check_row_vector(keys, "keys", h, at::kLong);
   stp_ss::SsParams p;
@@ -197,16 +196,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_step_forward(
   at::Tensor slot = at::empty({p.R}, h.options().dtype(at::kLong));
   at::Tensor z_sel = at::empty({p.R}, h.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.R}, h.options().dtype(at::kFloat));
-  if (p.R == 0) return {slot, z_sel, lse};
+  std::optional<at::Tensor> mean;
+  if (want_mean) mean = at::empty({p.R}, h.options().dtype(at::kFloat));
+  if (p.R == 0) return {slot, z_sel, lse, mean};
   p.slot_out = slot.data_ptr<int64_t>();
   p.z_sel_out = z_sel.data_ptr<float>();
   p.lse_out = lse.data_ptr<float>();
+  p.mean_out = want_mean ? mean->data_ptr<float>() : nullptr;
   const size_t ws_bytes = stp_ss::ss_forward_workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, h.options().dtype(at::kByte));
   p.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
   p.workspace_bytes = ws_bytes;
   check_launch(stp_ss::ss_forward(p, at::cuda::getCurrentCUDAStream().stream()), "sample_step_forward");
-  return {slot, z_sel, lse};
+  return {slot, z_sel, lse, mean};
 }
 
 }  // namespace
@@ -218,11 +220,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "(h, w, vocab_ids, tgt, inv_temp, want_mean) -> (lse, tgt_logit, mean | None)",
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("want_mean"));
   m.def("backward", &backward,
-        "(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw) -> (dh | None, dw | None)",
+        "(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw) -> (dh float32 | None, dw in w's dtype | None)",
         py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("tgt"), py::arg("inv_temp"), py::arg("lse"),
         py::arg("g_tgt"), py::arg("a"), py::arg("b"), py::arg("need_dh"), py::arg("need_dw"));
   m.def("sample_step_forward", &sample_step_forward,
-        "(h, w, vocab_ids, keys, inv_temp, greedy) -> (slot int64, z_sel float32, lse float32); contract: "
-        "stp_kernels.torch_chunked_sample_step",
-        py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("keys"), py::arg("inv_temp"), py::arg("greedy"));
+        "(h, w, vocab_ids, keys, inv_temp, greedy, want_mean) -> (slot int64, z_sel float32, lse float32, "
+        "mean float32 | None); contract: stp_kernels.torch_chunked_sample_step",
+        py::arg("h"), py::arg("w"), py::arg("vocab_ids"), py::arg("keys"), py::arg("inv_temp"), py::arg("greedy"),
+        py::arg("want_mean"));
 }

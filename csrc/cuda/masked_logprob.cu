@@ -13,11 +13,13 @@
 //                keeping an online (max, sum exp, sum exp*z) per row in registers; writes per-split partials.
 //                The block whose tile holds a row's target writes that row's target logit (exactly one writer).
 //   fwd_merge    one thread per row folds the split partials in split order 0..S-1 -> lse, mean.
-//   bwd_dz       per vocabulary chunk: recomputes z for a [BM, BN] tile and writes inv_temp * dz to a [R, chunk]
-//                scratch buffer (float32), or as a hi / lo pair of [R, chunk] buffers in the input dtype (bf16 / fp16).
-//   bwd_dh       dh[R, H] (+)= dz_chunk @ w[sel(chunk)]   (first chunk stores, later chunks add, in chunk order)
-//   bwd_dw       dw[chunk, H] = dz_chunk^T @ h
-//                (bf16 / fp16: dz_chunk = dz_hi + dz_lo, both parts multiplied into the same float accumulators)
+//   bwd_dz       per vocabulary chunk: recomputes z for a [BM, BN] tile and writes inv_temp * dz, rounded once to
+//                the input dtype, to a [R, chunk] scratch buffer.
+//   bwd_dh       dh[R, H] (+)= dz_chunk @ w[sel(chunk)]   (float32; first chunk stores, later chunks add, in chunk
+//                order)
+//   bwd_dw       dw[chunk, H] = dz_chunk^T @ h, written in the input dtype (float32 accumulation over all rows in
+//                registers, one rounding at the store: no float32 [Vs, H] buffer exists anywhere)
+// Flops: 2 R*H*Vs (forward) and 6 R*H*Vs (backward with both gradients): the matmul floor of this structure.
 // Determinism: no atomics anywhere; every output element has one writer per launch; launches are stream-ordered.
 #include "masked_logprob.h"
 
@@ -44,8 +46,8 @@ constexpr int kThreads = 256;  // every kernel: 8 warps
 constexpr int kWarps = kThreads / 32;
 // Forward: aim for this many blocks (row tiles x vocabulary splits): ~4 waves at 2 blocks/SM on 132 SMs.
 constexpr int64_t kFwdTargetBlocks = 1024;
-// Backward: each dz scratch buffer holds at most this many elements ([R, chunk]): 128 MiB in float32, and two
-// 64 MiB buffers (hi, lo) in bf16 / fp16.
+// Backward: the dz scratch buffer holds at most this many elements ([R, chunk]): 128 MiB in float32, 64 MiB in
+// bf16 / fp16.
 constexpr int64_t kDzBudgetElems = int64_t(1) << 25;
 // Backward chunks are multiples of this (a multiple of every BM and BN below) and at most kMaxChunk slots,
 // which keeps grid.y = chunk / BN under 65535.
@@ -90,7 +92,6 @@ Operand make_operand(const void* ptr, int64_t ld, const int64_t* ids, int64_t ro
 // Copies the OUTER x INNER tile of an Operand starting at (o0, i0) into shared memory laid out [OUTER][kLd].
 // load() issues the global reads into registers, store() writes them to shared memory, so the next tile's loads
 // can be in flight while the current one is multiplied. i0 is always a multiple of the chunk width kVec.
-// `base` replaces op.ptr (a second matrix with op's exact layout; both 16-byte aligned or neither).
 template <typename T, int OUTER, int INNER>
 struct TileLoader {
   using Bits = typename std::conditional<sizeof(T) == 2, uint16_t, uint32_t>::type;
@@ -104,7 +105,7 @@ struct TileLoader {
 
   uint4 regs[kPerThread];
 
-  __device__ __forceinline__ void load(const Operand& op, const void* base, int64_t o0, int64_t i0) {
+  __device__ __forceinline__ void load(const Operand& op, int64_t o0, int64_t i0) {
 #pragma unroll
     for (int c = 0; c < kPerThread; ++c) {
       const int idx = static_cast<int>(threadIdx.x) + c * kThreads;
@@ -117,7 +118,7 @@ struct TileLoader {
       u.v = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0.0 in every supported dtype
       if (go < op.n_outer && gi < op.n_inner) {
         const int64_t row = op.ids != nullptr ? op.ids[op.row_off + go] : op.row_off + go;
-        const Bits* src = static_cast<const Bits*>(base) + row * op.ld + gi;
+        const Bits* src = static_cast<const Bits*>(op.ptr) + row * op.ld + gi;
         if (op.vec_ok && gi + kVec <= op.n_inner) {
           u.v = __ldg(reinterpret_cast<const uint4*>(src));
         } else {
@@ -257,9 +258,6 @@ struct SimtMma {
 //   A_KM false: A(m, k) = a.L(m, k);  true: A(m, k) = a.L(k, m).
 //   B_KN false: B(k, n) = b.L(n, k);  true: B(k, n) = b.L(k, n).
 // The Operand's extent along k must be K, so both operands are zero past K and ragged k tiles add nothing.
-// run_split (bf16 / fp16) takes A as two parts with one layout, A = A_hi + A_lo (a.ptr and a_lo): every k tile is
-// multiplied twice into the same accumulators, its hi part then its lo part (as if K were doubled), so
-// C = A_hi B + A_lo B in float32, summed in a fixed order.
 // Shared memory: [stage 0: A, B][stage 1: A, B], later reused for C [BM][kLdc]. Preconditions: every thread may
 // overwrite the region (the caller synchronised after its last read of C). Postcondition: C complete and visible.
 template <typename T, bool A_KM, bool B_KN>
@@ -277,30 +275,14 @@ struct BlockGemm {
   static constexpr size_t kStageBytes = kBytesA + kBytesB;
   static constexpr size_t kBytes = round_up(max_size(2 * kStageBytes, size_t(BM) * kLdc * sizeof(float)), 128);
 
-  __device__ __forceinline__ static void fetch(LoadA& la, LoadB& lb, const Operand& a, const void* a_base,
-                                               const Operand& b, int64_t m0, int64_t n0, int64_t k0) {
-    if (A_KM) la.load(a, a_base, k0, m0); else la.load(a, a_base, m0, k0);
-    if (B_KN) lb.load(b, b.ptr, k0, n0); else lb.load(b, b.ptr, n0, k0);
+  __device__ __forceinline__ static void fetch(LoadA& la, LoadB& lb, const Operand& a, const Operand& b, int64_t m0,
+                                               int64_t n0, int64_t k0) {
+    if (A_KM) la.load(a, k0, m0); else la.load(a, m0, k0);
+    if (B_KN) lb.load(b, k0, n0); else lb.load(b, n0, k0);
   }
 
   __device__ static void run(const Operand& a, const Operand& b, int64_t m0, int64_t n0, int64_t K,
                              unsigned char* smem) {
-    run_parts<1>(a, nullptr, b, m0, n0, K, smem);
-  }
-
-  // a_lo: the low part of A, same layout (and 16-byte alignment) as a. Only for the tensor-core dtypes.
-  __device__ static void run_split(const Operand& a, const void* a_lo, const Operand& b, int64_t m0, int64_t n0,
-                                   int64_t K, unsigned char* smem) {
-    static_assert(!std::is_same<T, float>::value, "the hi / lo split is for bf16 / fp16 only");
-    run_parts<2>(a, a_lo, b, m0, n0, K, smem);
-  }
-
-  // Step t of kParts * nk multiplies k tile t / kParts of A part t % kParts (0: a.ptr, 1: a_lo) with the same B
-  // tile; B is fetched again for part 1 (an L1 / L2 hit: it was read one step earlier).
-  template <int kParts>
-  __device__ __forceinline__ static void run_parts(const Operand& a, const void* a_lo, const Operand& b, int64_t m0,
-                                                   int64_t n0, int64_t K, unsigned char* smem) {
-    static_assert(kParts == 1 || kParts == 2, "A has one or two parts");
     // Stage s: A at smem + s * kStageBytes, B right after it (pointer arithmetic, not an indexed array, so
     // nothing spills to local memory).
     auto sa = [smem](int s) { return reinterpret_cast<T*>(smem + s * kStageBytes); };
@@ -309,9 +291,8 @@ struct BlockGemm {
     LoadB lb;
     Mma mma;
     mma.zero();
-    const int64_t nt = kParts * ceil_div(K, BK);
-    auto part = [&](int64_t t) { return kParts == 2 && (t & 1) != 0 ? a_lo : a.ptr; };
-    fetch(la, lb, a, part(0), b, m0, n0, 0);
+    const int64_t nt = ceil_div(K, BK);
+    fetch(la, lb, a, b, m0, n0, 0);
     la.store(sa(0));
     lb.store(sb(0));
     __syncthreads();
@@ -319,7 +300,7 @@ struct BlockGemm {
       const int cur = static_cast<int>(kt & 1);
       const bool more = kt + 1 < nt;
       // Global loads overlap the products below.
-      if (more) fetch(la, lb, a, part(kt + 1), b, m0, n0, (kt + 1) / kParts * BK);
+      if (more) fetch(la, lb, a, b, m0, n0, (kt + 1) * BK);
       mma.step(sa(cur), sb(cur));
       // Stage cur ^ 1 was last read in iteration kt - 1, which ended with a barrier.
       if (more) {
@@ -457,16 +438,10 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_merge_kernel(const float* par
 // (g_tgt = g_logp, a = g_lse - g_logp + g_ent mean, b = g_ent: the caller forms them). By the chain rule through
 // z = inv_temp h w^T:
 //   dh[r] = inv_temp sum_v dz[r, v] w[sel(v)],   dw[v] = inv_temp sum_r dz[r, v] h[r].
-// bwd_dz recomputes z tile by tile and stores dzs = inv_temp * dz; bwd_dh and bwd_dw are the two products with
-// float32 accumulation. float32 stores dzs as is. bf16 / fp16 feed tensor cores, which read the input dtype, so dzs
-// is stored as a hi / lo pair
-//   dz_hi = round(dzs),  dz_lo = round(dzs - float(dz_hi))     (round: to the input dtype, nearest even)
-// and both products run on each part into the same float32 accumulators (dz_hi @ w + dz_lo @ w). The pair carries
-// about twice the dtype's mantissa bits (16 for bf16; fp16's lo part also meets fp16's subnormal floor, an absolute
-// error of at most 2^-25 per element). Why not a single rounding: measured on the Triton twin of this kernel,
-// rounding dz to bf16 before the products gives a gradient error of 1.2x-2.1x torch's own bf16 error (over the 2x
-// test bound on some seeds), while keeping dz at higher precision gives ~0.7x. The split costs twice the
-// tensor-core products (and A / B tile loads) of bwd_dh and bwd_dw, a second store in bwd_dz and a second buffer.
+// bwd_dz recomputes z tile by tile and stores dzs = inv_temp * dz rounded once to the input dtype (float32: as is);
+// bwd_dh and bwd_dw are the two products with float32 accumulation (tensor cores for bf16 / fp16). One rounding of
+// dz is what torch's own bf16 backward does (it casts the logits' gradient to bf16) and what Liger-Kernel and
+// cut-cross-entropy do; the tests hold every gradient element within torch's own bf16 error plus 1e-2.
 
 struct DzArgs {
   Operand h;           // L(r, k) = h[r, k]
@@ -478,8 +453,7 @@ struct DzArgs {
   const float* b;      // nullable
   int64_t R, H, chunk0, vc, ld;
   float inv_temp;
-  void* dz;            // [R, ld] of T (bf16 / fp16: the hi part); columns [vc, ceil(vc / BN) * BN) get zeros
-  void* dz_lo;         // bf16 / fp16: [R, ld] of T, the lo part (same columns); float32: unused (nullptr)
+  void* dz;            // [R, ld] of T; columns [vc, ceil(vc / BN) * BN) get zeros
 };
 
 template <typename T>
@@ -508,7 +482,6 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_dz_kernel(DzArgs args) {
   G::run(args.h, args.w, m0, n0, args.H, smem);
   const float* cs = reinterpret_cast<const float*>(smem);
   T* dz = static_cast<T*>(args.dz);
-  T* dz_lo = static_cast<T*>(args.dz_lo);
   for (int idx = static_cast<int>(threadIdx.x); idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, n = idx % BN;
     const int64_t r = m0 + row;
@@ -522,23 +495,19 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_dz_kernel(DzArgs args) {
       if (args.chunk0 + col == s_t[row]) d += s_g[row];
       d *= args.inv_temp;
     }
-    const T hi = from_float<T>(d);
-    dz[r * args.ld + col] = hi;
-    if constexpr (!std::is_same<T, float>::value) dz_lo[r * args.ld + col] = from_float<T>(d - to_float(hi));
+    dz[r * args.ld + col] = from_float<T>(d);
   }
 }
 
 struct DhArgs {
-  Operand dz;          // L(r, v) = dzs[r, v], v < vc (bf16 / fp16: the hi part)
-  const void* dz_lo;   // bf16 / fp16: the lo part, dz's layout; float32: unused
+  Operand dz;          // L(r, v) = dzs[r, v], v < vc
   Operand w;           // L(v, j) = w[sel(chunk0 + v), j]
   int64_t R, H, vc;
   bool accumulate;     // false for the first chunk: store instead of add
   float* dh;           // [R, H]
 };
 
-// dh[r, j] (+)= sum_{v < vc} dzs[r, v] w[sel(chunk0 + v), j]: M = rows, N = hidden, K = chunk slots
-// (bf16 / fp16: dzs = dz_hi + dz_lo).
+// dh[r, j] (+)= sum_{v < vc} dzs[r, v] w[sel(chunk0 + v), j]: M = rows, N = hidden, K = chunk slots.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) bwd_dh_kernel(DhArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -546,11 +515,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_dh_kernel(DhArgs args) {
   constexpr int BM = G::BM, BN = G::BN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
-  if constexpr (std::is_same<T, float>::value) {
-    G::run(args.dz, args.w, m0, n0, args.vc, smem);
-  } else {
-    G::run_split(args.dz, args.dz_lo, args.w, m0, n0, args.vc, smem);
-  }
+  G::run(args.dz, args.w, m0, n0, args.vc, smem);
   const float* cs = reinterpret_cast<const float*>(smem);
   for (int idx = static_cast<int>(threadIdx.x); idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, n = idx % BN;
@@ -563,15 +528,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_dh_kernel(DhArgs args) {
 }
 
 struct DwArgs {
-  Operand dz;          // L(r, v) = dzs[r, v]: read transposed (A(m = v, k = r)) (bf16 / fp16: the hi part)
-  const void* dz_lo;   // bf16 / fp16: the lo part, dz's layout; float32: unused
+  Operand dz;          // L(r, v) = dzs[r, v]: read transposed (A(m = v, k = r))
   Operand h;           // L(r, j) = h[r, j]
   int64_t R, H, chunk0, vc;
-  float* dw;           // [Vs, H]
+  void* dw;            // [Vs, H] of T
 };
 
-// dw[chunk0 + v, j] = sum_r dzs[r, v] h[r, j]: M = chunk slots, N = hidden, K = rows
-// (bf16 / fp16: dzs = dz_hi + dz_lo).
+// dw[chunk0 + v, j] = sum_r dzs[r, v] h[r, j]: M = chunk slots, N = hidden, K = rows. The float32 sum over every
+// row is complete in the block, so it is rounded to T once, at the store.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) bwd_dw_kernel(DwArgs args) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -579,17 +543,14 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_dw_kernel(DwArgs args) {
   constexpr int BM = G::BM, BN = G::BN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
-  if constexpr (std::is_same<T, float>::value) {
-    G::run(args.dz, args.h, m0, n0, args.R, smem);
-  } else {
-    G::run_split(args.dz, args.dz_lo, args.h, m0, n0, args.R, smem);
-  }
+  G::run(args.dz, args.h, m0, n0, args.R, smem);
   const float* cs = reinterpret_cast<const float*>(smem);
+  T* dw = static_cast<T*>(args.dw);
   for (int idx = static_cast<int>(threadIdx.x); idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, n = idx % BN;
     const int64_t v = m0 + row, j = n0 + n;
     if (v >= args.vc || j >= args.H) continue;
-    args.dw[(args.chunk0 + v) * args.H + j] = cs[row * G::kLdc + n];
+    dw[(args.chunk0 + v) * args.H + j] = from_float<T>(cs[row * G::kLdc + n]);
   }
 }
 
@@ -636,14 +597,6 @@ int64_t bwd_chunk(const MlpParams& p) {
 }
 
 size_t dtype_size(MlpDtype d) { return d == MlpDtype::kFloat32 ? 4 : 2; }
-// dz scratch buffers: float32 one, bf16 / fp16 two (hi, lo).
-size_t dz_parts(MlpDtype d) { return d == MlpDtype::kFloat32 ? 1 : 2; }
-
-// Byte offset of the lo buffer in the backward workspace (right after the hi buffer). A multiple of 256: chunk is a
-// multiple of kChunkQuantum = 128 and elements are 2 bytes, so both buffers share their 16-byte alignment.
-size_t dz_lo_offset(const MlpParams& p, int64_t chunk) {
-  return size_t(p.R) * size_t(chunk) * dtype_size(p.dtype);
-}
 
 bool problem_ok(const MlpParams& p) {
   if (p.h == nullptr || p.w == nullptr || p.tgt == nullptr) return false;
@@ -695,10 +648,6 @@ cudaError_t backward_impl(const MlpParams& p, cudaStream_t stream) {
   const int64_t n_rtiles = ceil_div(p.R, Cfg::BM);
   const int64_t n_htiles = ceil_div(p.H, Cfg::BN);
   const size_t dz_smem = Gz::kBytes + size_t(Cfg::BM) * (4 * sizeof(float) + sizeof(int64_t));
-  constexpr bool kSplit = !std::is_same<T, float>::value;
-  void* dz_lo = kSplit ? static_cast<void*>(static_cast<unsigned char*>(p.workspace) + dz_lo_offset(p, chunk))
-                       : nullptr;
-  static_assert(kChunkQuantum * sizeof(__half) % 16 == 0, "the lo buffer must keep the hi buffer's alignment");
   for (int64_t c0 = 0; c0 < p.Vs; c0 += chunk) {
     const int64_t vc = p.Vs - c0 < chunk ? p.Vs - c0 : chunk;
     DzArgs dz;
@@ -716,7 +665,6 @@ cudaError_t backward_impl(const MlpParams& p, cudaStream_t stream) {
     dz.ld = chunk;
     dz.inv_temp = p.inv_temp;
     dz.dz = p.workspace;
-    dz.dz_lo = dz_lo;
     cudaError_t err = launch(bwd_dz_kernel<T>, dim3(static_cast<unsigned>(n_rtiles),
                                                     static_cast<unsigned>(ceil_div(vc, Cfg::BN))),
                              dz_smem, stream, dz);
@@ -725,7 +673,6 @@ cudaError_t backward_impl(const MlpParams& p, cudaStream_t stream) {
     if (p.dh != nullptr) {
       DhArgs dh;
       dh.dz = dz_op;
-      dh.dz_lo = dz_lo;
       dh.w = make_operand<T>(p.w, p.H, p.vocab_ids, c0, vc, p.H);
       dh.R = p.R;
       dh.H = p.H;
@@ -739,7 +686,6 @@ cudaError_t backward_impl(const MlpParams& p, cudaStream_t stream) {
     if (p.dw != nullptr) {
       DwArgs dw;
       dw.dz = dz_op;
-      dw.dz_lo = dz_lo;
       dw.h = make_operand<T>(p.h, p.H, nullptr, 0, p.R, p.H);
       dw.R = p.R;
       dw.H = p.H;
@@ -770,7 +716,7 @@ size_t mlp_forward_workspace_bytes(const MlpParams& p) {
 
 size_t mlp_backward_workspace_bytes(const MlpParams& p) {
   if (!problem_ok(p) || p.R == 0) return 0;
-  return dz_parts(p.dtype) * size_t(p.R) * size_t(bwd_chunk(p)) * dtype_size(p.dtype);
+  return size_t(p.R) * size_t(bwd_chunk(p)) * dtype_size(p.dtype);
 }
 
 cudaError_t mlp_forward(const MlpParams& p, cudaStream_t stream) {

@@ -5,11 +5,12 @@
 //     z[r, v]   = inv_temp * <h[r], w[sel(v)]>                         (float32 accumulation)
 //     forward:  lse[r] = log sum_v exp(z[r, v]),  tgt_logit[r] = z[r, tgt[r]],  mean[r] = sum_v p[r, v] z[r, v]
 //     backward: dz[r, v] = g_tgt[r] [v == tgt[r]] + p[r, v] (a[r] - b[r] z[r, v]),   p = exp(z - lse)
-//               dh = inv_temp * dz @ w[sel],   dw = inv_temp * dz^T @ h        (float32 outputs)
+//               dh = inv_temp * dz @ w[sel]  (float32),   dw = inv_temp * dz^T @ h  (in the input dtype)
 // Nothing of size [R, Vs] is ever written: the forward keeps an online log-sum-exp per row, the backward
-// recomputes z in vocabulary chunks of at most ~2^25 elements (see mlp_backward_workspace_bytes). For bf16 / fp16
-// the backward keeps dz of a chunk as a hi / lo pair in the input dtype (dz_hi = round(dz), dz_lo =
-// round(dz - dz_hi)) and multiplies both on tensor cores, so dz is ~16-bit-mantissa accurate in the products.
+// recomputes z in vocabulary chunks of at most ~2^25 elements (see mlp_backward_workspace_bytes), rounds dz of a
+// chunk once to the input dtype (as torch's own bf16 backward does) and runs the two products on it with float32
+// accumulation (tensor cores for bf16 / fp16). dw is summed over all rows in one block and rounded once at the
+// store, so no float32 [Vs, H] buffer exists.
 // Every result is deterministic: no atomics, partials are combined in a fixed order, and the split / chunk plan
 // depends on the shapes only (not on the GPU model), so results are bitwise reproducible run to run.
 #pragma once
@@ -47,9 +48,9 @@ struct MlpParams {
   const float* g_tgt = nullptr;
   const float* a = nullptr;
   const float* b = nullptr;
-  // Backward outputs, float32; nullptr = not requested (its GEMM is skipped).
-  float* dh = nullptr;  // [R, H]
-  float* dw = nullptr;  // [Vs, H], slot order
+  // Backward outputs; nullptr = not requested (its GEMM is skipped).
+  float* dh = nullptr;  // [R, H] float32
+  void* dw = nullptr;   // [Vs, H] in `dtype` (the weight's), slot order
 
   // Device scratch of at least mlp_{forward,backward}_workspace_bytes(*this) bytes (16-byte aligned).
   void* workspace = nullptr;
@@ -62,7 +63,7 @@ struct MlpParams {
 };
 
 // Scratch the launchers need for these shapes / dtype / overrides (pointers are not read). Backward: R x chunk
-// elements of dz in float32; two such buffers (dz_hi, dz_lo) in bf16 / fp16.
+// elements of dz in the input dtype.
 size_t mlp_forward_workspace_bytes(const MlpParams& p);
 size_t mlp_backward_workspace_bytes(const MlpParams& p);
 

@@ -11,11 +11,13 @@
 //                     multiply, barrier); thread (ty, tx) of a 16 x 16 grid owns z(ty + 16 i, tx + 16 j), i, j < 4;
 //                  3. z -> shared memory; warp w handles rows 8w .. 8w + 7, lane l the columns l and l + 32:
 //                     score = z * inv_temp + gumbel (or z), a warp argmax over (score, column) with ties to the
-//                     lower column, a warp max and sum of exp for the online log-sum-exp; lane `row % 8` of the
-//                     warp keeps the row's running (best, slot, z_sel, m, s) in registers and replaces the best
-//                     only on a strictly greater score (an earlier tile keeps ties).
+//                     lower column, a warp max and sum of exp for the online log-sum-exp (kMean: also the sum of
+//                     exp * z for the mean logit); lane `row % 8` of the warp keeps the row's running (best, slot,
+//                     z_sel, m, s[, sz]) in registers and replaces the best only on a strictly greater score (an
+//                     earlier tile keeps ties).
 //                Writes one partial per (split, row).
-//   fwd_merge    one thread per row folds the split partials in split order 0..S-1 (strictly greater again).
+//   fwd_merge    one thread per row folds the split partials in split order 0..S-1 (strictly greater again);
+//                mean = sum_s sz_s e^{m_s - M} / sum_s s_s e^{m_s - M}.
 // Determinism: no atomics; every output element has one writer; reductions run in a fixed order; the plan
 // depends on the shapes only. z[r, v] is computed by the same thread arithmetic whatever the split plan, so the
 // argmax (slot, z_sel) does not depend on the plan either; lse can differ in the last bits between plans.
@@ -105,9 +107,10 @@ struct FwdArgs {
   float* part_zsel;          // [S, R] z at that slot
   float* part_m;             // [S, R] max z over the split
   float* part_s;             // [S, R] sum exp(z - part_m)
+  float* part_sz;            // [S, R] sum exp(z - part_m) * z (kMean only)
 };
 
-template <typename T, bool kGreedy>
+template <typename T, bool kGreedy, bool kMean>
 __global__ void __launch_bounds__(kThreads, 2) fwd_partial_kernel(FwdArgs a) {
   __shared__ float As[BK][BM + 1];    // As[k][m] = h[m0 + m, k0 + k]   (+1: conflict-free transposed stores)
   __shared__ float Bs[BK][BN + 1];    // Bs[k][n] = w[tok(n0 + n), k0 + k]
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_partial_kernel(FwdArgs a) {
   }
 
   // Running state of row warp * kRowsPerWarp + lane, held by lanes < kRowsPerWarp.
-  float run_best = -INFINITY, run_zsel = 0.f, run_m = -INFINITY, run_s = 0.f;
+  float run_best = -INFINITY, run_zsel = 0.f, run_m = -INFINITY, run_s = 0.f, run_sz = 0.f;
   int64_t run_slot = -1;
 
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -211,13 +214,19 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_partial_kernel(FwdArgs a) {
       const float m_old = __shfl_sync(kFull, run_m, lr);
       const float m_new = fmaxf(m_old, zmax);
       const float m_ref = m_new == -INFINITY ? 0.f : m_new;  // guards -inf - -inf
-      float se = 0.f;
+      float se = 0.f, sze = 0.f;
 #pragma unroll
-      for (int j = 0; j < kColsPerLane; ++j) se += expf(z[j] - m_ref);  // 0 for excluded columns
+      for (int j = 0; j < kColsPerLane; ++j) {
+        const float e = expf(z[j] - m_ref);  // 0 for excluded columns
+        se += e;
+        if (kMean && z[j] != -INFINITY) sze = fmaf(e, z[j], sze);  // not 0 * -inf = NaN
+      }
       se = warp_sum(se);
+      if (kMean) sze = warp_sum(sze);
       if (lane == lr) {
         const float scale = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
         run_s = run_s * scale + se;
+        if (kMean) run_sz = run_sz * scale + sze;
         run_m = m_new;
         if (run_slot < 0 || best > run_best) {  // strict: an earlier tile keeps ties
           run_best = best;
@@ -238,15 +247,18 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_partial_kernel(FwdArgs a) {
       a.part_zsel[o] = run_zsel;
       a.part_m[o] = run_m;
       a.part_s[o] = run_s;
+      if (kMean) a.part_sz[o] = run_sz;
     }
   }
 }
 
-// slot / z_sel: the first split (in order 0..S-1) holding the largest best score; lse = M + log sum_s s_s e^{m_s - M}.
+// slot / z_sel: the first split (in order 0..S-1) holding the largest best score; lse = M + log sum_s s_s e^{m_s - M};
+// mean (mean_out set) = sum_s sz_s e^{m_s - M} / sum_s s_s e^{m_s - M}.
 __global__ void __launch_bounds__(kThreads) fwd_merge_kernel(const float* part_best, const int64_t* part_slot,
                                                              const float* part_zsel, const float* part_m,
-                                                             const float* part_s, int64_t num_splits, int64_t R,
-                                                             int64_t* slot_out, float* z_sel_out, float* lse_out) {
+                                                             const float* part_s, const float* part_sz,
+                                                             int64_t num_splits, int64_t R, int64_t* slot_out,
+                                                             float* z_sel_out, float* lse_out, float* mean_out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (r >= R) return;
   float best = -INFINITY, z_sel = 0.f, m = -INFINITY;
@@ -262,11 +274,16 @@ __global__ void __launch_bounds__(kThreads) fwd_merge_kernel(const float* part_b
     m = fmaxf(m, part_m[o]);
   }
   const float m_ref = m == -INFINITY ? 0.f : m;
-  float sum = 0.f;
-  for (int64_t s = 0; s < num_splits; ++s) sum += part_s[s * R + r] * expf(part_m[s * R + r] - m_ref);
+  float sum = 0.f, sum_z = 0.f;
+  for (int64_t s = 0; s < num_splits; ++s) {
+    const float e = expf(part_m[s * R + r] - m_ref);
+    sum += part_s[s * R + r] * e;
+    if (mean_out != nullptr) sum_z += part_sz[s * R + r] * e;
+  }
   slot_out[r] = slot;
   z_sel_out[r] = z_sel;
   lse_out[r] = m + logf(sum);
+  if (mean_out != nullptr) mean_out[r] = sum_z / sum;
 }
 
 struct Plan {
@@ -301,12 +318,13 @@ template <typename T>
 cudaError_t forward_impl(const SsParams& p, cudaStream_t stream) {
   const Plan plan = make_plan(p);
   const int64_t n = plan.splits * p.R;
-  // Workspace: slots (int64) first, then four float arrays; every piece stays 8-byte aligned.
+  // Workspace: slots (int64) first, then four (with the mean five) float arrays.
   int64_t* part_slot = static_cast<int64_t*>(p.workspace);
   float* part_best = reinterpret_cast<float*>(part_slot + n);
   float* part_zsel = part_best + n;
   float* part_m = part_zsel + n;
   float* part_s = part_m + n;
+  float* part_sz = p.mean_out != nullptr ? part_s + n : nullptr;
 
   FwdArgs a;
   a.h = p.h;
@@ -324,16 +342,25 @@ cudaError_t forward_impl(const SsParams& p, cudaStream_t stream) {
   a.part_zsel = part_zsel;
   a.part_m = part_m;
   a.part_s = part_s;
+  a.part_sz = part_sz;
   const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits));
+  const bool mean = p.mean_out != nullptr;
   if (p.greedy) {
-    fwd_partial_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+    if (mean) {
+      fwd_partial_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      fwd_partial_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(a);
+    }
+  } else if (mean) {
+    fwd_partial_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    fwd_partial_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+    fwd_partial_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(a);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   fwd_merge_kernel<<<static_cast<unsigned>(ceil_div(p.R, kThreads)), kThreads, 0, stream>>>(
-      part_best, part_slot, part_zsel, part_m, part_s, plan.splits, p.R, p.slot_out, p.z_sel_out, p.lse_out);
+      part_best, part_slot, part_zsel, part_m, part_s, part_sz, plan.splits, p.R, p.slot_out, p.z_sel_out,
+      p.lse_out, p.mean_out);
   return cudaGetLastError();
 }
 
@@ -342,7 +369,8 @@ cudaError_t forward_impl(const SsParams& p, cudaStream_t stream) {
 size_t ss_forward_workspace_bytes(const SsParams& p) {
   if (!problem_ok(p) || p.R == 0) return 0;
   const Plan plan = make_plan(p);
-  return size_t(plan.splits) * size_t(p.R) * (sizeof(int64_t) + 4 * sizeof(float));
+  const size_t floats = p.mean_out != nullptr ? 5 : 4;
+  return size_t(plan.splits) * size_t(p.R) * (sizeof(int64_t) + floats * sizeof(float));
 }
 
 cudaError_t ss_forward(const SsParams& p, cudaStream_t stream) {

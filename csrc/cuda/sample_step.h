@@ -9,8 +9,12 @@
 //     score[r, v] = z * inv_temp + g                  (greedy: score = z; inv_temp is then ignored)
 //     slot[r]  = first argmax_v score[r, v] (ties go to the lowest slot)
 //     z_sel[r] = z[r, slot[r]],   lse[r] = log sum_v exp(z[r, v])
+//     mean[r]  = sum_v softmax(z[r])_v z[r, v]         (only when mean_out is set; untempered z, so that the
+//                                                     caller's predictive entropy is lse - mean)
 // Nothing of size [R, Vs] is written: a block walks its vocabulary tiles keeping a running (best score, slot,
-// z_sel) and an online (max, sum exp) per row; per-split partials are merged in split order by a second kernel.
+// z_sel) and an online (max, sum exp[, sum exp * z]) per row; per-split partials are merged in split order by a
+// second kernel. The mean costs one more multiply-add per logit and one more partial word, and is compiled out
+// (a template flag) when mean_out is null.
 // Deterministic: no atomics, a fixed reduction order, and a split plan that depends on the shapes only, so two
 // identical calls give bit-identical outputs on any GPU. The argmax itself does not depend on the split plan.
 #pragma once
@@ -42,6 +46,7 @@ struct SsParams {
   int64_t* slot_out = nullptr;
   float* z_sel_out = nullptr;
   float* lse_out = nullptr;
+  float* mean_out = nullptr;  // nullptr: the mean logit is not computed
 
   // Device scratch of at least ss_forward_workspace_bytes(*this) bytes (16-byte aligned).
   void* workspace = nullptr;
@@ -51,8 +56,9 @@ struct SsParams {
   int64_t splits = 0;
 };
 
-// Scratch the launcher needs for these shapes / override (pointers are not read): per split and row one int64
-// slot and four floats (best score, z_sel, max, sum exp).
+// Scratch the launcher needs for these shapes / override (only mean_out's nullness among the pointers is read):
+// per split and row one int64 slot and four floats (best score, z_sel, max, sum exp), plus sum exp * z when
+// mean_out is set.
 size_t ss_forward_workspace_bytes(const SsParams& p);
 
 // Enqueue on `stream`. Returns cudaErrorInvalidValue for inconsistent parameters, else the first launch error

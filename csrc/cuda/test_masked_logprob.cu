@@ -58,6 +58,47 @@ std::vector<float> to_host(const float* d, size_t n) {
   return v;
 }
 
+// n elements of dtype d on the device, as floats (exact: every bf16 / fp16 value is a float).
+std::vector<float> to_host(const void* d, size_t n, MlpDtype dt) {
+  if (dt == MlpDtype::kFloat32) return to_host(static_cast<const float*>(d), n);
+  std::vector<uint16_t> bits(n);
+  if (n) CK(cudaMemcpy(bits.data(), d, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (dt == MlpDtype::kBFloat16) {
+      __nv_bfloat16 x;
+      std::memcpy(&x, &bits[i], sizeof(x));
+      v[i] = __bfloat162float(x);
+    } else {
+      __half x;
+      std::memcpy(&x, &bits[i], sizeof(x));
+      v[i] = __half2float(x);
+    }
+  }
+  return v;
+}
+
+// Per element: |got - ref| <= tol[i], with a report that explains a failure.
+bool compare_bound(const char* what, const std::vector<float>& got, const std::vector<double>& ref,
+                   const std::vector<double>& tol) {
+  double worst = 0, max_abs = 0;
+  size_t worst_i = 0, bad = 0, nonfinite = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) ++nonfinite;
+    const double err = std::fabs(double(got[i]) - ref[i]);
+    const double q = std::isfinite(got[i]) ? err / tol[i] : INFINITY;
+    if (q > 1) ++bad;
+    if (q > worst) worst = q, worst_i = i;
+    if (err > max_abs) max_abs = err;
+  }
+  const bool ok = bad == 0 && nonfinite == 0;
+  std::printf("    %-10s max_abs_err %.3e  worst err/bound %.3f at %zu (got %.6g ref %.6g bound %.3g)%s", what, max_abs,
+              worst, worst_i, ref.empty() ? 0.0 : double(got[worst_i]), ref.empty() ? 0.0 : ref[worst_i],
+              ref.empty() ? 0.0 : tol[worst_i], ok ? "\n" : "");
+  if (!ok) std::printf("  FAIL: %zu of %zu beyond the bound, %zu non-finite\n", bad, ref.size(), nonfinite);
+  return ok;
+}
+
 // max |got - ref| / (atol + rtol |ref|) <= 1, with a report that explains a failure.
 bool compare(const char* what, const std::vector<float>& got, const std::vector<double>& ref, double atol,
              double rtol) {
@@ -140,12 +181,13 @@ bool run_case(const Case& c, uint64_t seed) {
   float* d_g = to_device(g);
   float* d_a = to_device(a);
   float* d_b = to_device(b);
-  float *d_lse, *d_tl, *d_mean, *d_dh = nullptr, *d_dw = nullptr;
+  float *d_lse, *d_tl, *d_mean, *d_dh = nullptr;
+  void* d_dw = nullptr;  // in the input dtype
   CK(cudaMalloc(&d_lse, c.R * sizeof(float)));
   CK(cudaMalloc(&d_tl, c.R * sizeof(float)));
   CK(cudaMalloc(&d_mean, c.R * sizeof(float)));
   if (c.need_dh) CK(cudaMalloc(&d_dh, size_t(c.R) * c.H * sizeof(float)));
-  if (c.need_dw) CK(cudaMalloc(&d_dw, size_t(Vs) * c.H * sizeof(float)));
+  if (c.need_dw) CK(cudaMalloc(&d_dw, size_t(Vs) * c.H * es));
 
   MlpParams p;
   p.h = d_h;
@@ -187,7 +229,7 @@ bool run_case(const Case& c, uint64_t seed) {
     CK(cudaMemset(d_tl, 0xff, c.R * sizeof(float)));
     CK(cudaMemset(d_mean, 0xff, c.R * sizeof(float)));
     if (d_dh) CK(cudaMemset(d_dh, 0xff, size_t(c.R) * c.H * sizeof(float)));
-    if (d_dw) CK(cudaMemset(d_dw, 0xff, size_t(Vs) * c.H * sizeof(float)));
+    if (d_dw) CK(cudaMemset(d_dw, 0xff, size_t(Vs) * c.H * es));
     CK(stp_mlp::mlp_forward(p, nullptr));
     CK(stp_mlp::mlp_backward(p, nullptr));
     CK(cudaDeviceSynchronize());
@@ -195,11 +237,13 @@ bool run_case(const Case& c, uint64_t seed) {
     out[run].tgt_logit = to_host(d_tl, c.R);
     if (c.want_mean) out[run].mean = to_host(d_mean, c.R);
     if (d_dh) out[run].dh = to_host(d_dh, size_t(c.R) * c.H);
-    if (d_dw) out[run].dw = to_host(d_dw, size_t(Vs) * c.H);
+    if (d_dw) out[run].dw = to_host(d_dw, size_t(Vs) * c.H, c.dtype);
   }
 
   // float64 reference backward, from the GPU's lse (the contract's input), so it isolates backward errors.
+  // abs_dh / abs_dw: the sums of |term| of each gradient element, for the rounding bound below.
   std::vector<double> ref_dh(c.need_dh ? size_t(c.R) * c.H : 0, 0.0), ref_dw(c.need_dw ? size_t(Vs) * c.H : 0, 0.0);
+  std::vector<double> abs_dh(ref_dh.size(), 0.0), abs_dw(ref_dw.size(), 0.0);
   for (int64_t r = 0; r < c.R; ++r) {
     for (int64_t v = 0; v < Vs; ++v) {
       const double zz = z[r * Vs + v];
@@ -209,19 +253,30 @@ bool run_case(const Case& c, uint64_t seed) {
       dz *= double(inv_temp);
       const int64_t tok = c.subset ? ids[v] : v;
       if (c.need_dh)
-        for (int64_t k = 0; k < c.H; ++k) ref_dh[r * c.H + k] += dz * double(wf[tok * c.H + k]);
+        for (int64_t k = 0; k < c.H; ++k) {
+          ref_dh[r * c.H + k] += dz * double(wf[tok * c.H + k]);
+          abs_dh[r * c.H + k] += std::fabs(dz * double(wf[tok * c.H + k]));
+        }
       if (c.need_dw)
-        for (int64_t k = 0; k < c.H; ++k) ref_dw[v * c.H + k] += dz * double(hf[r * c.H + k]);
+        for (int64_t k = 0; k < c.H; ++k) {
+          ref_dw[v * c.H + k] += dz * double(hf[r * c.H + k]);
+          abs_dw[v * c.H + k] += std::fabs(dz * double(hf[r * c.H + k]));
+        }
     }
   }
 
   // Forward: inputs are exact in every dtype and products accumulate in fp32, so the forward is fp32-accurate.
-  // Backward: bf16 / fp16 feed dz to the tensor-core products as a hi / lo pair in the input dtype, ~2^-17 relative
-  // per term (bf16; fp16 also has an absolute floor of 2^-25 per element) instead of 2^-9 for a single rounding.
-  // An fp64 emulation of these cases (dz in fp32, split, exact products) gives max |err| / max|ref| <= 4e-6 and
-  // err / (1e-3 max|ref| + 1e-3 |ref|) <= 3e-3 (a single bf16 rounding: 0.6 - 1.3, i.e. it would fail). The bound
-  // leaves the rest for fp32 tensor-core accumulation; the tolerance is relative to the largest gradient entry.
+  // Backward, bf16 / fp16: dz is rounded once to the input dtype (relative error <= u = 2^-8 bf16, 2^-11 fp16, and
+  // for fp16 an absolute 2^-25 below its normal range), so each term dz * x of a gradient element is off by at most
+  // u |dz x| (+ 2^-25 |x|): the element by at most u * sum |terms| (abs_dh / abs_dw), a rigorous bound whatever the
+  // cancellation. dw is also rounded once to the dtype at the store (u |dw|); dh is float32. The bound is doubled
+  // and 1e-5 max|ref| added for the fp32 accumulation. Rounding dz twice, or not at all where it should be, shows.
   const bool lowp = c.dtype != MlpDtype::kFloat32;
+  const double u = c.dtype == MlpDtype::kBFloat16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);  // unit roundoff
+  const double floor_abs = c.dtype == MlpDtype::kFloat16 ? std::ldexp(1.0, -25) : 0.0;
+  double max_w = 0, max_h = 0;
+  for (float x : wf) max_w = std::fmax(max_w, std::fabs(x));
+  for (float x : hf) max_h = std::fmax(max_h, std::fabs(x));
   auto max_abs = [](const std::vector<double>& v) {
     double m = 0;
     for (double x : v) m = std::fmax(m, std::fabs(x));
@@ -231,8 +286,19 @@ bool run_case(const Case& c, uint64_t seed) {
   ok &= compare("lse", out[0].lse, ref_lse, 2e-4, 2e-5);
   ok &= compare("tgt_logit", out[0].tgt_logit, ref_tl, 2e-4, 2e-5);
   if (c.want_mean) ok &= compare("mean", out[0].mean, ref_mean, 2e-4, 2e-5);
-  if (c.need_dh) ok &= compare("dh", out[0].dh, ref_dh, (lowp ? 1e-3 : 1e-5) * max_abs(ref_dh), lowp ? 1e-3 : 1e-4);
-  if (c.need_dw) ok &= compare("dw", out[0].dw, ref_dw, (lowp ? 1e-3 : 1e-5) * max_abs(ref_dw), lowp ? 1e-3 : 1e-4);
+  if (!lowp) {
+    if (c.need_dh) ok &= compare("dh", out[0].dh, ref_dh, 1e-5 * max_abs(ref_dh), 1e-4);
+    if (c.need_dw) ok &= compare("dw", out[0].dw, ref_dw, 1e-5 * max_abs(ref_dw), 1e-4);
+  } else {
+    std::vector<double> tol_dh(ref_dh.size()), tol_dw(ref_dw.size());
+    const double acc_dh = 1e-5 * max_abs(ref_dh) + 1e-30, acc_dw = 1e-5 * max_abs(ref_dw) + 1e-30;
+    for (size_t i = 0; i < tol_dh.size(); ++i)
+      tol_dh[i] = 2 * (u * abs_dh[i] + floor_abs * double(Vs) * max_w) + acc_dh;
+    for (size_t i = 0; i < tol_dw.size(); ++i)
+      tol_dw[i] = 2 * (u * abs_dw[i] + u * std::fabs(ref_dw[i]) + floor_abs * double(c.R) * max_h) + acc_dw;
+    if (c.need_dh) ok &= compare_bound("dh", out[0].dh, ref_dh, tol_dh);
+    if (c.need_dw) ok &= compare_bound("dw", out[0].dw, ref_dw, tol_dw);
+  }
   ok &= same_bits("lse", out[0].lse, out[1].lse);
   ok &= same_bits("tgt_logit", out[0].tgt_logit, out[1].tgt_logit);
   ok &= same_bits("mean", out[0].mean, out[1].mean);

@@ -3,8 +3,9 @@
 //   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a csrc/cuda/sample_step.cu
 //        csrc/cuda/test_sample_step.cu -o /tmp/test_ss && /tmp/test_ss
 // Checks per case: slot equals the reference argmax except where the reference's top-2 score gap is < 1e-4;
-// z_sel (against the reference z at the returned slot) and lse within tolerance; two runs bit-identical; the slot
-// independent of the vocabulary split plan. Exit status 0 when every case passes, 1 otherwise.
+// z_sel (against the reference z at the returned slot), lse, the mean logit and the entropy lse - mean within
+// tolerance; two runs bit-identical; the slot independent of the vocabulary split plan; a run without the mean
+// bit-identical in slot, z_sel and lse. Exit status 0 when every case passes, 1 otherwise.
 #include "sample_step.h"
 
 #include <cuda_bf16.h>
@@ -66,20 +67,23 @@ T* to_device(const std::vector<T>& v) {
 
 struct Outputs {
   std::vector<int64_t> slot;
-  std::vector<float> z_sel, lse;
+  std::vector<float> z_sel, lse, mean;  // mean: empty when not asked for
 };
 
-Outputs run_gpu(SsParams p, int64_t splits) {
+Outputs run_gpu(SsParams p, int64_t splits, bool want_mean) {
   p.splits = splits;
   int64_t* slot = nullptr;
   float* z_sel = nullptr;
   float* lse = nullptr;
+  float* mean = nullptr;
   CK(cudaMalloc(&slot, p.R * sizeof(int64_t)));
   CK(cudaMalloc(&z_sel, p.R * sizeof(float)));
   CK(cudaMalloc(&lse, p.R * sizeof(float)));
+  if (want_mean) CK(cudaMalloc(&mean, p.R * sizeof(float)));
   p.slot_out = slot;
   p.z_sel_out = z_sel;
   p.lse_out = lse;
+  p.mean_out = mean;
   const size_t ws_bytes = stp_ss::ss_forward_workspace_bytes(p);
   void* ws = nullptr;
   if (ws_bytes > 0) CK(cudaMalloc(&ws, ws_bytes));
@@ -94,6 +98,11 @@ Outputs run_gpu(SsParams p, int64_t splits) {
   CK(cudaMemcpy(o.slot.data(), slot, p.R * sizeof(int64_t), cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(o.z_sel.data(), z_sel, p.R * sizeof(float), cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(o.lse.data(), lse, p.R * sizeof(float), cudaMemcpyDeviceToHost));
+  if (want_mean) {
+    o.mean.resize(p.R);
+    CK(cudaMemcpy(o.mean.data(), mean, p.R * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaFree(mean));
+  }
   CK(cudaFree(slot));
   CK(cudaFree(z_sel));
   CK(cudaFree(lse));
@@ -129,7 +138,7 @@ bool run_case(const Case& c, uint64_t seed) {
 
   // Reference (float64, except the float32 noise, which the contract defines in float32).
   std::vector<int64_t> ref_slot(c.R);
-  std::vector<double> gap(c.R), ref_lse(c.R), zrow(Vs);
+  std::vector<double> gap(c.R), ref_lse(c.R), ref_mean(c.R), zrow(Vs);
   std::vector<std::vector<double>> zref(c.R);
   for (int64_t r = 0; r < c.R; ++r) {
     double best = -INFINITY, second = -INFINITY, zmax = -INFINITY;
@@ -155,11 +164,16 @@ bool run_case(const Case& c, uint64_t seed) {
         second = score;
       }
     }
-    double s = 0.0;
-    for (int64_t v = 0; v < Vs; ++v) s += std::exp(zrow[v] - zmax);
+    double s = 0.0, sz = 0.0;
+    for (int64_t v = 0; v < Vs; ++v) {
+      const double e = std::exp(zrow[v] - zmax);
+      s += e;
+      sz += e * zrow[v];
+    }
     ref_slot[r] = arg;
     gap[r] = best - second;
     ref_lse[r] = zmax + std::log(s);
+    ref_mean[r] = sz / s;
     zref[r] = zrow;
   }
 
@@ -180,13 +194,14 @@ bool run_case(const Case& c, uint64_t seed) {
   p.inv_temp = inv_temp;
   p.greedy = greedy;
   p.dtype = d;
-  const Outputs o1 = run_gpu(p, c.splits);
-  const Outputs o2 = run_gpu(p, c.splits);
-  const Outputs o_one = run_gpu(p, 1);  // another plan: a single split
+  const Outputs o1 = run_gpu(p, c.splits, true);
+  const Outputs o2 = run_gpu(p, c.splits, true);
+  const Outputs o_one = run_gpu(p, 1, true);  // another plan: a single split
+  const Outputs o_nomean = run_gpu(p, c.splits, false);
 
   bool ok = true;
   int64_t mismatched = 0, near_ties = 0;
-  double max_zerr = 0.0, max_lerr = 0.0;
+  double max_zerr = 0.0, max_lerr = 0.0, max_merr = 0.0, max_herr = 0.0;
   // fp32 accumulation over H products: allow ~1e-6 relative to the sum of |terms| (bounded by sqrt(H) * 3 here).
   const double tol = 1e-4 + 2e-6 * std::sqrt(static_cast<double>(c.H)) * 3.0;
   for (int64_t r = 0; r < c.R; ++r) {
@@ -210,20 +225,33 @@ bool run_case(const Case& c, uint64_t seed) {
     const double lerr = std::fabs(o1.lse[r] - ref_lse[r]);
     max_zerr = std::max(max_zerr, zerr / (1.0 + std::fabs(zref[r][s])));
     max_lerr = std::max(max_lerr, lerr / (1.0 + std::fabs(ref_lse[r])));
+    // The mean logit, and the entropy lse - mean (>= 0; a difference of two O(|z|) numbers, so its error is
+    // relative to the logit scale, not to the entropy).
+    const double merr = std::fabs(o1.mean[r] - ref_mean[r]);
+    const double herr = std::fabs((double(o1.lse[r]) - double(o1.mean[r])) - (ref_lse[r] - ref_mean[r]));
+    max_merr = std::max(max_merr, merr / (1.0 + std::fabs(ref_mean[r])));
+    max_herr = std::max(max_herr, herr / (1.0 + std::fabs(ref_lse[r])));
+    if (!(o1.lse[r] - o1.mean[r] >= -1e-5f)) ok = false;  // NaN or a clearly negative entropy
   }
   if (mismatched > 0) ok = false;
-  if (max_zerr > tol || max_lerr > tol) ok = false;
+  if (max_zerr > tol || max_lerr > tol || max_merr > tol || max_herr > 2 * tol) ok = false;
   const bool deterministic = std::memcmp(o1.slot.data(), o2.slot.data(), c.R * sizeof(int64_t)) == 0 &&
                              std::memcmp(o1.z_sel.data(), o2.z_sel.data(), c.R * sizeof(float)) == 0 &&
-                             std::memcmp(o1.lse.data(), o2.lse.data(), c.R * sizeof(float)) == 0;
+                             std::memcmp(o1.lse.data(), o2.lse.data(), c.R * sizeof(float)) == 0 &&
+                             std::memcmp(o1.mean.data(), o2.mean.data(), c.R * sizeof(float)) == 0;
+  // Asking for the mean changes nothing else.
+  const bool mean_free = std::memcmp(o1.slot.data(), o_nomean.slot.data(), c.R * sizeof(int64_t)) == 0 &&
+                         std::memcmp(o1.z_sel.data(), o_nomean.z_sel.data(), c.R * sizeof(float)) == 0 &&
+                         std::memcmp(o1.lse.data(), o_nomean.lse.data(), c.R * sizeof(float)) == 0;
   const bool plan_free = std::memcmp(o1.slot.data(), o_one.slot.data(), c.R * sizeof(int64_t)) == 0 &&
                          std::memcmp(o1.z_sel.data(), o_one.z_sel.data(), c.R * sizeof(float)) == 0;
-  ok = ok && deterministic && plan_free;
+  ok = ok && deterministic && plan_free && mean_free;
   std::printf("%-4s %-12s R=%-4lld H=%-4lld V=%-5lld Vs=%-5lld T=%.2f splits=%lld: %s  (slot mismatches %lld, "
-              "near-ties %lld, z_sel err %.2e, lse err %.2e, tol %.1e, deterministic %d, split-independent %d)\n",
+              "near-ties %lld, z_sel err %.2e, lse err %.2e, mean err %.2e, entropy err %.2e, tol %.1e, "
+              "deterministic %d, split-independent %d, mean-independent %d)\n",
               dtype_name(d), c.name, (long long)c.R, (long long)c.H, (long long)c.V, (long long)Vs, c.temperature,
               (long long)c.splits, ok ? "ok" : "FAIL", (long long)mismatched, (long long)near_ties, max_zerr, max_lerr,
-              tol, deterministic, plan_free);
+              max_merr, max_herr, tol, deterministic, plan_free, mean_free);
   CK(cudaFree(dh));
   CK(cudaFree(dw));
   if (dids != nullptr) CK(cudaFree(dids));

@@ -13,10 +13,10 @@ Kernels:
                     to ``reference.mix32``), u = ((bits >> 9) + 0.5) * 2^-23, g = -log(-log(u)),
                     score = z * inv_temp + g (GREEDY: score = z). Keeps per row: best score, its slot and its z
                     (first maximal index within a tile; a later tile replaces only on a strictly greater score, so
-                    ties go to the lowest slot), and an online (max, sum exp) of the untempered z. Writes one
-                    partial per (split, row).
+                    ties go to the lowest slot), and an online (max, sum exp, and with WANT_MEAN sum exp * z) of
+                    the untempered z. Writes one partial per (split, row).
   ``_merge_kernel`` folds the split partials in split order 0..S-1 (strictly-greater again: an earlier split
-                    keeps ties) -> slot, z_sel, lse.
+                    keeps ties) -> slot, z_sel, lse (and mean = sum exp * z / sum exp, when WANT_MEAN).
 [R, Vs] is never written; no atomics, a fixed reduction order: two identical calls are bit-identical.
 
 Numerics: fp32 accumulation (bf16/fp16 operands accumulate in fp32 in ``tl.dot``; fp32 operands use
@@ -77,10 +77,10 @@ def _gumbel(keys, toks):
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
-                best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr,
+                best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr,
                 R, Vs, H, inv_temp, V_PER_SPLIT,
                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                HAS_VOCAB: tl.constexpr, GREEDY: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                HAS_VOCAB: tl.constexpr, GREEDY: tl.constexpr, WANT_MEAN: tl.constexpr, UPCAST_DOT: tl.constexpr,
                 PRECISION: tl.constexpr):
     pid_r = tl.program_id(0)  # row tiles vary fastest, so concurrent programs share the split's weight tiles in L2
     pid_s = tl.program_id(1)
@@ -94,6 +94,7 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
     zsel = tl.zeros((BLOCK_R,), dtype=tl.float32)
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    sz = tl.zeros((BLOCK_R,), dtype=tl.float32)
     v_start = pid_s * V_PER_SPLIT
     v_stop = tl.minimum(v_start + V_PER_SPLIT, Vs)
     for v0 in range(v_start, v_stop, BLOCK_V):
@@ -118,7 +119,11 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
         zsel = tl.where(better, tz, zsel)
 
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has at least one column inside the split
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)  # exp(-inf) = 0 off the edge
+        scale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])  # exp(-inf) = 0 off the edge
+        s = s * scale + tl.sum(e, axis=1)
+        if WANT_MEAN:
+            sz = sz * scale + tl.sum(e * tl.where(mask_v[None, :], z, 0.0), axis=1)  # not 0 * -inf = NaN
         m = m_new
 
     out = pid_s.to(tl.int64) * R + offs_r
@@ -127,11 +132,13 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
     tl.store(zsel_ptr + out, zsel, mask=mask_r)
     tl.store(m_ptr + out, m, mask=mask_r)
     tl.store(s_ptr + out, s, mask=mask_r)
+    if WANT_MEAN:
+        tl.store(sz_ptr + out, sz, mask=mask_r)
 
 
 @triton.jit
-def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, slot_out, zsel_out, lse_out, R, SPLITS,
-                  BLOCK: tl.constexpr):
+def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, slot_out, zsel_out, lse_out, mean_out, R,
+                  SPLITS, BLOCK: tl.constexpr, WANT_MEAN: tl.constexpr):
     """Combine per-split partials [SPLITS, R] in split order (fixed order: deterministic; ties to the lower split)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < R
@@ -147,25 +154,28 @@ def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, slot_out, zsel_out
         zsel = tl.where(better, tl.load(zsel_ptr + i * R + offs, mask=mask, other=0.0), zsel)
         big_m = tl.maximum(big_m, tl.load(m_ptr + i * R + offs, mask=mask, other=0.0))
     s = tl.zeros((BLOCK,), dtype=tl.float32)
+    sz = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, SPLITS):
         scale = tl.exp(tl.load(m_ptr + i * R + offs, mask=mask, other=0.0) - big_m)
         s += tl.load(s_ptr + i * R + offs, mask=mask, other=1.0) * scale  # 1.0: no log(0) in masked lanes
+        if WANT_MEAN:
+            sz += tl.load(sz_ptr + i * R + offs, mask=mask, other=0.0) * scale
     tl.store(slot_out + offs, slot, mask=mask)
     tl.store(zsel_out + offs, zsel, mask=mask)
     tl.store(lse_out + offs, big_m + tl.log(s), mask=mask)
+    if WANT_MEAN:
+        tl.store(mean_out + offs, sz / s, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launch settings and launcher
 # ----------------------------------------------------------------------------------------------------------------
 
-_MAX_SPLITS = 16  # partials are 5 x splits x R words: small; splits exist for occupancy when R is small
-
-
 def _config(dtype: torch.dtype, device: torch.device) -> Config:
     """One heuristic config (no autotuning). GPU: the masked_logprob forward's tiles, a 64-row tile (sampling
-    batches are often a few hundred rows) and enough vocabulary splits for ~4 programs per SM. Interpreter:
-    16/32-wide tiles so small test shapes still cover ragged edges, several tiles and splits."""
+    batches are often a few hundred rows) and enough vocabulary splits for ~4 programs per SM (the partials are
+    5-6 words per split and row: small). Interpreter: 16/32-wide tiles so small test shapes still cover ragged
+    edges, several tiles and splits."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_CONFIG
     programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -173,34 +183,37 @@ def _config(dtype: torch.dtype, device: torch.device) -> Config:
     return Config(block_r=64, block_v=128, block_h=64, num_warps=8, num_stages=stages, programs=programs)
 
 
-def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, splits: int | None = None):
+def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, want_mean: bool,
+                    splits: int | None = None):
     num_rows, hidden = h.shape
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
     dev = h.device
     slot = torch.empty(num_rows, dtype=torch.int64, device=dev)
-    out = torch.empty(2, num_rows, dtype=torch.float32, device=dev)  # z_sel, lse
+    out = torch.empty(3, num_rows, dtype=torch.float32, device=dev)  # z_sel, lse, mean
+    mean = out[2] if want_mean else None
     if num_rows == 0:
-        return slot, out[0], out[1]
+        return slot, out[0], out[1], mean
     cfg = _config(h.dtype, dev)
     row_tiles = triton.cdiv(num_rows, cfg.block_r)
-    splits, v_per_split = split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits, _MAX_SPLITS)
-    part_f = torch.empty(4, splits, num_rows, dtype=torch.float32, device=dev)  # best, z_sel, m, s
+    # The cap is the program target itself: one row tile alone may take every split it needs to fill the GPU.
+    splits, v_per_split = split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits, cfg.programs)
+    part_f = torch.empty(5, splits, num_rows, dtype=torch.float32, device=dev)  # best, z_sel, m, s, sz
     part_slot = torch.empty(splits, num_rows, dtype=torch.int64, device=dev)
     _fwd_kernel[(row_tiles, splits)](
         h, w, vocab_ids if vocab_ids is not None else keys, keys,
-        part_f[0], part_slot, part_f[1], part_f[2], part_f[3],
+        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], part_f[4],
         num_rows, vocab_size, hidden, float(inv_temp), v_per_split,
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), UPCAST_DOT=interpreting(),
+        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), WANT_MEAN=bool(want_mean), UPCAST_DOT=interpreting(),
         PRECISION=precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block = 32 if interpreting() else 1024
     _merge_kernel[(triton.cdiv(num_rows, block),)](
-        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], slot, out[0], out[1], num_rows, splits,
-        BLOCK=block,
+        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], part_f[4], slot, out[0], out[1], out[2], num_rows,
+        splits, BLOCK=block, WANT_MEAN=bool(want_mean),
     )
-    return slot, out[0], out[1]
+    return slot, out[0], out[1], mean
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,8 +222,9 @@ def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, splits
 
 
 def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
-            greedy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slot int64 [R], z_sel float32 [R], lse float32 [R]); see ``stp_kernels.torch_chunked_sample_step``."""
+            greedy: bool, want_mean: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(slot int64 [R], z_sel, lse, mean | None float32 [R]); see ``stp_kernels.torch_chunked_sample_step``."""
     vocab_ids = vocab_ids.contiguous() if vocab_ids is not None else None
     return _launch_forward(h.contiguous(), w.contiguous(), vocab_ids, keys.long().contiguous(), float(inv_temp),
-                           bool(greedy))
+                           bool(greedy), bool(want_mean))
