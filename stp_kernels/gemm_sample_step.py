@@ -29,11 +29,8 @@ __all__ = ["forward"]
 
 
 def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
-            greedy: bool, want_mean: bool | None = None):
-    """(slot int64 [R], z_sel float32 [R], lse float32 [R], mean float32 [R] | None); see the module docstring.
-
-    ``want_mean=None`` is the earlier three-output form (slot, z_sel, lse) for callers that predate ``want_mean``.
-    """
+            greedy: bool, want_mean: bool):
+    """(slot int64 [R], z_sel float32 [R], lse float32 [R], mean float32 [R] | None); see the module docstring."""
     rows, dev = h.shape[0], h.device
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
     keys = keys.long().contiguous()
@@ -61,6 +58,4 @@ def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, ke
             free[c % 2] = pipe.mark(on_side=True)
     pipe.join()
     lse = m + torch.log(s)
-    if want_mean is None:
-        return slot, z_sel, lse
     return slot, z_sel, lse, (sz / s if sz is not None else None)

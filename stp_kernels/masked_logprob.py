@@ -1,6 +1,6 @@
 """``masked_logprob``: the LM head fused with log-softmax and target gather, at the scored rows only.
 
-Layers: backend modules (``torch_chunked``, ``_cpu``, ``_cuda``, ``triton/masked_logprob``) implement the
+Layers: backend modules (``torch_chunked``, ``_cpu``, ``_cuda``, ``triton/masked_logprob``, ``gemm``) implement the
 two-function contract of ``reference.backend_contract``; two torch.library custom ops (``stp::masked_logprob_fwd``
 and ``_bwd``, with fake implementations and registered autograd) call any of them; ``masked_logprob`` validates,
 gathers rows, maps the vocabulary prior and dispatches.
@@ -124,7 +124,7 @@ def masked_logprob(
         vocab: sorted int64 token ids of a static vocabulary prior; the softmax runs over those ids only
             and every target must be among them. Cost scales with ``len(vocab)``.
         temperature: logits are divided by it before the softmax.
-        backend: "torch", "torch_chunked", "cpu", "triton", "cuda"; None picks ``$STP_KERNEL_BACKEND`` or the
+        backend: "torch", "torch_chunked", "cpu", "triton", "cuda", "gemm"; None picks ``$STP_KERNEL_BACKEND`` or the
             fastest available (``stp_kernels.available_backends()``).
         return_lse / return_entropy: also return the log-sum-exp / the entropy of each row's distribution.
 

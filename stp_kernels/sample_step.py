@@ -5,7 +5,8 @@ For each scored row: x0 = argmax_v (z_v / T + g_v) with Gumbel noise g drawn fro
 kernel), x0 = argmax z when T == 0, confidence = softmax(z)[x0] from the untempered logits z = h @ W.T and, on
 request, the predictive entropy of softmax(z) from the same pass (an entropy-bounded sampler reads it). The
 [rows, vocab] logits and noise are never written. Backends: ``torch`` (reference, materialises), ``torch_chunked``,
-``triton``, ``cuda``; same dispatch as ``masked_logprob``.
+``triton``, ``cuda``, ``gemm`` (the CUDA default: a library matmul per vocabulary chunk and a fused epilogue); same
+dispatch as ``masked_logprob``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from tests._compare import assert_close
 HAS_CUDA = torch.cuda.is_available()
 _gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 BACKENDS = [pytest.param("cpu", b, id=f"cpu-{b}") for b in available_backends("cpu", op="sample_step")] + [
-    pytest.param("cuda", b, id=f"cuda-{b}", marks=_gpu) for b in ("torch", "torch_chunked", "triton", "cuda")
+    pytest.param("cuda", b, id=f"cuda-{b}", marks=_gpu) for b in ("torch", "torch_chunked", "triton", "cuda", "gemm")
 ]
 
 
