@@ -100,13 +100,16 @@ def _filter(logits: torch.Tensor, top_p: float | None, top_k: int | None) -> tor
 
 def dream_sample(hidden: torch.Tensor, weight: torch.Tensor, cfg: DreamDecoding, *, temperature: float, seed: int,
                  step: int, row_ids: torch.Tensor, vocab: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 [R] int64 and confidence [R] float32 (module docstring) for hidden states [R, H] and LM head [V, H].
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x0 [R] int64, confidence [R] float32 (module docstring) and the behaviour log-prob [R] float32 of x0 under
+    the distribution it was drawn from (temperature, top_p / top_k filtering and ``vocab`` applied; 0 at T = 0,
+    where the draw is deterministic, as in ``stp.sampler``'s trajectory record) for hidden states [R, H] and LM head
+    [V, H].
 
     ``row_ids`` [R]: counter identities of the rows (sample id * gen_length + canvas position), as for
     ``stp_kernels.sample_step``; ``vocab``: sorted token ids allowed (None = all). [rows, V] logits are
     materialised, ``_ROW_CHUNK`` rows at a time (Dream's own code materialises them for the whole sequence)."""
-    x0_parts, conf_parts = [], []
+    x0_parts, conf_parts, logp_parts = [], [], []
     allowed = None
     if vocab is not None:
         allowed = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
@@ -137,7 +140,9 @@ def dream_sample(hidden: torch.Tensor, weight: torch.Tensor, cfg: DreamDecoding,
             conf = -counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=rid.device))[:, 0]
         x0_parts.append(x0)
         conf_parts.append(conf.float())
-    return torch.cat(x0_parts), torch.cat(conf_parts)
+        logp_parts.append(torch.log_softmax(logits, -1).gather(-1, x0[:, None])[:, 0] if temperature > 0
+                          else torch.zeros_like(conf, dtype=torch.float32))
+    return torch.cat(x0_parts), torch.cat(conf_parts), torch.cat(logp_parts)
 
 
 def dream_commit_counts(cfg: DreamDecoding, still: torch.Tensor, conf: torch.Tensor, timesteps: torch.Tensor,

@@ -113,7 +113,7 @@ def _check_out(out: str, overwrite: bool) -> Path:
 
 def _base_directory(model: str) -> Path | None:
     """The directory `stp.models.load(model)` reads (None for the in-code tiny model)."""
-    from stp.models.base import resolve_directory
+    from stp.models.loading import resolve_directory
 
     if model == "tiny":
         return None

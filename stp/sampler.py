@@ -275,10 +275,10 @@ def generate(
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
         row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
         if dream is not None:  # hook: Dream's scores (stp.decoding)
-            x0, conf = decoding.dream_sample(h, weight, dream, temperature=temperature, seed=seed, step=step,
-                                             row_ids=row_ids, vocab=vocab)
+            x0, conf, lp = decoding.dream_sample(h, weight, dream, temperature=temperature, seed=seed, step=step,
+                                                 row_ids=row_ids, vocab=vocab)
             n = canvas_pos.numel()
-            return x0.view(batch, n), conf.view(batch, n)
+            return x0.view(batch, n), conf.view(batch, n), (lp.view(batch, n) if record_logprobs else None)
         x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
                                vocab=vocab, backend=backend, check_inputs=False)
         if remasking == "random":

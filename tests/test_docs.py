@@ -13,14 +13,14 @@ SOURCES = sorted([*(p for d in ("stp", "stp_kernels", "benchmarks", "tests") for
 SOURCES.remove(Path(__file__).resolve())  # its own examples below name missing documents on purpose
 # A name ending in .md; one right after "=" or an output flag names a file a command writes, not a document.
 MD_NAME = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)\b")
-OUTPUT_CONTEXT = re.compile(r"(=|--out\s+|--output\s+|--json\s+)$")
+OUTPUT_CONTEXT = re.compile(r"(=|--out\s+|--output\s+|--json\s+|/\s*[\"'])$")  # last: a path join
 METHOD_SECTION = re.compile(r"docs/method\.md,?\s+(?:sections?\s+)?(\d+)(?:\s*-\s*(\d+))?")
 
 
 def cited_documents(text: str) -> list[tuple[int, str]]:
     """(line number, name) of every .md document ``text`` cites, output file names excluded.
 
-    >>> cited_documents('see docs/method.md 3 and README.md\\nSTP_BENCH_MD=out.md pytest; --out table.md')
+    >>> cited_documents('see docs/method.md 3 and README.md\\nSTP_BENCH_MD=out.md pytest; --out table.md; tmp / "t.md"')
     [(1, 'docs/method.md'), (1, 'README.md')]
     """
     found = []
