@@ -23,14 +23,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
 
 
 def assert_within_torch_error(actual: torch.Tensor, torch_lowp: torch.Tensor, ref: torch.Tensor, *, atol: float,
-                              what: str) -> None:
+                              what: str, ulps: float = 0.0) -> None:
     """Low-precision check, element by element: |ours - fp64| <= |torch_same_dtype - fp64| + atol, no NaN/inf.
 
     Judges our error against the error torch itself makes in that dtype at the same element (cut-cross-entropy's
-    criterion); ``atol`` absorbs the elements where torch happens to land closer than one rounding of ours."""
+    criterion); ``atol`` absorbs the elements where torch happens to land closer than one rounding of ours.
+    ``ulps`` adds that many units in the last place of ``actual``'s dtype at the element's magnitude: for outputs
+    rounded once from float32 sums taken in another order than torch's, where entries above ~1 make one bf16 step
+    (2**-7 relative) larger than an absolute ``atol``."""
     assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
     ours = (actual.double() - ref.double()).abs()
     theirs = (torch_lowp.double() - ref.double()).abs()
+    if ulps:
+        _, exponent = torch.frexp(ref.double().abs().clamp_min(torch.finfo(actual.dtype).tiny))
+        # |x| in [2**(e-1), 2**e): one step of the dtype there is eps * 2**(e-1)
+        theirs = theirs + ulps * torch.finfo(actual.dtype).eps * torch.ldexp(torch.ones_like(theirs), exponent - 1)
     bad = ~(ours <= theirs + atol) | ~torch.isfinite(actual)
     if bad.any():
         i = int((ours - theirs).argmax())

@@ -74,7 +74,7 @@ def test_masked_logprob_matches_float64(epilogue, dtype, temperature, vocab, see
         theirs = _outputs_and_grads(masked_logprob_reference, hidden, weight, targets, ids, grads, temperature,
                                     upcast=None)
         for o, t, r, name in zip(ours, theirs, ref, names):
-            assert_within_torch_error(o, t, r, atol=1e-2, what=f"gemm/{epilogue} {name}")
+            assert_within_torch_error(o, t, r, atol=1e-2, ulps=1, what=f"gemm/{epilogue} {name}")
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
@@ -228,7 +228,7 @@ def test_cuda_masked_logprob_matches_float64(vocab, epilogue, dtype, overlap, se
     else:
         theirs = _outputs_and_grads(masked_logprob_reference, hidden, weight, targets, ids, grads, 0.8, upcast=None)
         for o, t, r, name in zip(ours, theirs, ref, names):
-            assert_within_torch_error(o, t, r, atol=1e-2, what=f"cuda gemm {name}")
+            assert_within_torch_error(o, t, r, atol=1e-2, ulps=1, what=f"cuda gemm {name}")
 
 
 @pytest.mark.gpu
