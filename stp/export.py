@@ -29,7 +29,6 @@ message names the flag, the directory or the file).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -39,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from stp.files import fsync_dir
 
 __all__ = ["export", "ExportError", "main", "parse_size"]
 
@@ -203,15 +204,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_weights(tensors: dict[str, torch.Tensor], directory: Path, *, dtype: torch.dtype, max_shard_bytes: int,
                   progress: bool = False) -> list[Path]:
     """safetensors files into `directory`: one ``model.safetensors``, or shards + ``model.safetensors.index.json``.
@@ -356,7 +348,7 @@ def export(model: str, out: str | os.PathLike, *, adapter: str | os.PathLike | N
         write_weights(tensors, tmp, dtype=out_dtype, max_shard_bytes=max_bytes, progress=progress)
         _write_config(lm, base_config, tmp, out_dtype)
         _copy_side_files(lm, base_dir, base_config, tmp, progress)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.export-old-{os.getpid()}")
             os.rename(out_dir, old)
@@ -364,7 +356,7 @@ def export(model: str, out: str | os.PathLike, *, adapter: str | os.PathLike | N
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -194,23 +195,51 @@ class Buffers:
 _SLAB_ELEMS = 1 << 20
 
 
+def fold_chunks(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, vocab_size: int,
+                fold: Callable[[torch.Tensor, int], None]) -> None:
+    """The forward's chunk loop, shared by masked_logprob and sample_step: per vocabulary chunk one library matmul
+    into a float32 [R, chunk] buffer, then ``fold(z, start)`` (the epilogue). On CUDA the epilogue of chunk c runs on
+    the side stream while chunk c+1 multiplies into the other buffer; a buffer is reused only after the epilogue
+    that last read it has finished."""
+    pipe = Pipeline(h.device)
+    parts = chunks(vocab_size)
+    lhs = operand(h)
+    bufs = Buffers(h.shape[0], parts[0][1], h.device, torch.float32, 2 if pipe.on else 1)
+    free = [None, None]  # per buffer: the epilogue that last read it has finished
+    for c, (start, stop) in enumerate(parts):
+        z = bufs.get(c, stop - start)
+        pipe.wait(free[c % 2])
+        mm_f32(lhs, weight_chunk(w, vocab_ids, start, stop).T, z)
+        ready = pipe.mark()
+        with pipe.side():
+            pipe.wait(ready, on_side=True)
+            fold(z, start)
+            free[c % 2] = pipe.mark(on_side=True)
+    pipe.join()
+
+
 def _slabs(rows: int, width: int):
     step = max(1, _SLAB_ELEMS // max(width, 1))
     for r0 in range(0, rows, step):
         yield slice(r0, min(r0 + step, rows))
 
 
+def _online_lse(z: torch.Tensor, r: slice, m: torch.Tensor, s: torch.Tensor, sz: torch.Tensor | None) -> None:
+    """Fold logits z [rows of r, chunk] into the running max m, sum exp s and (when given) sum exp * z of rows r."""
+    m_new = torch.maximum(m[r], z.amax(1))
+    alpha = torch.exp(m[r] - m_new)
+    e = torch.sub(z, m_new[:, None]).exp_()
+    s[r] = s[r] * alpha + e.sum(1)
+    if sz is not None:
+        sz[r] = sz[r] * alpha + e.mul_(z).sum(1)
+    m[r] = m_new
+
+
 def torch_fold_lse(z, start, inv_temp, tgt, m, s, sz, tgt_logit) -> None:
     width = z.shape[1]
     for r in _slabs(z.shape[0], width):
         zt = z[r] if inv_temp == 1.0 else z[r].mul_(inv_temp)
-        m_new = torch.maximum(m[r], zt.amax(1))
-        alpha = torch.exp(m[r] - m_new)
-        e = torch.sub(zt, m_new[:, None]).exp_()
-        s[r] = s[r] * alpha + e.sum(1)
-        if sz is not None:
-            sz[r] = sz[r] * alpha + e.mul_(zt).sum(1)
-        m[r] = m_new
+        _online_lse(zt, r, m, s, sz)
         local = tgt[r] - start
         hit = (local >= 0) & (local < width)
         picked = zt.gather(1, local.clamp(0, width - 1)[:, None])[:, 0]
@@ -252,10 +281,4 @@ def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z
         best[r] = torch.where(better, cmax, best[r])
         slot[r] = torch.where(better, carg + start, slot[r])
         z_sel[r] = torch.where(better, zr.gather(1, carg[:, None])[:, 0], z_sel[r])
-        m_new = torch.maximum(m[r], zr.amax(1))
-        alpha = torch.exp(m[r] - m_new)
-        e = torch.sub(zr, m_new[:, None]).exp_()
-        s[r] = s[r] * alpha + e.sum(1)
-        if sz is not None:
-            sz[r] = sz[r] * alpha + e.mul_(zr).sum(1)
-        m[r] = m_new
+        _online_lse(zr, r, m, s, sz)

@@ -42,21 +42,7 @@ def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tg
     tgt_logit = torch.zeros(rows, dtype=torch.float32, device=dev)
     epi = G.epilogue_module(dev)
     fold = epi.fold_lse if epi is not None else G.torch_fold_lse
-    pipe = G.Pipeline(dev)
-    parts = G.chunks(vocab_size)
-    lhs = G.operand(h)
-    bufs = G.Buffers(rows, parts[0][1], dev, torch.float32, 2 if pipe.on else 1)
-    free = [None, None]  # per buffer: the epilogue that last read it has finished
-    for c, (start, stop) in enumerate(parts):
-        z = bufs.get(c, stop - start)
-        pipe.wait(free[c % 2])
-        G.mm_f32(lhs, G.weight_chunk(w, vocab_ids, start, stop).T, z)
-        ready = pipe.mark()
-        with pipe.side():
-            pipe.wait(ready, on_side=True)
-            fold(z, start, inv_temp, tgt, m, s, sz, tgt_logit)
-            free[c % 2] = pipe.mark(on_side=True)
-    pipe.join()
+    G.fold_chunks(h, w, vocab_ids, vocab_size, lambda z, start: fold(z, start, inv_temp, tgt, m, s, sz, tgt_logit))
     lse = m + torch.log(s)
     return lse, tgt_logit, (sz / s if sz is not None else None)
 

@@ -42,20 +42,8 @@ def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, ke
     sz = torch.zeros(rows, dtype=torch.float32, device=dev) if want_mean else None
     epi = G.epilogue_module(dev)
     fold = epi.fold_sample if epi is not None else G.torch_fold_sample
-    pipe = G.Pipeline(dev)
-    parts = G.chunks(vocab_size)
-    lhs = G.operand(h)
-    bufs = G.Buffers(rows, parts[0][1], dev, torch.float32, 2 if pipe.on else 1)
-    free = [None, None]
-    for c, (start, stop) in enumerate(parts):
-        z = bufs.get(c, stop - start)
-        pipe.wait(free[c % 2])
-        G.mm_f32(lhs, G.weight_chunk(w, vocab_ids, start, stop).T, z)
-        ready = pipe.mark()
-        with pipe.side():
-            pipe.wait(ready, on_side=True)
-            fold(z, start, float(inv_temp), bool(greedy), keys, vocab_ids, best, slot, z_sel, m, s, sz)
-            free[c % 2] = pipe.mark(on_side=True)
-    pipe.join()
+    inv_temp, greedy = float(inv_temp), bool(greedy)
+    G.fold_chunks(h, w, vocab_ids, vocab_size,
+                  lambda z, start: fold(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz))
     lse = m + torch.log(s)
     return slot, z_sel, lse, (sz / s if sz is not None else None)

@@ -76,3 +76,17 @@ def logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
         acc = tl.dot(h_t, tl.trans(w_t), acc, input_precision=PRECISION)
     z = acc * inv_temp
     return tl.where(mask_v[None, :], z, float("-inf"))
+
+
+@triton.jit
+def online_lse(z, valid, m, s, sz, WANT_MEAN: tl.constexpr):
+    """Fold a logits tile z [BLOCK_R, BLOCK_C] (-inf where not ``valid`` [BLOCK_C]) into each row's running max m,
+    sum exp s and, with WANT_MEAN, sum exp * z (invalid columns add 0 there, never 0 * -inf). m must stay finite:
+    every tile holds at least one valid column. Returns the updated (m, s, sz)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first tile
+    e = tl.exp(z - m_new[:, None])
+    s = s * alpha + tl.sum(e, axis=1)
+    if WANT_MEAN:
+        sz = sz * alpha + tl.sum(e * tl.where(valid[None, :], z, 0.0), axis=1)
+    return m_new, s, sz

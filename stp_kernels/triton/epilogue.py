@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, online_lse
 from .sample_step import _gumbel
 
 __all__ = ["check", "fold_lse", "logit_grad", "fold_sample"]
@@ -64,13 +64,7 @@ def _lse_kernel(z_ptr, z_stride, m_ptr, s_ptr, sz_ptr, tgt_logit_ptr, tgt_ptr, R
         inside = mask_r[:, None] & mask_c[None, :]
         z = tl.load(z_ptr + rows[:, None] + cols[None, :], mask=inside, other=0.0) * inv_temp
         z = tl.where(mask_c[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has at least one column inside the chunk
-        alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first tile
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        if WANT_MEAN:
-            sz = sz * alpha + tl.sum(e * tl.where(mask_c[None, :], z, 0.0), axis=1)  # no 0 * -inf
-        m = m_new
+        m, s, sz = online_lse(z, mask_c, m, s, sz, WANT_MEAN)
     tl.store(m_ptr + offs_r, m, mask=mask_r)
     tl.store(s_ptr + offs_r, s, mask=mask_r)
     if WANT_MEAN:
@@ -143,13 +137,7 @@ def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zse
         best = tl.where(better, tmax, best)
         slot = tl.where(better, start + c0 + targ.to(tl.int64), slot)
         zsel = tl.where(better, tz, zsel)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        if WANT_MEAN:
-            sz = sz * alpha + tl.sum(e * tl.where(mask_c[None, :], z, 0.0), axis=1)  # no 0 * -inf
-        m = m_new
+        m, s, sz = online_lse(z, mask_c, m, s, sz, WANT_MEAN)
     tl.store(best_ptr + offs_r, best, mask=mask_r)
     tl.store(slot_ptr + offs_r, slot, mask=mask_r)
     tl.store(zsel_ptr + offs_r, zsel, mask=mask_r)

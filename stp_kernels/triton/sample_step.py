@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER_CONFIG, Config, interpreting, logits_tile, precision, slot_tokens, split
+from ._common import INTERPRETER_CONFIG, Config, interpreting, logits_tile, online_lse, precision, slot_tokens, split
 
 __all__ = ["check", "forward"]
 
@@ -118,13 +118,7 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
         slot = tl.where(better, v0 + targ.to(tl.int64), slot)
         zsel = tl.where(better, tz, zsel)
 
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has at least one column inside the split
-        scale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])  # exp(-inf) = 0 off the edge
-        s = s * scale + tl.sum(e, axis=1)
-        if WANT_MEAN:
-            sz = sz * scale + tl.sum(e * tl.where(mask_v[None, :], z, 0.0), axis=1)  # not 0 * -inf = NaN
-        m = m_new
+        m, s, sz = online_lse(z, mask_v, m, s, sz, WANT_MEAN)  # every tile has a column inside the split
 
     out = pid_s.to(tl.int64) * R + offs_r
     tl.store(best_ptr + out, best, mask=mask_r)
