@@ -110,14 +110,14 @@ def test_layers_import_only_downwards():
     """kernels <- models <- sampler / likelihood / loss <- methods <- trainer <- command-line tools."""
     graph = import_graph()
     below_trainer = {"stp.trainer", "stp.train", "stp.eval", "stp.evaluation", "stp.pretrain", "stp.prior",
-                     "stp.variance", "stp.checkpoint", "stp.metrics", "stp.policy", "stp.data_order"}
+                     "stp.anchors", "stp.variance", "stp.checkpoint", "stp.metrics", "stp.policy", "stp.data_order"}
     layers = {
         "stp_kernels": {m for m in graph if m.startswith("stp.")},
         "stp.models": {m for m in graph if m.startswith("stp.") and not m.startswith("stp.models")},
         "stp.sampler": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
         "stp.likelihood": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
         "stp.loss": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
-        "stp.methods": below_trainer - {"stp.prior"},
+        "stp.methods": below_trainer - {"stp.prior", "stp.anchors"},
         # the evaluation library sits under the command-line tools (stp.pretrain and the trainer call it)
         "stp.evaluation": {"stp.eval", "stp.pretrain", "stp.train", "stp.trainer"},
     }
