@@ -75,7 +75,7 @@ from stp_kernels import masked_logprob
 
 __all__ = ["STRATEGIES", "FREE_RULES", "PRIOR_FORMAT", "Selection", "PriorFileError", "TornLineWarning",
            "prompt_id", "sample_id_of", "free_spans", "special_token_ids", "select_anchors", "score_completions",
-           "build_priors", "load_priors", "read_prior_file", "to_sampler_prior", "main"]
+           "build_priors", "load_priors", "read_prior_file", "recorded_setting", "to_sampler_prior", "main"]
 
 PRIOR_FORMAT = 1
 # Settings that identify a prior file (a rerun must match them all), with the CLI flag each comes from.
@@ -86,6 +86,12 @@ SETTING_FLAGS = {"model": "--model", "task": "--task", "split": "--split", "sour
 # Settings added after files were first written, with the value every older file was built with.
 _SETTING_WHEN_MISSING = {"free_rule": "inclusive"}
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def recorded_setting(settings: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key`` in a record's ``settings``; for a setting added after files were first written
+    (``free_rule``) a record without it gets the value every older file was built with; otherwise None."""
+    return settings[key] if key in settings else _SETTING_WHEN_MISSING.get(key)
 
 
 class PriorFileError(ValueError):
