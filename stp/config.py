@@ -60,6 +60,7 @@ ESTIMATORS = ("stp", "elbo", "d1")
 SCORE_MODES = ("all", "masked", "elbo")
 MASK_SCHEMES = ("random_count", "block")
 STRATEGIES = ("answer_low_confidence", "low_confidence", "random", "answer_random")
+FREE_RULES = ("inside", "inclusive")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 REMASKING = ("low_confidence", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -286,6 +287,10 @@ class PriorConfig(_Section):
     rho: float = _f(0.95, "fraction of the eligible (non-answer) tokens freed; 1 - rho of them become anchors")
     strategy: str = _f("answer_low_confidence", "which tokens are freed (the paper's: answer_low_confidence)",
                        choices=STRATEGIES)
+    free_rule: str = _f("inside", "what the answer_* strategies always free: inside (the text strictly inside "
+                        "<answer>...</answer> and \\boxed{...}, the STP authors' rule) or inclusive (the tags and "
+                        "delimiters too, and everything after an unclosed one); a reused prior file must match it",
+                        choices=FREE_RULES)
     build_steps: int | None = _f(None, "sampler steps when building priors; none = rollout.gen_length (one token per "
                                  "step, the paper's 256 for L = 256)")
     build_block_length: int | None = _f(None, "block length when building priors; none = rollout.block_length")

@@ -150,7 +150,7 @@ def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None
 def evaluate_heldout(lm, task, examples, cfg: TrainConfig) -> dict[str, float] | None:
     if not examples:
         return None
-    from stp.eval import evaluate
+    from stp.evaluation import evaluate
 
     r = cfg.rollout
     res = evaluate(lm, task, examples, gen_length=r.gen_length, block_length=r.block_length, steps=r.steps,

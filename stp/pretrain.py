@@ -14,8 +14,8 @@ on a CPU. The tiny model gets the puzzle alone, in one user turn of the chat tem
     <|user|>\\nsudoku 4123030034121034<|eos|>\\n<|assistant|>\\n          (29 tokens)
     <|user|>\\ncountdown 44 19 35 -> 98<|eos|>\\n<|assistant|>\\n
 
-``compact_task(name)`` is the task with this prompt (same rewards, metric, data), to pass to ``stp.eval.evaluate``
-and to the trainer.
+``compact_task(name)`` is the task with this prompt (same rewards, metric, data), to pass to
+``stp.evaluation.evaluate`` and to the trainer.
 
 Reference completions (``reference_completion``), in the d1 format with the tags as single tokens::
 
@@ -280,7 +280,7 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def _evaluate(model, task, examples, settings) -> dict[str, float]:
-    from stp.eval import evaluate
+    from stp.evaluation import evaluate
 
     g = settings["gen_length"]
     res = evaluate(model, task, examples, gen_length=g, block_length=settings["block_length"], steps=g // 2,

@@ -104,6 +104,7 @@ def test_choices_match_the_modules_that_consume_them():
 
     assert C.ESTIMATORS == likelihood.ESTIMATORS and C.SCORE_MODES == likelihood.SCORE_MODES
     assert C.MASK_SCHEMES == likelihood.MASK_SCHEMES and C.STRATEGIES == prior.STRATEGIES
+    assert C.FREE_RULES == prior.FREE_RULES
     assert C.ATTN_IMPLEMENTATIONS == base.SUPPORTED_ATTN
     task_field = next(f for f in dataclasses.fields(C.RunConfig) if f.name == "task")
     assert set(task_field.metadata["choices"]) == set(TASKS)
@@ -196,6 +197,7 @@ def test_main_prints_resolved_yaml(capsys):
     ("rollout.remasking", "entropy", "rollout.remasking", "low_confidence"),
     ("prior.rho", "2", "prior.rho", "[0, 1]"),
     ("prior.strategy", "best", "prior.strategy", "answer_low_confidence"),
+    ("prior.free_rule", "tags", "prior.free_rule", "'inside', 'inclusive'"),
     ("method", "vrpo", "method", "'stp', 'elbo', 'd1'"),
     ("estimator.num_draws", "0", "estimator.num_draws", ">= 1"),
     ("estimator.memory_budget", "0", "estimator.memory_budget", "bytes >= 1"),

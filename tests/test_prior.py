@@ -1,5 +1,5 @@
-"""Static priors (stp.prior): anchor selection, the JSONL file (resume, kill safety, corruption), the CLI's flag
-checks and the sampler hand-off. CPU only, tiny model, small canvases."""
+"""Static priors (stp.prior, its selection in stp.anchors): anchor selection, the JSONL file (resume, kill safety,
+corruption), the CLI's flag checks and the sampler hand-off. CPU only, tiny model, small canvases."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from stp import anchors as A
 from stp import prior as P
 from stp.models.tiny import build_tokenizer
 
@@ -90,7 +91,7 @@ def test_low_confidence_exact(rho, anchors):
 
 
 def _expected_random(seed, sample_id, eligible, rho):
-    u = P._random_scores(seed, sample_id, 24)
+    u = A._random_scores(seed, sample_id, 24)
     order = sorted(eligible, key=lambda i: (float(u[i]), i))
     return sorted(order[int(len(eligible) * rho):])
 
@@ -115,7 +116,7 @@ def test_random_exact_and_keyed(strategy, rule, eligible, rho):
 
 def test_random_pinned_values():
     """Regression pin of the counter-RNG stream: changing it changes every random prior already built."""
-    assert P._random_scores(0, 0, 4).tolist() == pytest.approx([0.0312808, 0.3952108, 0.4588467, 0.1965349], abs=1e-6)
+    assert A._random_scores(0, 0, 4).tolist() == pytest.approx([0.0312808, 0.3952108, 0.4588467, 0.1965349], abs=1e-6)
     sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="random", seed=0, sample_id=0)
     assert _positions(sel.anchors) == [1, 2, 5, 6, 8, 9, 10, 12, 13, 14, 19]
     sel = P.select_anchors(None, _ids(CONTENT), TOK, rho=0.5, strategy="answer_random", seed=0, sample_id=0,
@@ -445,3 +446,10 @@ def test_build_priors_library_batch_independent():
     assert both[1]["completion_ids"] == alone[0]["completion_ids"]
     assert both[1]["anchor_mask"] == alone[0]["anchor_mask"] and "scores" not in both[1]
     assert both[0]["prompt"] is None and both[0]["prompt_id"] == P.prompt_id(prompts[0])
+
+
+def test_prior_reexports_the_anchor_selection():
+    """``stp.prior``'s public names stay importable from it after the selection moved to ``stp.anchors``."""
+    for name in A.__all__:
+        assert getattr(P, name) is getattr(A, name)
+    assert set(A.__all__) <= set(P.__all__)

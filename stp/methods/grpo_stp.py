@@ -48,7 +48,7 @@ def ensure_priors(lm, cfg, texts: Sequence[str], accelerator) -> dict[str, dict]
     """The prior records of ``texts`` (by prompt id), building the missing ones with the base model into the prior
     file (``python -m stp.prior``'s format; lines appended and fsync'ed per batch) on the main process."""
     from stp.config import ConfigError
-    from stp.prior import build_priors, load_priors, prompt_id
+    from stp.prior import build_priors, load_priors, prompt_id, recorded_setting
 
     path = Path(cfg.prior_path)
     p, r = cfg.prior, cfg.rollout
@@ -63,7 +63,8 @@ def ensure_priors(lm, cfg, texts: Sequence[str], accelerator) -> dict[str, dict]
             with open(path, "a", encoding="utf-8") as f:
                 for b in range(0, len(missing), p.build_batch_size):
                     chunk = missing[b:b + p.build_batch_size]
-                    recs = build_priors(lm, chunk, rho=p.rho, strategy=p.strategy, gen_length=r.gen_length,
+                    recs = build_priors(lm, chunk, rho=p.rho, strategy=p.strategy, free_rule=p.free_rule,
+                                        gen_length=r.gen_length,
                                         block_length=p.build_block_length or r.block_length,
                                         steps=p.build_steps or r.gen_length, temperature=p.build_temperature,
                                         seed=cfg.run.seed, settings=settings, backend=cfg.run.backend)
@@ -76,11 +77,14 @@ def ensure_priors(lm, cfg, texts: Sequence[str], accelerator) -> dict[str, dict]
     for t in wanted:
         rec = have[prompt_id(t)]
         s = rec["settings"]
-        for key, ours in (("rho", p.rho), ("strategy", p.strategy)):
-            if s.get(key) != ours:
-                raise ConfigError(f"{path}: the prior of prompt {prompt_id(t)} was built with {key}={s.get(key)!r}, "
+        for key, ours in (("rho", p.rho), ("strategy", p.strategy), ("free_rule", p.free_rule)):
+            theirs = recorded_setting(s, key)
+            if theirs != ours:
+                # A file from before free_rule existed records none: it was built with 'inclusive', the only rule then.
+                note = f" (not recorded: a file from before prior.{key})" if key not in s and theirs is not None else ""
+                raise ConfigError(f"{path}: the prior of prompt {prompt_id(t)} was built with {key}={theirs!r}{note}, "
                                   f"this run has prior.{key}={ours!r}; use another prior.path or the same setting",
-                                  field=f"prior.{key}", value=ours, allowed=repr(s.get(key)))
+                                  field=f"prior.{key}", value=ours, allowed=repr(theirs))
         out[prompt_id(t)] = rec
     return out
 
