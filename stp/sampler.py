@@ -96,9 +96,10 @@ def behaviour_logprob(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.
     w = weight if vocab is None else weight.index_select(0, vocab)
     slots = tokens if vocab is None else torch.searchsorted(vocab, tokens)
     rows = max(1, _LOGPROB_CHUNK_ELEMENTS // w.shape[0])
+    w_t = w.float().T  # [H, V'], cast once per call, not once per row chunk
     out = []
     for i in range(0, hidden.shape[0], rows):
-        z = hidden[i:i + rows].float() @ w.float().T / temperature  # [rows, V']
+        z = hidden[i:i + rows].float() @ w_t / temperature  # [rows, V']
         out.append(torch.log_softmax(z, dim=-1).gather(1, slots[i:i + rows, None])[:, 0])
     return torch.cat(out)
 
