@@ -36,6 +36,17 @@ Because the transfer counts depend only on the masked counts at block starts (kn
 schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
 the step loop needs no host synchronisation. Only the optional confidence-threshold mode and Dream's decoding
 (``dream``, ``stp.decoding``: counts that follow the canvas) synchronise once per step.
+
+Entropy-bounded (EB) decoding (``entropy_bound=gamma``, DiFFPO's sampler): instead of the schedule, each step sorts
+the still-masked positions of a sample's current block (the first block holding a masked position; blocks still
+go left to right) by predictive entropy H (from the same fused ``sample_step`` pass as x0, no second pass over the
+logits) and commits the largest prefix with ``sum H - max H <= gamma`` (``entropy_bounded_commit``; at least one
+position per step, so gamma = 0 decodes one token per step and a huge gamma a whole block per step). gamma is a
+float or a [B] tensor (one threshold per sample, e.g. drawn by a learned controller). ``steps`` is not used: the
+step count follows the entropies, at most ``gen_length`` (a sample whose draws keep returning [MASK] is filled by
+the one-shot pass after that). Anchors are never candidates; temporal pruning caps the commits at the budget as in
+the schedule mode. Host syncs: exactly one per step (a two-element read of "any sample live" and "the furthest
+current block", which bounds the window the head runs on), plus the one-shot fill's check once at the end.
 """
 
 from __future__ import annotations
@@ -49,7 +60,8 @@ from stp import decoding
 from stp_kernels import _validate, sample_step
 from stp_kernels.reference import counter_uniform, row_keys
 
-__all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "behaviour_logprob", "ANCHOR"]
+__all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "behaviour_logprob", "entropy_bounded_commit",
+           "ANCHOR"]
 
 ANCHOR = -1  # trace value of anchor positions (never decoded)
 _FILL_STEP = 0x7FFFFFFF  # noise counter of the one-shot fill, distinct from every regular step
@@ -161,6 +173,61 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
     return num_blocks, steps // num_blocks
 
 
+def _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream) -> torch.Tensor | None:
+    """``entropy_bound`` as a float32 [B] tensor on the prompts' device (None stays None), with its rules checked.
+    A tensor argument is range-checked with one host sync, once per call."""
+    fn = "stp.sampler.generate"
+    if entropy_bound is None:
+        return None
+    for name, value, off in (("dream", dream, None), ("confidence_threshold", confidence_threshold, None),
+                             ("remasking", remasking, "low_confidence")):
+        if value != off:
+            raise ValueError(f"{fn}: entropy_bound cannot be combined with {name}={value!r} (the entropy bound "
+                             f"chooses how many and which positions); allowed with entropy_bound: {off!r}")
+    batch = prompt_ids.shape[0]
+    if isinstance(entropy_bound, torch.Tensor):
+        if tuple(entropy_bound.shape) not in ((batch,), ()):
+            raise ValueError(f"{fn}: entropy_bound tensor has shape {tuple(entropy_bound.shape)}; allowed: [B={batch}] "
+                             f"(one gamma per sample) or a scalar")
+        gamma = entropy_bound.to(device=prompt_ids.device, dtype=torch.float32).expand(batch).contiguous()
+        if not bool((torch.isfinite(gamma) & (gamma >= 0)).all()):
+            raise ValueError(f"{fn}: entropy_bound holds values outside [0, inf) (min {gamma.min().item()!r}); "
+                             f"allowed: finite numbers >= 0")
+        return gamma
+    if isinstance(entropy_bound, bool) or not isinstance(entropy_bound, (int, float)) or not (
+            math.isfinite(entropy_bound) and entropy_bound >= 0):
+        raise ValueError(f"{fn}: entropy_bound={entropy_bound!r}; allowed: a finite number >= 0, a [B] tensor of "
+                         f"them, or None (off)")
+    return torch.full((batch,), float(entropy_bound), dtype=torch.float32, device=prompt_ids.device)
+
+
+def entropy_bounded_commit(entropy: torch.Tensor, candidates: torch.Tensor, gamma: torch.Tensor,
+                           limit: torch.Tensor) -> torch.Tensor:
+    """Which positions one EB step commits: [B, n] bool.
+
+    Per row, the ``candidates`` sorted by ``entropy`` (ascending, stable) and the largest prefix with
+    ``sum H - max H <= gamma`` taken; at least one position when the row has a candidate, at most ``limit`` (the
+    temporal-pruning budget left; 0 commits nothing). In ascending order the prefix ending at j has max H = H_j, so
+    ``sum H - max H`` is the sum of the entropies before j: non-decreasing in j, hence the accepted positions are a
+    prefix and the count is how many of these exclusive sums are <= gamma. No host sync.
+
+    Args:
+        entropy: [B, n] float predictive entropies (>= 0; rounding below 0 is clamped).
+        candidates: [B, n] bool; gamma: [B] float thresholds; limit: [B] int64 most commits per row.
+    """
+    h = entropy.float().clamp(min=0.0).masked_fill(~candidates, math.inf)
+    order = h.argsort(dim=1, stable=True)
+    sorted_h = h.gather(1, order)
+    finite = torch.isfinite(sorted_h)
+    vals = torch.where(finite, sorted_h, torch.zeros_like(sorted_h))
+    before = vals.cumsum(1) - vals  # sum of the smaller entropies before each sorted position
+    count = ((before <= gamma[:, None].float()) & finite).sum(1)
+    count = torch.minimum(count.clamp(min=1) * candidates.any(1), limit.long())
+    positions = torch.arange(h.shape[1], device=h.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return (rank < count[:, None]) & candidates
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -182,6 +249,7 @@ def generate(
     record_logprobs: bool = False,
     backend: str | None = None,
     dream: decoding.DreamDecoding | None = None,
+    entropy_bound: float | torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -203,10 +271,15 @@ def generate(
         dream: decode as Dream's ``diffusion_generate`` (``stp.decoding``: Dream's schedule per block and its
             origin / maskgit_plus / topk_margin / entropy scores, with top_k / top_p) instead of LLaDA's
             low-confidence remasking; with ``block_length == gen_length`` it is Dream's own setting.
+        entropy_bound: gamma of the entropy-bounded sampler (module docstring): a float >= 0 or a [B] tensor of
+            them; None = off (LLaDA's schedule). ``steps`` is then unused; not combinable with ``dream``,
+            ``confidence_threshold`` or ``remasking="random"``.
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, remasking, prior, early_stop, cfg_scale,
                                               confidence_threshold, dream)
+    gamma = _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream)
+    eb = gamma is not None
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
     total = plen + gen_length
@@ -280,8 +353,11 @@ def generate(
                                                  row_ids=row_ids, vocab=vocab)
             n = canvas_pos.numel()
             return x0.view(batch, n), conf.view(batch, n), (lp.view(batch, n) if record_logprobs else None)
-        x0, conf = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature,
-                               vocab=vocab, backend=backend, check_inputs=False)
+        out = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature, vocab=vocab,
+                          backend=backend, check_inputs=False, return_entropy=eb)
+        x0, conf = out[0], out[1]
+        if eb:  # the entropy rides in the confidence slot's place: EB ranks by it (see the loop)
+            conf = out[2]
         if remasking == "random":
             keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
             conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]
@@ -292,12 +368,20 @@ def generate(
     data_dependent = confidence_threshold is not None or dream is not None  # counts follow the canvas: no table
     timesteps = decoding.dream_timesteps(steps_per_block, dream.eps, device) if dream is not None else None
     forward_passes = 0
-    for step in range(total_steps):
+    for step in range(gen_length if eb else total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
         canvas_pos = canvas_idx[: (step // steps_per_block + 1) * block_length]
-        if not data_dependent:
+        if eb:  # each sample's current block = its first block with a masked position; the one sync of the step
+            masked_now = x[:, plen:] == mask_id  # [B, L]
+            live = (filled < budget) & masked_now.any(1)
+            block_of = masked_now.int().argmax(1) // block_length  # [B]
+            any_live, furthest = torch.stack([live.any().long(), (block_of * live).max()]).tolist()
+            if not any_live:
+                break
+            canvas_pos = canvas_idx[: (furthest + 1) * block_length]
+        elif not data_dependent:
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
@@ -314,10 +398,14 @@ def generate(
         elif dream is not None:  # hook: Dream's count for this step of the block
             kd = decoding.dream_commit_counts(dream, still, conf, timesteps, step % steps_per_block)
             kk = torch.minimum(kd, budget - filled) * live
-        # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
-        order = conf.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, canvas_pos.expand(batch, -1))
-        commit = (rank < kk[:, None]) & still
+        if eb:  # conf holds the entropies here (see sample)
+            in_block = (canvas_pos // block_length)[None, :] == block_of[:, None]
+            commit = entropy_bounded_commit(conf, still & in_block, gamma, (budget - filled) * live)
+        else:
+            # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
+            order = conf.argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, canvas_pos.expand(batch, -1))
+            commit = (rank < kk[:, None]) & still
         x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
         if logprobs is not None:
@@ -327,7 +415,7 @@ def generate(
         forward_passes += 1
 
     remaining = x[:, plen:] == mask_id
-    if (early_stop is not None or confidence_threshold is not None) and bool(remaining.any()):  # one sync, once
+    if (early_stop is not None or confidence_threshold is not None or eb) and bool(remaining.any()):  # one sync
         x0, _, lp = sample(window_hidden(plen + canvas_idx), canvas_idx, _FILL_STEP)
         x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
         if logprobs is not None:
