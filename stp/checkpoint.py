@@ -3,7 +3,8 @@
 Checkpoints (``<output_dir>/checkpoints/step-NNNNNN``) are written into a temporary directory, every file fsync'ed,
 then renamed: a directory with that name is complete. They hold the trainable weights (LoRA adapter or the full
 model) as safetensors, the AdamW state as safetensors + JSON, the scheduler state and RNG states as JSON /
-safetensors, the step, and -- when saved between the inner iterations of a rollout -- that rollout's tensors (the
+safetensors, a method's own trainable modules (``method_modules.safetensors``, e.g. DiFFPO's threshold
+controller), the step, and -- when saved between the inner iterations of a rollout -- that rollout's tensors (the
 batch and the method's scores), so a resumed run continues bit for bit. Nothing is unpickled on load.
 """
 
@@ -144,10 +145,18 @@ def trainable(lm) -> dict[str, nn.Parameter]:
     return {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
 
 
+def _module_state(modules: Mapping[str, nn.Module] | None) -> dict[str, torch.Tensor]:
+    """The state of a method's own trainable modules (``Method.trainable_modules``) as ``{module.key: tensor}``."""
+    return {f"{name}.{k}": v.detach().cpu().contiguous() for name, mod in (modules or {}).items()
+            for k, v in mod.state_dict().items()}
+
+
 def save_checkpoint(out: Path, step: int, *, lm, optimizer, scheduler, state: Mapping[str, Any],
-                     rollout: SavedRollout | None, accelerator) -> Path:
+                    rollout: SavedRollout | None, accelerator,
+                    modules: Mapping[str, nn.Module] | None = None) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically: every process writes its own RNG (and rollout) files into the
-    temporary directory, the main process the shared files and state.json last, then renames the directory."""
+    temporary directory, the main process the shared files and state.json last, then renames the directory.
+    ``modules``: the method's own trainable modules, saved as ``method_modules.safetensors`` (only when given)."""
     root = out / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -170,6 +179,8 @@ def save_checkpoint(out: Path, step: int, *, lm, optimizer, scheduler, state: Ma
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_tensors(tmp / "trainable.safetensors", weights)
+        if modules:
+            save_tensors(tmp / "method_modules.safetensors", _module_state(modules))
         o_tensors, o_meta = _optimizer_to_files(o_state)
         save_tensors(tmp / "optimizer.safetensors", o_tensors)
         write_file(tmp / "optimizer.json", json_bytes(o_meta))
@@ -189,7 +200,8 @@ def save_checkpoint(out: Path, step: int, *, lm, optimizer, scheduler, state: Ma
     return final
 
 
-def load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator) -> tuple[dict, SavedRollout | None]:
+def load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator,
+                    modules: Mapping[str, nn.Module] | None = None) -> tuple[dict, SavedRollout | None]:
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}; this version reads {CHECKPOINT_FORMAT}")
@@ -204,6 +216,8 @@ def load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator) -> tup
     with torch.no_grad():
         for name, p in params.items():
             fsdp.copy_into(p, weights[name])
+    if modules:
+        _load_module_state(path, modules)
     optimizer.load_state_dict(_optimizer_from_files(load_tensors(path / "optimizer.safetensors"),
                                                     json.loads((path / "optimizer.json").read_text())))
     fsdp.shard_optimizer_state(optimizer)
@@ -216,6 +230,22 @@ def load_checkpoint(path: Path, *, lm, optimizer, scheduler, accelerator) -> tup
         rollout = SavedRollout.from_files(load_tensors(path / f"rollout-rank{rank}.safetensors"),
                                       json.loads((path / f"rollout-rank{rank}.json").read_text()), lm.device)
     return state, rollout
+
+
+def _load_module_state(path: Path, modules: Mapping[str, nn.Module]) -> None:
+    file = path / "method_modules.safetensors"
+    if not file.is_file():
+        raise ValueError(f"{file}: missing; this run's method trains its own modules ({', '.join(modules)}), the "
+                         f"checkpoint holds none (written by another method?)")
+    saved = load_tensors(file)
+    want = _module_state(modules)
+    if set(saved) != set(want):
+        raise ValueError(f"{file} holds other tensors than this run's method modules (e.g. "
+                         f"{sorted(set(saved) ^ set(want))[:3]}): another method or setting")
+    with torch.no_grad():
+        for name, mod in modules.items():
+            for k, v in mod.state_dict().items():
+                v.copy_(saved[f"{name}.{k}"])
 
 
 # ------------------------------------------------------------------------------------------------ stop, resume
@@ -279,7 +309,8 @@ def find_resume(out: Path, resume: bool, main_process: bool) -> Path | None:
 
 
 def start_or_resume(out: Path, cfg: TrainConfig, resume_from: Path | None, *, lm, optimizer, scheduler,
-                    accelerator) -> tuple[int, SavedRollout | None, dict[str, Any]]:
+                    accelerator, modules: Mapping[str, nn.Module] | None = None,
+                    ) -> tuple[int, SavedRollout | None, dict[str, Any]]:
     """(step, the rollout saved between its inner iterations or None, the run's counters) from ``resume_from`` or
     fresh; writes config.yaml, cuts metrics.jsonl back to the step and removes torn temporary checkpoints."""
     # wall_seconds: of the earlier processes of this run, up to their last checkpoint (the summary adds this one's).
@@ -288,7 +319,7 @@ def start_or_resume(out: Path, cfg: TrainConfig, resume_from: Path | None, *, lm
     step, rollout = 0, None
     if resume_from is not None:
         saved, rollout = load_checkpoint(resume_from, lm=lm, optimizer=optimizer, scheduler=scheduler,
-                                         accelerator=accelerator)
+                                         accelerator=accelerator, modules=modules)
         step = saved["step"]
         state.update({k: saved.get(k, state[k]) for k in state})
         if accelerator.is_main_process:

@@ -5,7 +5,7 @@ from the sections change together (a new field is one line here and appears ever
 must not import torch (so it imports no module that does; the methods' own settings come from ``stp.methods``,
 which is torch-free at import).
 
-Six sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
+Seven sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
 
     model      ModelConfig      which model, dtype, LoRA (all attention and MLP projections), 4-bit base
     rollout    RolloutConfig    the sampler (``stp.sampler.generate``): gen_length, block_length, steps, tau, ...
@@ -13,6 +13,7 @@ Six sections, one dataclass each (every field carries ``metadata={"help": ...}``
     estimator  EstimatorConfig  per-token log-probs (``stp.likelihood``): estimator, score, K, mask scheme
     grpo       GRPOConfig       objective and optimiser (``stp.loss``), TRL's names: beta, epsilon, num_generations...
     run        RunConfig        task, data, output, seed, resume, logging, evaluation, device, mixed precision
+    diffpo     DiffpoConfig     the diffpo method's own settings (surrogate, importance weights, EB threshold)
 
 Values are resolved in layers, each overriding the one before::
 
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = ["ConfigError", "ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig",
-           "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
+           "DiffpoConfig", "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
            "visible_fields", "resolve", "load_yaml", "build_parser",
            "parse_args", "presets_table", "main"]
 
@@ -67,6 +68,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")  # transformers.get_scheduler names
 DATA_SOURCES = ("file", "hub", "generated")
+DIFFPO_MODES = ("model", "sampler", "joint")
+DIFFPO_SAMPLERS = ("eb", "schedule")
+DIFFPO_TAUS = ("uniform", "zero")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLADA = "GSAI-ML/LLaDA-8B-Instruct"
 DEFAULT_PRESET = "tiny"
@@ -442,8 +446,49 @@ class RunConfig(_Section):
                        f"{', '.join(have)} have a generator)")
 
 
+@dataclass
+class DiffpoConfig(_Section):
+    """DiFFPO (``stp.methods.diffpo``, docs/method.md section 8): the 2-MF surrogate with truncated importance
+    weights, the entropy-bounded sampler and its learned threshold controller."""
+
+    section: ClassVar[str] = "diffpo"
+
+    mode: str = _f("joint", "what is trained: model (the policy, fixed gamma), sampler (the threshold controller "
+                   "only), joint (both)", choices=DIFFPO_MODES)
+    sampler: str = _f("eb", "rollout sampler: eb (entropy-bounded, threshold gamma) or schedule (LLaDA's fixed "
+                      "steps; mode model only)", choices=DIFFPO_SAMPLERS)
+    gamma: float = _f(1.0, "entropy bound of the EB sampler in mode model, and the controller's initial median "
+                      "gamma otherwise (> 0)")
+    gamma_sigma: float = _f(0.5, "initial standard deviation of the controller's log gamma (> 0)")
+    controller_width: int = _f(64, "hidden width of the controller head on the pooled prompt hidden state")
+    controller_lr: float = _f(1e-2, "AdamW learning rate of the controller (its own parameter group, no weight "
+                              "decay, the run's schedule)")
+    nfe_penalty: float = _f(0.1, "lambda: the reward adds -lambda * NFE / NFE_max (NFE_max = rollout.gen_length "
+                            "with eb, rollout.steps + 1 with schedule); 0 = off")
+    tau_sampling: str = _f("uniform", "split time tau of the 2-MF surrogate: uniform in [0, T) per sample and inner "
+                           "iteration, or zero (every token under the fully masked context: d1 without prompt "
+                           "masking)", choices=DIFFPO_TAUS)
+    importance_weights: bool = _f(True, "multiply each token's term by min(C, pi_old_surrogate / pi_behaviour) "
+                                  "(detached); false = weights 1")
+    importance_cap: float = _f(2.0, "C, the truncation of the importance weights (>= 1; the paper states none)")
+    normalize: str = _f("sequence", "sequence: 1/|o| per completion, then the mean over completions (the paper's); "
+                        "token: one mean over every token of the batch (GRPO's, d1's)", choices=("sequence", "token"))
+
+    def __post_init__(self):
+        self._coerce_all()
+        self._need("gamma", math.isfinite(self.gamma) and self.gamma > 0, "a finite number > 0")
+        self._need("gamma_sigma", math.isfinite(self.gamma_sigma) and self.gamma_sigma > 0, "a finite number > 0")
+        self._positive("controller_width")
+        self._need("controller_lr", 0 < self.controller_lr < 1, "a number in (0, 1)")
+        self._need("nfe_penalty", math.isfinite(self.nfe_penalty) and self.nfe_penalty >= 0, "a number >= 0")
+        self._need("importance_cap", math.isfinite(self.importance_cap) and self.importance_cap >= 1,
+                   "a finite number >= 1")
+        self._need("sampler", self.sampler == "eb" or self.mode == "model",
+                   f"'eb' with diffpo.mode={self.mode!r} (the controller sets the EB sampler's threshold)")
+
+
 SECTIONS: dict[str, type[_Section]] = {c.section: c for c in (ModelConfig, RolloutConfig, PriorConfig, EstimatorConfig,
-                                                               GRPOConfig, RunConfig)}
+                                                               GRPOConfig, RunConfig, DiffpoConfig)}
 
 
 @dataclass
@@ -456,6 +501,7 @@ class TrainConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig, metadata={"help": EstimatorConfig.__doc__})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": GRPOConfig.__doc__})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": RunConfig.__doc__})
+    diffpo: DiffpoConfig = field(default_factory=DiffpoConfig, metadata={"help": DiffpoConfig.__doc__})
     preset: str = field(default=DEFAULT_PRESET, metadata={"help": "the preset the values were layered on"})
     method: str = field(default=DEFAULT_METHOD, metadata={"help": "the RL method (stp.methods)"})
 

@@ -279,6 +279,8 @@ def evaluate(
     progress: bool = True,
     backend: str | None = None,
     dream: DreamDecoding | None = None,
+    entropy_bound: float | None = None,
+    controller=None,
 ) -> dict[str, Any]:
     """Generate and score completions for ``examples``; resumable when ``output`` is given.
 
@@ -297,6 +299,10 @@ def evaluate(
         progress: show a tqdm bar. backend: ``stp_kernels`` backend for the sampler.
         dream: decode as Dream's ``diffusion_generate`` (``stp.decoding.DreamDecoding``) instead of LLaDA's
             low-confidence remasking; part of the settings.
+        entropy_bound: decode with the entropy-bounded sampler at this gamma (``stp.sampler``; ``steps`` unused);
+            part of the settings. controller: a ``stp.controller.ThresholdController``: the EB sampler with each
+            prompt's greedy gamma (the median of its distribution); its weights' hash is part of the settings.
+            Rows record the gamma they were decoded with.
 
     Returns:
         dict with ``accuracy`` (mean metric), ``n``, ``n_generated``, ``n_resumed``, ``n_prompt_truncated``,
@@ -315,6 +321,10 @@ def evaluate(
             dream.check("stp.eval.evaluate")
         except ValueError as e:
             raise EvalError(str(e)) from None
+    if entropy_bound is not None and controller is not None:
+        raise EvalError("entropy_bound and controller are exclusive: a fixed gamma, or the controller's per prompt")
+    if entropy_bound is not None and not (isinstance(entropy_bound, (int, float)) and 0 <= entropy_bound < math.inf):
+        raise EvalError(f"entropy_bound={entropy_bound!r}; allowed: a finite number >= 0 (the EB sampler's gamma)")
     if model is not None:
         ident = {"model": getattr(model, "name", type(model).__name__),
                  "dtype": str(model.dtype).removeprefix("torch.")}
@@ -324,6 +334,10 @@ def evaluate(
     settings = eval_settings(task, gen_length=gen_length, block_length=block_length, steps=steps,
                              temperature=temperature, max_prompt_length=max_prompt_length, seed=seed,
                              remasking=remasking, identity=ident, dream=dream)
+    if entropy_bound is not None:  # absent for the schedule: earlier results files keep their hash
+        settings["entropy_bound"] = float(entropy_bound)
+    if controller is not None:
+        settings["controller"] = _sha({k: v.flatten().tolist() for k, v in controller.state_dict().items()})
     shash = settings_hash(settings)
     examples = list(examples)
     output = Path(output) if output is not None else None
@@ -350,7 +364,8 @@ def evaluate(
                                         gen_length=gen_length, block_length=block_length, steps=steps,
                                         batch_size=batch_size, temperature=temperature,
                                         max_prompt_length=max_prompt_length, seed=seed, remasking=remasking,
-                                        progress=progress, n_resumed=n_resumed, backend=backend, dream=dream)
+                                        progress=progress, n_resumed=n_resumed, backend=backend, dream=dream,
+                                        entropy_bound=entropy_bound, controller=controller)
     else:
         n_generated = 0
 
@@ -371,6 +386,7 @@ def evaluate(
         "mean_reward": _mean([r["reward"] for r in rows]),
         "mean_rewards": {k: _mean([r["rewards"][k] for r in rows]) for k in reward_names},
         "mean_nfe": _mean([r["nfe"] for r in rows]),
+        "mean_gamma": _mean([r["gamma"] for r in rows]) if rows and "gamma" in rows[0] else None,
         "mean_completion_tokens": _mean([r["completion_tokens"] for r in rows]),
         "eos_rate": _mean([float(r["hit_eos"]) for r in rows]),
         "seconds": time.time() - start,
@@ -400,7 +416,7 @@ def _encode(tokenizer, task: Task, example: Mapping[str, Any], max_prompt_length
 
 def _generate_pending(model, task, examples, pending, records, settings, shash, output, *, gen_length, block_length,
                       steps, batch_size, temperature, max_prompt_length, seed, remasking, progress, n_resumed,
-                      backend, dream=None) -> int:
+                      backend, dream=None, entropy_bound=None, controller=None) -> int:
     from tqdm.auto import tqdm
 
     tokenizer = model.tokenizer
@@ -430,12 +446,19 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
                 ids[r, width - len(row_ids):] = torch.tensor(row_ids, dtype=torch.long)
                 mask[r, width - len(row_ids):] = 1
             device = model.device
+            gamma = entropy_bound
+            if controller is not None:
+                from stp.controller import pooled_prompt_features
+
+                gamma = controller.median(pooled_prompt_features(model, ids.to(device), mask.to(device)))
             out = sampler.generate(model, ids.to(device), attention_mask=mask.to(device), gen_length=gen_length,
                                    block_length=block_length, steps=steps, temperature=temperature,
                                    remasking=remasking, seed=seed, sample_ids=torch.tensor(batch, device=device),
-                                   backend=backend, dream=dream)
+                                   backend=backend, dream=dream, entropy_bound=gamma)
             completions = out.completions.tolist()
             nfe = out.nfe.tolist()
+            gammas = (None if gamma is None else gamma.tolist() if isinstance(gamma, torch.Tensor)
+                      else [float(gamma)] * len(batch))
             lines = []
             for r, i in enumerate(batch):
                 toks = completions[r]
@@ -464,6 +487,8 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
                     "reward": sum(rewards.values()),
                     "nfe": int(nfe[r]),
                 }
+                if gammas is not None:
+                    row["gamma"] = gammas[r]
                 records[i] = row
                 metric_sum += row["metric"]
                 lines.append(json.dumps(row, default=str, ensure_ascii=False) + "\n")

@@ -89,11 +89,22 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewar
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
               advantages: torch.Tensor, completion_mask: torch.Tensor, *, epsilon: float = 0.2,
-              beta: float = 0.04) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              beta: float = 0.04, token_weights: torch.Tensor | None = None,
+              normalize: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The token-level GRPO loss from per-token log-probs [B, C] (old / ref without grad), advantages [B] and the
     loss mask [B, C]. Returns (scalar loss, metrics): ``clip_fraction`` (tokens where the clipped term is active),
     ``kl`` (mean k3 KL; 0 when beta is 0 and no reference is given), ``ratio`` (mean ratio), ``ratio_max``, all
-    detached 0-d tensors (no host sync; call ``.item()`` when logging)."""
+    detached 0-d tensors (no host sync; call ``.item()`` when logging).
+
+    DiFFPO's options (defaults leave the GRPO loss above unchanged, bit for bit): ``token_weights`` [B, C] multiply
+    each token's whole term (clipped surrogate + beta KL; used detached: truncated importance weights);
+    ``normalize="sequence"`` averages each completion's terms over its own tokens (1/|o|) and then over the
+    completions, instead of one mean over every token of the batch."""
+    if normalize not in ("token", "sequence"):
+        raise ValueError(f"grpo_loss: normalize={normalize!r}; allowed: 'token', 'sequence'")
+    if token_weights is not None and token_weights.shape != logprobs.shape:
+        raise ValueError(f"grpo_loss: token_weights {tuple(token_weights.shape)} must match logprobs "
+                         f"{tuple(logprobs.shape)}")
     if logprobs.shape != old_logprobs.shape or logprobs.shape != completion_mask.shape:
         raise ValueError(f"grpo_loss: logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and "
                          f"completion_mask {tuple(completion_mask.shape)} must have one shape [B, C]")
@@ -111,7 +122,12 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
         kl = torch.exp(delta) - delta - 1.0
         if beta != 0:
             per_token = per_token + beta * kl
-    loss = (per_token * m).sum() / denom
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
+    if normalize == "token":
+        loss = (per_token * m).sum() / denom
+    else:
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
     with torch.no_grad():
         is_clipped = ((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + epsilon) & (adv > 0))
         metrics = {

@@ -67,6 +67,8 @@ class PolicyLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.method = method
+        # The method's own trainable modules (none for GRPO): registered here so the wrapper syncs their gradients.
+        self.method_modules = nn.ModuleDict(method.trainable_modules())
 
     def forward(self, batch: RolloutBatch, scores: Mapping[str, torch.Tensor], *, seed: int, iteration: int):
         return self.method.loss(self.lm, batch, scores, seed=seed, iteration=iteration)

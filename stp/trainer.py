@@ -97,8 +97,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)], accelerator)
     ref_context = policy.setup_trainable(lm, cfg, dtype, accelerator.device)
     params = list(checkpoint.trainable(lm).values())
-    optimizer = torch.optim.AdamW(params, lr=g.learning_rate, betas=(g.adam_beta1, g.adam_beta2),
-                                  eps=g.adam_epsilon, weight_decay=g.weight_decay)
+    # The model's group first; a method's own trainable modules (stp.methods.base) add theirs after it.
+    optimizer = torch.optim.AdamW([{"params": params}, *method.optimizer_groups()], lr=g.learning_rate,
+                                  betas=(g.adam_beta1, g.adam_beta2), eps=g.adam_epsilon,
+                                  weight_decay=g.weight_decay)
     scheduler = get_scheduler(g.lr_scheduler_type, optimizer, num_warmup_steps=g.warmup_steps,
                               num_training_steps=g.max_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process per optimizer step.
@@ -108,12 +110,13 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
 
     # ---- start or resume (a mid-rollout checkpoint brings that rollout back: `rollout`)
     step, rollout, state = checkpoint.start_or_resume(out, cfg, resume_from, lm=lm, optimizer=optimizer,
-                                                      scheduler=scheduler, accelerator=accelerator)
+                                                      scheduler=scheduler, accelerator=accelerator,
+                                                      modules=method.trainable_modules())
     wall_before = state["wall_seconds"]  # earlier processes of this run
     if resume_from is None and run.eval_examples:
         with fsdp.full_parameters(accelerator, loss_module):  # every process takes part in the gather
             if accelerator.is_main_process:
-                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
+                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
     log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
         log.heldout(state["eval_before"], 0)
@@ -150,7 +153,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                                    seed=derive_seed(run.seed, "rollout", r), sample_ids=sample_ids,
                                    cfg_scale=ro.cfg_scale, confidence_threshold=ro.confidence_threshold,
                                    record_logprobs=method.rollout.behaviour_logprobs, backend=run.backend,
-                                   **method.sampler_kwargs(prompt_ids, sample_ids))
+                                   **method.sampler_kwargs(prompt_ids, sample_ids, attention_mask=prompt_mask,
+                                                           seed=derive_seed(run.seed, "rollout", r)))
                 completions = gen.completions  # [B, L]
                 t_rollout = time.time() - t0
 
@@ -162,6 +166,10 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 fn_names = list(per_fn[0])
                 fn_rewards = torch.tensor([[d[n] for n in fn_names] for d in per_fn], dtype=torch.float32,
                                           device=accelerator.device)  # [B, F]
+                extra = method.extra_rewards(gen)  # the method's reward terms {name: [B]}, e.g. an NFE penalty
+                if extra:
+                    fn_names += list(extra)
+                    fn_rewards = torch.cat([fn_rewards, torch.stack([v.float() for v in extra.values()], 1)], 1)
                 advantages = group_advantages(fn_rewards.sum(1), rep, scale_rewards=g.scale_rewards)  # [B]
                 batch = RolloutBatch(prompt_ids=prompt_ids, prompt_attention_mask=prompt_mask,
                                      completion_ids=completions, advantages=advantages, sample_ids=sample_ids,
@@ -222,7 +230,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
             if run.eval_every and step % run.eval_every == 0 and step < g.max_steps:
                 with fsdp.full_parameters(accelerator, loss_module):
                     if accelerator.is_main_process:
-                        row.update(metrics.eval_columns(metrics.evaluate_heldout(lm, task, heldout, cfg)))
+                        ev = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+                        row.update(metrics.eval_columns(ev))
             if log is not None:
                 if skipped:
                     print(f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
@@ -245,7 +254,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 state["wall_seconds"] = wall_before + time.time() - t_start
                 checkpoint.save_checkpoint(out, step, lm=lm, optimizer=optimizer, scheduler=scheduler, state=state,
                                            rollout=rollout if (step % mu and not done) else None,
-                                           accelerator=accelerator)
+                                           accelerator=accelerator, modules=method.trainable_modules())
             if interrupted or diverged:
                 break
     if bar is not None:
@@ -257,7 +266,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     lora_state = fsdp.full_lora_state(lm.model, loss_module) if m.use_lora else None  # whole under FSDP, else None
     fsdp.unshard_all(accelerator, loss_module)  # the final evaluation reads whole weights
     if accelerator.is_main_process:
-        after = metrics.evaluate_heldout(lm, task, heldout, cfg) if not (interrupted or diverged) else None
+        after = (metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+                 if not (interrupted or diverged) else None)
         log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
@@ -265,6 +275,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         if m.use_lora and not (interrupted or diverged):
             # adapter_model.safetensors + adapter_config.json
             lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)
+        if not (interrupted or diverged):
+            method.save_artifacts(out)  # e.g. DiFFPO's controller, beside the adapter
         log.close()
     fsdp.reshard_all(accelerator, loss_module)
     accelerator.wait_for_everyone()

@@ -16,7 +16,12 @@ docs/architecture.md for the smallest complete example):
 - ``rollout``: a :class:`RolloutSettings` (anchors from static priors? behaviour log-probs in the record?).
 - ``loss_metrics``: the names of the 0-d metric tensors ``loss`` returns, logged per step in this order.
 - ``prepare`` (once, with the base model, before any adapter), ``prior`` and ``sampler_kwargs`` (per rollout),
-  ``score``, ``loss``.
+  ``extra_rewards`` (per rollout, added to the task's reward functions), ``score``, ``loss``.
+- Method-owned trainable parameters (e.g. DiFFPO's threshold controller): ``trainable_modules`` names the modules
+  (the trainer registers them beside the model, so data-parallel wrappers synchronise their gradients, and
+  ``stp.checkpoint`` saves and restores their state in every checkpoint), ``optimizer_groups`` gives their AdamW
+  parameter groups (own learning rate; the model's group comes first, so a method without any optimizes exactly as
+  before), and ``save_artifacts`` writes them beside the adapter at the end of the run. All default to none.
 
 Importing a method module must not import torch (the configuration reads ``settings`` without it): heavy imports go
 inside the methods.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -73,10 +79,34 @@ class Method:
         """Anchors for one rollout's samples (``prompts``: one text per sample), or None."""
         return None
 
-    def sampler_kwargs(self, prompt_ids: torch.Tensor, sample_ids: torch.Tensor) -> dict[str, Any]:
+    def sampler_kwargs(self, prompt_ids: torch.Tensor, sample_ids: torch.Tensor, *,
+                       attention_mask: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
         """Extra keyword arguments of ``stp.sampler.generate`` for one rollout (e.g. a per-sample decoding
-        threshold drawn by a learned controller); default: none."""
+        threshold drawn by a learned controller; ``seed`` is the rollout's noise seed, to key such draws);
+        default: none."""
         return {}
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of ``stp.evaluation.evaluate`` for the run's held-out evaluations (e.g. the
+        entropy bound or the threshold controller the method decodes with); default: none."""
+        return {}
+
+    def extra_rewards(self, gen) -> dict[str, torch.Tensor]:
+        """Reward terms {name: [B] float} added to the task's reward functions for one rollout, from its
+        ``stp.sampler.GenerationOutput`` (e.g. an NFE penalty); logged like them. Default: none."""
+        return {}
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules whose parameters this method trains beside the model (see the module docstring)."""
+        return {}
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups of ``trainable_modules``' parameters (``{"params": [...], "lr": ...}``)."""
+        return []
+
+    def save_artifacts(self, directory: Path) -> None:
+        """Write the method's trained modules into ``directory`` (the run directory, beside ``adapter/``) at the
+        end of a finished run, on the main process."""
 
     def summary(self) -> dict[str, Any]:
         """Extra fields for summary.json (e.g. the estimator)."""

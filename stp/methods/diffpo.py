@@ -1,0 +1,229 @@
+"""DiFFPO: GRPO on the two-times mean-field (2-MF) surrogate with truncated importance weights, rollouts with the
+entropy-bounded (EB) sampler, and a learned per-prompt threshold (docs/method.md section 8).
+
+Objective of inner iteration ``it`` (``stp.loss.grpo_loss`` with token weights), per token k of completion o::
+
+    logp   = 2-MF surrogate log-prob (stp.surrogate): tau ~ U{0..T-1} from (seed, it, sample); tokens committed at
+             or before tau scored under [prompt ; all MASK], later ones under [prompt ; z_tau]
+    w_k    = min(C, exp(logp_old_k - logp_behaviour_k))       detached; logp_behaviour from the trajectory record
+    term_k = w_k * (-min(r A, clip(r, 1 - eps, 1 + eps) A) + beta KL_k)     r, KL (k3) on the same contexts
+    loss   = mean_o (1/|o|) sum_k term_k            (diffpo.normalize = token: sum over all tokens / their count)
+
+A token committed at pass tau + 1 is scored under exactly the canvas it was drawn from, by the policy it was drawn
+from (the old policy is the rollout's): its weight is 1 analytically, and it is set to exactly 1 (the rollout's head
+pass and the scoring pass round differently, ~1e-6). The surrogate scores at ``rollout.temperature``, the
+distribution the tokens were drawn from, so the weights compare like with like.
+
+Rewards: the task's, plus ``nfe_penalty = -lambda * NFE / NFE_max`` when lambda > 0 (``extra_rewards``).
+
+Threshold controller (``stp.controller``; modes ``sampler`` and ``joint``): before each rollout, a head on the pooled
+prompt hidden state draws gamma per completion (log-normal, counter-keyed); it is trained by a clipped REINFORCE
+term on the same group advantages: ``-mean_b min(rho_b A_b, clip(rho_b) A_b)`` with rho = q_theta(gamma) / q_old(gamma)
+(rho = 1 at inner iteration 0: plain REINFORCE). Mode ``model`` trains only the policy (fixed gamma, or LLaDA's
+schedule with ``diffpo.sampler = schedule``); mode ``sampler`` only the controller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import Method, RolloutSettings
+
+__all__ = ["DiFFPO", "METHOD"]
+
+
+class DiFFPO(Method):
+    name = "diffpo"
+    description = ("DiFFPO: 2-MF surrogate with truncated importance weights, EB sampler, learned per-prompt "
+                   "threshold")
+    settings = {"estimator": ("memory_budget",), "diffpo": None}
+    rollout = RolloutSettings(behaviour_logprobs=True)
+    loss_metrics = ("kl", "clip_fraction", "ratio", "weight", "gamma", "controller_loss")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm = None
+        self.controller = None
+        self._pending = None  # (features [B, H], gamma [B]) of the last rollout, read by score
+
+    @classmethod
+    def check(cls, config) -> None:
+        from stp.config import ConfigError
+
+        r, d = config.rollout, config.diffpo
+        if r.temperature <= 0:
+            raise ConfigError.bad_value("rollout.temperature", r.temperature, "a number > 0 with method 'diffpo' "
+                                        "(the surrogate and the importance weights score the sampling distribution; "
+                                        "a greedy rollout has none)")
+        if d.sampler == "eb":
+            if r.confidence_threshold is not None:
+                raise ConfigError.bad_value("rollout.confidence_threshold", r.confidence_threshold,
+                                            "none with diffpo.sampler 'eb' (the entropy bound picks the positions)")
+            if r.remasking != "low_confidence":
+                raise ConfigError.bad_value("rollout.remasking", r.remasking,
+                                            "'low_confidence' with diffpo.sampler 'eb' (the entropy bound orders "
+                                            "the positions)")
+
+    # ------------------------------------------------------------------------------------------ trainer hooks
+
+    def prepare(self, model, prompts: Sequence[str], accelerator) -> None:
+        self.lm = model
+        d = self.config.diffpo
+        if d.mode == "model":
+            return
+        import torch
+
+        from stp.controller import ThresholdController
+        from stp.seeds import derive_seed
+
+        with torch.random.fork_rng(devices=[]):  # initialised from the config, the caller's RNG untouched
+            torch.manual_seed(derive_seed(self.config.run.seed, "controller-init"))
+            self.controller = ThresholdController(int(model.lm_head_weight.shape[1]), d.controller_width, d.gamma,
+                                                  d.gamma_sigma)
+        self.controller.to(model.lm_head_weight.device)
+
+    def trainable_modules(self):
+        return {} if self.controller is None else {"controller": self.controller}
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        if self.controller is None:
+            return []
+        return [{"params": list(self.controller.parameters()), "lr": self.config.diffpo.controller_lr,
+                 "weight_decay": 0.0}]
+
+    def save_artifacts(self, directory) -> None:
+        if self.controller is not None:
+            self.controller.save(directory / "controller")
+
+    def nfe_max(self) -> int:
+        r = self.config.rollout
+        return r.gen_length if self.config.diffpo.sampler == "eb" else r.steps + 1
+
+    def sampler_kwargs(self, prompt_ids, sample_ids, *, attention_mask=None, seed: int = 0) -> dict[str, Any]:
+        d = self.config.diffpo
+        if d.sampler != "eb":
+            return {}
+        if self.controller is None:
+            return {"entropy_bound": float(d.gamma)}
+        from stp.controller import pooled_prompt_features
+
+        features = pooled_prompt_features(self.lm, prompt_ids, attention_mask)  # [B, H]
+        gamma = self.controller.sample(features, seed=seed, sample_ids=sample_ids)  # [B]
+        self._pending = (features, gamma)
+        return {"entropy_bound": gamma}
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        d = self.config.diffpo
+        if d.sampler != "eb":
+            return {}
+        return {"controller": self.controller} if self.controller is not None else {"entropy_bound": float(d.gamma)}
+
+    def extra_rewards(self, gen) -> dict[str, Any]:
+        lam = self.config.diffpo.nfe_penalty
+        if lam == 0:
+            return {}
+        return {"nfe_penalty": -lam * gen.nfe.float() / self.nfe_max()}
+
+    def summary(self) -> dict:
+        d = self.config.diffpo
+        return {"estimator": "2mf" if d.tau_sampling == "uniform" else "2mf-tau0", "diffpo_mode": d.mode,
+                "diffpo_sampler": d.sampler}
+
+    # ------------------------------------------------------------------------------------------ scoring, loss
+
+    def _taus(self, batch, seed: int, iteration: int):
+        import torch
+
+        from stp.surrogate import draw_tau, num_passes
+
+        if self.config.diffpo.tau_sampling == "zero":
+            return torch.zeros_like(batch.sample_ids)
+        return draw_tau(seed, iteration, batch.sample_ids, num_passes(batch.commit_step))
+
+    def _logprobs(self, model, batch, tau):
+        from stp.surrogate import two_mf_logprobs
+
+        return two_mf_logprobs(model, batch.prompt_ids, batch.prompt_attention_mask, batch.completion_ids,
+                               batch.commit_step, tau=tau, anchors=batch.anchors,
+                               temperature=self.config.rollout.temperature,
+                               memory_budget=self.config.estimator.memory_budget, backend=self.config.run.backend)
+
+    def importance_weights(self, old, behaviour, commit_step, tau):
+        """[B, C] detached ``min(C, exp(old - behaviour))``, exactly 1 where the token was committed at tau + 1."""
+        import torch
+
+        w = torch.exp(old - behaviour).clamp(max=self.config.diffpo.importance_cap)
+        return torch.where(commit_step == tau[:, None] + 1, torch.ones_like(w), w)
+
+    def score(self, model, batch, *, seed: int, num_iterations: int, ref_context):
+        import torch
+
+        with torch.no_grad():  # old, reference and weights are constants of the loss
+            return self._score(model, batch, seed=seed, num_iterations=num_iterations, ref_context=ref_context)
+
+    def _score(self, model, batch, *, seed: int, num_iterations: int, ref_context):
+        import torch
+
+        d, beta = self.config.diffpo, self.config.grpo.beta
+        taus = torch.stack([self._taus(batch, seed, it) for it in range(num_iterations)])  # [mu, B]
+        out = {"tau": taus}
+        if d.mode != "sampler":
+            out["old"] = torch.stack([self._logprobs(model, batch, taus[it]).logprobs
+                                      for it in range(num_iterations)])  # [mu, B, C]
+            if ref_context is not None and beta != 0:
+                with ref_context():
+                    out["ref"] = torch.stack([self._logprobs(model, batch, taus[it]).logprobs
+                                              for it in range(num_iterations)])
+            if d.importance_weights:
+                out["weight"] = torch.stack([self.importance_weights(out["old"][it], batch.behaviour_logprobs,
+                                                                     batch.commit_step, taus[it])
+                                             for it in range(num_iterations)])
+        if self.controller is not None:
+            if self._pending is None:
+                raise RuntimeError("diffpo: score called without a rollout drawn through sampler_kwargs")
+            features, gamma = self._pending
+            self._pending = None
+            with torch.no_grad():
+                logq = self.controller.log_prob(features, gamma)
+            out["features"] = features[None].expand(num_iterations, *features.shape).contiguous()
+            out["gamma"] = gamma[None].expand(num_iterations, -1).contiguous()
+            out["logq_old"] = logq[None].expand(num_iterations, -1).contiguous()
+        return out
+
+    def loss(self, model, batch, scores: Mapping, *, seed: int, iteration: int):
+        import torch
+
+        from stp.loss import grpo_loss
+
+        d, g = self.config.diffpo, self.config.grpo
+        zero = torch.zeros((), device=batch.completion_ids.device)
+        metrics = {k: zero for k in self.loss_metrics}
+        total = zero
+        if d.mode != "sampler":
+            cur = self._logprobs(model, batch, scores["tau"][iteration])
+            w = scores["weight"][iteration] if "weight" in scores else None
+            ref = scores["ref"][iteration] if "ref" in scores else None
+            total, m = grpo_loss(cur.logprobs, scores["old"][iteration], ref, batch.advantages, cur.valid,
+                                 epsilon=g.epsilon, beta=g.beta if ref is not None else 0.0, token_weights=w,
+                                 normalize=d.normalize)
+            metrics.update({k: m[k] for k in ("kl", "clip_fraction", "ratio")})
+            if w is not None:
+                v = cur.valid.to(w.dtype)
+                metrics["weight"] = (w * v).sum() / v.sum().clamp(min=1.0)
+            else:
+                metrics["weight"] = torch.ones((), device=zero.device)
+        if self.controller is not None:
+            logq = self.controller.log_prob(scores["features"][iteration], scores["gamma"][iteration])
+            rho = torch.exp(logq - scores["logq_old"][iteration])
+            adv = batch.advantages.to(rho.dtype)
+            c_loss = -torch.minimum(rho * adv, rho.clamp(1 - g.epsilon, 1 + g.epsilon) * adv).mean()
+            total = total + c_loss
+            metrics["controller_loss"] = c_loss.detach()
+            metrics["gamma"] = scores["gamma"][iteration].mean()
+        elif d.sampler == "eb":
+            metrics["gamma"] = torch.full((), d.gamma, device=zero.device)
+        return total, metrics
+
+
+METHOD = DiFFPO
