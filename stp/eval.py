@@ -36,6 +36,7 @@ from stp.evaluation import (
     EvalError,
     EvalWarning,
     ResumeError,
+    add_threshold_settings,
     check_decoding,
     eval_settings,
     evaluate,
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Dream algorithms: nucleus filter in (0, 1] before --top-k [off]")
     p.add_argument("--dream-eps", type=float, default=None, metavar="EPS",
                    help="Dream algorithms: final timestep of the schedule linspace(1, EPS, steps + 1) [0.001]")
+    p.add_argument("--sampler", default="schedule", choices=("schedule", "eb"),
+                   help="schedule: the block schedule of --steps (LLaDA's low-confidence remasking, or --alg); eb: "
+                        "the entropy-bounded sampler with threshold --gamma (--steps unused) [schedule]")
+    p.add_argument("--gamma", type=float, default=None, metavar="G",
+                   help="entropy bound of --sampler eb: commit the largest prefix of the block's masked positions "
+                        "by entropy with sum H - max H <= G")
+    p.add_argument("--controller", default=None, metavar="DIR",
+                   help="--sampler eb with each prompt's gamma from a learned threshold controller (the "
+                        "'controller' directory of a diffpo run; greedy: the median of its distribution)")
     p.add_argument("--split", default="test", help="split to evaluate [test]")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="local .jsonl/.json/.csv/.parquet file (the whole file is the split)")
@@ -167,6 +177,7 @@ def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
                    temperature=args.temperature, max_prompt_length=args.max_prompt_length,
                    batch_size=args.batch_size, flags=True)
     args.dream = _dream_from_flags(args)
+    args.controller_module = _threshold_from_flags(args)
     if args.split not in task.splits:
         raise EvalError(f"--split {args.split!r}: unknown split for {task.name}; allowed: {', '.join(task.splits)}")
     if args.limit is not None and args.limit <= 0:
@@ -218,6 +229,31 @@ def _dream_from_flags(args: argparse.Namespace) -> DreamDecoding | None:
     return DreamDecoding(alg=args.alg, top_k=args.top_k, top_p=args.top_p, eps=eps)
 
 
+def _threshold_from_flags(args: argparse.Namespace):
+    """--sampler / --gamma / --controller: checks, and the loaded controller (or None); EvalError naming the flag."""
+    if args.sampler == "schedule":
+        for flag, value in (("--gamma", args.gamma), ("--controller", args.controller)):
+            if value is not None:
+                raise EvalError(f"{flag} {value}: needs --sampler eb (the schedule sampler has no entropy bound)")
+        return None
+    if args.dream is not None:
+        raise EvalError(f"--sampler eb with --alg {args.alg}: the entropy bound replaces Dream's schedule; "
+                        f"allowed with --sampler eb: --alg llada")
+    if (args.gamma is None) == (args.controller is None):
+        raise EvalError("--sampler eb needs exactly one of --gamma G (a fixed threshold) and --controller DIR (a "
+                        "learned one)")
+    if args.gamma is not None:
+        if not (math.isfinite(args.gamma) and args.gamma >= 0):
+            raise EvalError(f"--gamma {args.gamma}: must be a finite number >= 0")
+        return None
+    from stp.controller import ThresholdController
+
+    try:
+        return ThresholdController.load(args.controller)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise EvalError(f"--controller {args.controller!r}: {e}") from e
+
+
 def _adapter_identity(adapter: str | None) -> str | None:
     """The adapter's part of the settings: its path and the SHA-256 of its weights (another adapter at the same path
     is then another setting, and a results file made with the old one is refused)."""
@@ -250,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = eval_settings(task, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                  temperature=args.temperature, max_prompt_length=args.max_prompt_length,
                                  seed=args.seed, identity=identity, dream=args.dream)
+        add_threshold_settings(settings, args.gamma, args.controller_module)
         output = Path(args.output)
         if args.overwrite:
             for path in (output, summary_path(output)):
@@ -271,18 +308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(model, task, examples, gen_length=args.gen_length, block_length=args.block_length,
                           steps=args.steps, batch_size=args.batch_size, output=output, temperature=args.temperature,
                           max_prompt_length=args.max_prompt_length, seed=args.seed, identity=identity,
-                          progress=not args.no_progress, dream=args.dream)
+                          progress=not args.no_progress, dream=args.dream, entropy_bound=args.gamma,
+                          controller=args.controller_module)
     except EvalError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     n, acc = result["n"], result["accuracy"]
     who = f"model {args.model}" + (f" + adapter {args.adapter}" if args.adapter is not None else ", no adapter")
     of_answered = result["accuracy_of_answered"]
+    gamma = "" if result["mean_gamma"] is None else f", mean gamma {result['mean_gamma']:.3f}"
     print(f"{task.name} ({args.split}, gen_length {args.gen_length}, {who}): accuracy {acc:.4f} "
           f"({acc * n:.2f} / {n}); answered {result['n_answered']} / {n} (answer rate {result['answer_rate']:.3f}; "
           f"accuracy of the answered {'-' if of_answered is None else f'{of_answered:.4f}'}); "
           f"{result['n_generated']} generated, {result['n_resumed']} resumed, "
           f"{result['n_prompt_truncated']} prompts truncated; mean reward {result['mean_reward']:.4f}, "
-          f"mean nfe {result['mean_nfe']:.1f}; {result['seconds']:.1f} s")
+          f"mean nfe {result['mean_nfe']:.1f}{gamma}; {result['seconds']:.1f} s")
     print(f"results: {result['output']}\nsummary: {result['summary']}")
     return 0
 

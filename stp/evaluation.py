@@ -73,6 +73,7 @@ from stp.decoding import DreamDecoding
 from stp.tasks import Task
 
 __all__ = ["EvalError", "EvalWarning", "ResumeError", "evaluate", "eval_settings", "settings_hash", "check_decoding",
+           "add_threshold_settings",
            "read_results", "summary_path", "D1_GEN_LENGTHS", "DEFAULT_BLOCK_LENGTH", "DEFAULT_MAX_PROMPT_LENGTH"]
 
 FORMAT_VERSION = 1
@@ -125,6 +126,16 @@ def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int,
     if dream is not None:  # absent for LLaDA's decoding: results files made before the option keep their hash
         out["dream"] = dataclasses.asdict(dream)
     return out
+
+
+def add_threshold_settings(settings: dict[str, Any], entropy_bound: float | None, controller=None) -> None:
+    """Add the entropy-bounded sampler's threshold to ``settings`` (in place): ``entropy_bound`` (a fixed gamma) or
+    ``controller`` (the hash of a ``stp.controller.ThresholdController``'s weights). Absent for the schedule, so
+    results files made before the option keep their hash."""
+    if entropy_bound is not None:
+        settings["entropy_bound"] = float(entropy_bound)
+    if controller is not None:
+        settings["controller"] = _sha({k: v.flatten().tolist() for k, v in controller.state_dict().items()})
 
 
 def check_decoding(*, gen_length: Any, block_length: Any, steps: Any, temperature: Any = 0.0,
@@ -334,10 +345,7 @@ def evaluate(
     settings = eval_settings(task, gen_length=gen_length, block_length=block_length, steps=steps,
                              temperature=temperature, max_prompt_length=max_prompt_length, seed=seed,
                              remasking=remasking, identity=ident, dream=dream)
-    if entropy_bound is not None:  # absent for the schedule: earlier results files keep their hash
-        settings["entropy_bound"] = float(entropy_bound)
-    if controller is not None:
-        settings["controller"] = _sha({k: v.flatten().tolist() for k, v in controller.state_dict().items()})
+    add_threshold_settings(settings, entropy_bound, controller)
     shash = settings_hash(settings)
     examples = list(examples)
     output = Path(output) if output is not None else None
@@ -450,6 +458,7 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
             if controller is not None:
                 from stp.controller import pooled_prompt_features
 
+                controller.to(device)
                 gamma = controller.median(pooled_prompt_features(model, ids.to(device), mask.to(device)))
             out = sampler.generate(model, ids.to(device), attention_mask=mask.to(device), gen_length=gen_length,
                                    block_length=block_length, steps=steps, temperature=temperature,
