@@ -785,6 +785,21 @@ def _elbo_of(stp: Preset, name: str) -> Preset:
     ))
 
 
+def _diffpo_of(stp: Preset, name: str, diffpo: Mapping[str, Any], description: str) -> Preset:
+    overrides = _merge(stp.overrides, {"rollout": {"early_stop": None}, "diffpo": dict(diffpo)})
+    overrides["prior"] = {**overrides.get("prior", {}), "enabled": False}  # hidden: diffpo shows no prior settings
+    overrides["estimator"] = {k: v for k, v in overrides.get("estimator", {}).items() if k == "memory_budget"}
+    return Preset(name, description, overrides, method="diffpo", notes=(
+        "method diffpo (docs/method.md section 8): the 2-MF surrogate with truncated importance weights (C 2), "
+        "1/|o| per completion, rollouts with the entropy-bounded sampler (rollout.steps unused), its threshold "
+        "learned per prompt jointly with the model",
+        "prior disabled and rollout.early_stop none: DiFFPO has neither pruning (both remain options)",
+        "diffpo.gamma is the controller's initial median threshold and diffpo.nfe_penalty the lambda of "
+        "-lambda * NFE / NFE_max in the reward: our choices, the paper's are not known",
+        f"everything else (model, LoRA, data, rewards, lr, beta, G, prompts per step, mu, steps) as {stp.name}",
+    ))
+
+
 def _build_presets() -> dict[str, Preset]:
     tiny = Preset("tiny", _TINY_DESCRIPTION, {}, notes=(
         "the dataclass defaults are exactly this preset",
@@ -798,7 +813,10 @@ def _build_presets() -> dict[str, Preset]:
     ))
     # d1 keeps its inner iterations at 2x the STP preset's for Countdown (8 vs 4): the same ratio on tiny (4 vs 2).
     presets = {"tiny": tiny, "d1-tiny": _d1_of(tiny, "d1-tiny", 2 * GRPOConfig.num_iterations),
-               "elbo-tiny": _elbo_of(tiny, "elbo-tiny")}
+               "elbo-tiny": _elbo_of(tiny, "elbo-tiny"),
+               "diffpo-tiny": _diffpo_of(tiny, "diffpo-tiny", {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.2},
+                                         "DiFFPO (joint: model and threshold) on the tiny Sudoku model, a few CPU "
+                                         "minutes")}
     for task, t in _TASKS.items():
         stp = Preset(f"llada-{task}", f"STP on LLaDA-8B-Instruct, {task} (the paper's settings)", _merge(_PAPER, {
             "prior": {"rho": t["rho"]},
@@ -810,6 +828,10 @@ def _build_presets() -> dict[str, Preset]:
         presets[f"d1-{task}"] = _d1_of(presets[f"llada-{task}"], f"d1-{task}", t["d1_mu"])
     for task in _TASKS:
         presets[f"elbo-{task}"] = _elbo_of(presets[f"llada-{task}"], f"elbo-{task}")
+    for task in ("gsm8k", "countdown"):
+        presets[f"diffpo-llada-{task}"] = _diffpo_of(presets[f"llada-{task}"], f"diffpo-llada-{task}",
+                                                     {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.1},
+                                                     f"DiFFPO (joint) on LLaDA-8B-Instruct, {task} (GPU)")
     return presets
 
 
