@@ -274,3 +274,32 @@ def test_diffpo_settings_belong_to_diffpo():
         parse_args(["--method", "d1", "--diffpo.gamma", "2"])
     assert "diffpo" not in parse_args(["--method", "stp"]).to_dict()
     assert parse_args(["--method", "diffpo"]).to_dict()["diffpo"]["importance_cap"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------- stp.eval
+
+
+def test_eval_cli_eb_flags(tmp_path, capsys):
+    from stp.eval import main
+
+    common = ["--model", "tiny", "--task", "sudoku", "--gen-length", "16", "--block-length", "8", "--limit", "3",
+              "--source", "generated", "--no-progress"]
+    for flags, message in ((["--sampler", "eb"], "needs exactly one of --gamma G"),
+                           (["--gamma", "1"], "--gamma 1.0: needs --sampler eb"),
+                           (["--sampler", "eb", "--gamma", "-1"], "--gamma -1.0: must be a finite number >= 0"),
+                           (["--sampler", "eb", "--controller", str(tmp_path / "none")], "controller.json: no such")):
+        with pytest.raises(SystemExit) as info:
+            main([*common, *flags, "--output", str(tmp_path / "x.jsonl")])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+    # a saved controller decodes each prompt with its median gamma, recorded per row
+    ctl = ThresholdController(load("tiny").lm_head_weight.shape[1], width=4, gamma_init=0.25)
+    ctl.save(tmp_path / "ctl")
+    assert main([*common, "--sampler", "eb", "--controller", str(tmp_path / "ctl"), "--output",
+                 str(tmp_path / "c.jsonl")]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(abs(r["gamma"] - 0.25) < 1e-6 for r in rows)
+    assert all("controller" in r["settings"] and r["settings"]["model"] == "tiny" for r in rows)
+    assert "mean gamma 0.250" in capsys.readouterr().out
