@@ -57,8 +57,10 @@ class ThresholdController(nn.Module):
             self.out.bias.copy_(torch.tensor([math.log(gamma_init), math.log(sigma_init)]))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, H] -> (mu [B], log_sigma [B]) of log gamma."""
-        z = self.out(torch.tanh(self.hidden(self.norm(features.float()))))
+        """[B, H] -> (mu [B], log_sigma [B]) of log gamma, in float32 also under autocast (the old and current
+        log-probs of a draw then agree exactly at the first inner iteration)."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            z = self.out(torch.tanh(self.hidden(self.norm(features.float()))))
         return z[:, 0], z[:, 1].clamp(*_LOG_SIGMA_RANGE)
 
     def log_prob(self, features: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -303,3 +303,15 @@ def test_eval_cli_eb_flags(tmp_path, capsys):
     assert len(rows) == 3 and all(abs(r["gamma"] - 0.25) < 1e-6 for r in rows)
     assert all("controller" in r["settings"] and r["settings"]["model"] == "tiny" for r in rows)
     assert "mean gamma 0.250" in capsys.readouterr().out
+
+
+def test_sampler_mode_trains_only_the_controller(tmp_path):
+    out = tmp_path / "sampler"
+    stp.trainer.train(parse_args([*TRAIN, "--diffpo.mode", "sampler", "--grpo.max_steps", "2", "--run.eval_examples",
+                                  "0", "--run.output_dir", str(out)]))
+    rows = stp.trainer.read_metrics(out / "metrics.jsonl")
+    assert all(r["kl"] == 0 and r["controller_loss"] is not None for r in rows)
+    lora = stp.files.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
+    assert all(not v.any() for k, v in lora.items() if "lora_B" in k)  # the adapter never moved from its zero init
+    ctl = stp.files.load_tensors(out / "controller" / "controller.safetensors")
+    assert ctl["out.weight"].abs().sum() > 0
