@@ -1,5 +1,5 @@
 """The RL loop, shared by every method (``stp.methods``): rollout -> rewards -> advantages -> scoring -> mu updates ->
-metrics -> checkpoint. The method (``--method``; GRPO with the stp, elbo or d1 estimator so far) decides what the
+metrics -> checkpoint. The method (``--method``: GRPO with the stp, elbo or d1 estimator, DiFFPO) decides what the
 rollout starts from, what is scored once per rollout (old / reference log-probs) and the loss; this file knows no
 method by name. Shapes: P prompts per step (p on this process), G completions each, B = p * G samples here,
 Lp prompt length, L = rollout.gen_length.
