@@ -172,12 +172,34 @@ def eval_columns(ev: Mapping[str, Any] | None) -> dict[str, Any]:
             "eval_seconds": ev["seconds"]}
 
 
+def total_reward(fn_rewards, weights=None):
+    """[B, F] reward-function values (NaN = not applicable) -> [B] weighted totals, a NaN counting as 0 (TRL's
+    nansum). Plain ``sum(1)`` when the weights are all 1 and nothing is NaN (the built-in tasks: bit for bit)."""
+    import torch
+
+    if weights is not None and any(w != 1.0 for w in weights):
+        fn_rewards = fn_rewards * torch.tensor(weights, dtype=fn_rewards.dtype, device=fn_rewards.device)
+    if torch.isnan(fn_rewards).any():
+        fn_rewards = torch.nan_to_num(fn_rewards, nan=0.0)
+    return fn_rewards.sum(1)
+
+
+def _mean_std(x) -> tuple[float | None, float | None]:
+    """Mean and std of the values that are not NaN (None from a reward function); None when there are none."""
+    import torch
+
+    x = x[~torch.isnan(x)]
+    if x.numel() == 0:
+        return None, None
+    return x.mean().item(), x.std().item() if x.numel() > 1 else 0.0
+
+
 def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completions, eos: int, gen_length: int,
-                    t_rollout: float, t_scoring: float, state: dict[str, Any]) -> dict[str, Any]:
+                    t_rollout: float, t_scoring: float, state: dict[str, Any], weights=None) -> dict[str, Any]:
     """The rollout's metrics, gathered over processes (rank-major = the global sample order); adds the NFE to the
-    run's totals in ``state``."""
+    run's totals in ``state``. A reward function's mean and std leave out its None (NaN) values."""
     all_fn = accelerator.gather(fn_rewards)  # [P*G, F]
-    all_r = all_fn.sum(1)
+    all_r = total_reward(all_fn, weights)
     nfe = accelerator.gather(gen.nfe.float())  # [P*G]
     lengths = accelerator.gather(((completions == eos).cumsum(1) == 0).sum(1).float())
     one_shot = accelerator.gather(gen.num_one_shot.float())
@@ -189,8 +211,11 @@ def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completio
           "time_rollout": t_rollout, "time_scoring": t_scoring,
           "rollout_tokens_per_s": all_r.numel() * gen_length / max(t_rollout, 1e-9)}
     for j, name in enumerate(fn_names):
-        rm[f"reward/{name}_mean"] = all_fn[:, j].mean().item()
-        rm[f"reward/{name}_std"] = all_fn[:, j].std().item() if all_fn.shape[0] > 1 else 0.0
+        if all_fn[:, j].isnan().any():
+            rm[f"reward/{name}_mean"], rm[f"reward/{name}_std"] = _mean_std(all_fn[:, j])
+        else:
+            rm[f"reward/{name}_mean"] = all_fn[:, j].mean().item()
+            rm[f"reward/{name}_std"] = all_fn[:, j].std().item() if all_fn.shape[0] > 1 else 0.0
     state["nfe_sum"] += nfe.sum().item()
     state["nfe_count"] += nfe.numel()
     return rm

@@ -44,8 +44,13 @@ class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
 
 
-def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, reward_weights=None,
+          train_dataset=None, eval_dataset=None) -> dict[str, Any]:
     """Run the configured method; returns the summary (also written to summary.json).
+
+    ``reward_funcs`` (TRL's form ``fn(completions, **columns) -> list[float | None]``), ``reward_weights``,
+    ``train_dataset`` and ``eval_dataset`` (a ``datasets.Dataset`` or a list of dicts with a ``prompt`` column)
+    replace the configured task's rewards and data (``stp.data_order.custom_task``; ``stp.Trainer`` is the same).
 
     Raises ConfigError / DataError before any model loads for bad settings or data, and TrainingDiverged after
     ``run.max_nan_steps`` non-finite losses in a row. On SIGINT it saves a checkpoint and returns the summary with
@@ -80,7 +85,11 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     resume_from = checkpoint.find_resume(out, run.resume, accelerator.is_main_process)
 
     # ---- data (before the model: bad data fails fast)
-    train_rows, heldout = data_order.load_data(cfg, get_task(run.task, d1_compat=run.d1_compat))
+    custom = data_order.custom_task(cfg, reward_funcs, reward_weights, train_dataset, eval_dataset)
+    if custom is None:
+        train_rows, heldout = data_order.load_data(cfg, get_task(run.task, d1_compat=run.d1_compat))
+    else:
+        _, train_rows, heldout = custom
     order = data_order.DataOrder(len(train_rows), run.seed)
 
     # ---- model: the method prepares with the base (e.g. builds priors), then LoRA; reference = adapter disabled
@@ -89,7 +98,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                      attn_implementation=m.attn_implementation)
     if lm.tokenizer is None:
         raise ValueError(f"model {m.name_or_path!r} has no tokenizer: prompts cannot be rendered")
-    task = data_order.task_for(cfg)
+    task = data_order.task_for(cfg) if custom is None else custom[0]
     tok, eos, pad = lm.tokenizer, lm.eos_token_id, lm.pad_token_id
     text_of = data_order.PromptTexts(task, train_rows, tok)  # example index -> prompt text (cached)
 
@@ -158,11 +167,12 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 t0 = time.time()
                 texts_out = data_order.decode(tok, completions.cpu(), eos)
                 examples = [train_rows[idx[j]] for j in range(lo, hi) for _ in range(rep)]
-                per_fn = [task.rewards(c, ex) for c, ex in zip(texts_out, examples)]
-                fn_names = list(per_fn[0])
-                fn_rewards = torch.tensor([[d[n] for n in fn_names] for d in per_fn], dtype=torch.float32,
-                                          device=accelerator.device)  # [B, F]
-                advantages = group_advantages(fn_rewards.sum(1), rep, scale_rewards=g.scale_rewards)  # [B]
+                fn_names, weights = task.reward_names(), task.reward_weights()
+                fn_rewards = torch.tensor(task.batch_rewards(texts_out, examples,
+                                                             completion_ids=data_order.until_eos(completions, eos)),
+                                          dtype=torch.float32, device=accelerator.device)  # [B, F], NaN = None
+                advantages = group_advantages(metrics.total_reward(fn_rewards, weights), rep,
+                                              scale_rewards=g.scale_rewards)  # [B]
                 batch = RolloutBatch(prompt_ids=prompt_ids, prompt_attention_mask=prompt_mask,
                                      completion_ids=completions, advantages=advantages, sample_ids=sample_ids,
                                      anchors=None if prior is None else prior.mask, commit_step=gen.commit_step,
@@ -175,7 +185,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 fsdp.reshard_all(accelerator, loss_module)
                 t_scoring = time.time() - t0
                 rm = metrics.rollout_metrics(accelerator, fn_names, fn_rewards, gen, completions, eos, ro.gen_length,
-                                             t_rollout, t_scoring, state)
+                                             t_rollout, t_scoring, state, weights=weights)
                 rollout = SavedRollout(index=r, batch=batch, scores=scores, mask_seed=mask_seed, metrics=rm)
 
             # ================= inner iteration it: the method's loss with grad, micro-batched, one optimizer step
