@@ -606,6 +606,13 @@ class TrainConfig:
 
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ConfigError.bad_value("model.load_in_4bit", True, "false (bitsandbytes is not installed)")
+        if self.run.report_to in ("wandb", "mlflow", "tensorboard") and (self.run.tensorboard or
+                                                                        self.run.report_to != "tensorboard"):
+            import importlib.util
+
+            if importlib.util.find_spec(self.run.report_to) is None:
+                raise ConfigError.bad_value("run.report_to", self.run.report_to, f"a tracker whose package is "
+                                            f"installed ({self.run.report_to} is not), or none")
         out = Path(self.run.output_dir or ".").expanduser()
         if out.exists() and not out.is_dir():
             raise ConfigError.bad_value("run.output_dir", self.run.output_dir, "a directory path (this is a file)")

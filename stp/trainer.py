@@ -123,7 +123,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
         with fsdp.full_parameters(accelerator, loss_module):  # every process takes part in the gather
             if accelerator.is_main_process:
                 state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg)
-    log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
+    report_to = "none" if run.report_to == "tensorboard" and not run.tensorboard else run.report_to
+    log = metrics.MetricsLog(out, step, report_to, metrics.flat_config(cfg)) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
         log.heldout(state["eval_before"], 0)
     bar = None
