@@ -40,6 +40,16 @@ from stp.seeds import derive_seed
 __all__ = ["train", "derive_seed", "TrainingDiverged", "TIMING_KEYS", "last_checkpoint", "read_metrics"]
 
 
+def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, accelerator) -> torch.Tensor:
+    """[n_micro] float32: each micro-batch's loss tokens (``stp.likelihood.valid_lengths``, at least 1 as in
+    ``stp.loss.grpo_loss``) over the step's loss tokens on all processes."""
+    from stp.likelihood import valid_lengths
+
+    counts = valid_lengths(completion_ids, eos).view(n_micro, -1).sum(1).clamp(min=1).float()  # [n_micro]
+    total = accelerator.reduce(counts.sum(), reduction="sum")
+    return counts / total
+
+
 class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
 
@@ -197,18 +207,27 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             size = b.completion_ids.shape[0] // n_micro
             optimizer.zero_grad(set_to_none=True)
             losses, parts = [], {k: [] for k in method.loss_metrics}
+            # Token-level losses are means over each micro-batch's loss tokens; weighted by their share of the
+            # step's tokens (all processes), the update is the mean over every token of the step however samples
+            # are split across processes and micro-batches (gradients are averaged over processes, hence * world).
+            weights = _token_weights(b.completion_ids, eos, n_micro, accelerator) if (
+                getattr(method, "token_level_loss", True) and (world > 1 or n_micro > 1)) else None
             for k in range(n_micro):
                 sl = slice(k * size, (k + 1) * size)
                 sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(loss_module)
                 with sync:
                     loss, lm_metrics = loss_module(b.slice(sl), {n: v[:, sl] for n, v in rollout.scores.items()},
                                                    seed=rollout.mask_seed, iteration=it)
-                    accelerator.backward(loss / n_micro)
+                    accelerator.backward(loss / n_micro if weights is None else loss * (weights[k] * world))
                 losses.append(loss.detach())
                 for name in parts:
                     parts[name].append(lm_metrics[name])
-            stats = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in parts.values()]).float()
-            stats = accelerator.reduce(stats, reduction="mean")  # NaN anywhere -> NaN everywhere: all ranks agree
+            if weights is None:
+                stats = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in parts.values()])
+                stats = accelerator.reduce(stats.float(), reduction="mean")  # NaN anywhere -> NaN on all ranks
+            else:  # token-weighted over micro-batches and processes, as the update
+                stats = torch.stack([(torch.stack(v).float() * weights).sum() for v in [losses, *parts.values()]])
+                stats = accelerator.reduce(stats, reduction="sum")
             loss_v, *part_v = stats.tolist()
             grad_norm = None
             skipped = not math.isfinite(loss_v)
