@@ -122,6 +122,9 @@ def test_load_reward_module_file_and_errors(tmp_path, monkeypatch):
         load_reward("my_rewards:lenght")
     with pytest.raises(RewardFuncError, match="module 'no_such_module_xyz' not found"):
         load_reward("no_such_module_xyz:f")
+    (tmp_path / "needs_pkg.py").write_text("import no_such_package_xyz\n")
+    with pytest.raises(RewardFuncError, match="module 'needs_pkg' imports 'no_such_package_xyz', which is not"):
+        load_reward("needs_pkg:f")
     broken = tmp_path / "broken.py"
     broken.write_text("def f(completions, **kwargs):\n    return [1.0 for c in completions\n")
     with pytest.raises(RewardFuncError, match=r"broken\.py:2:\d+: .*never closed"):

@@ -109,6 +109,9 @@ def load_reward(spec: str) -> Callable:
         raise RewardFuncError(f"reward {spec!r}: module {module_name!r} does not compile: {e.filename}:{e.lineno}:"
                               f"{e.offset}: {e.msg}") from None
     except ModuleNotFoundError as e:
+        if e.name is not None and not module_name.startswith(e.name):  # the module imports something missing
+            raise RewardFuncError(f"reward {spec!r}: module {module_name!r} imports {e.name!r}, which is not "
+                                  "installed") from e
         raise RewardFuncError(f"reward {spec!r}: module {module_name!r} not found ({e}); allowed: an importable "
                               "module (on PYTHONPATH or in the working directory) or a path to a .py file") from None
     fn = getattr(module, func, None)
