@@ -7,7 +7,10 @@ Lp prompt length, L = rollout.gen_length.
 Each rollout is reused for mu = ``grpo.num_iterations`` optimizer steps. One optimizer step ("step" everywhere:
 metrics, checkpoints, ``grpo.max_steps``) is one inner iteration; rollout ``r = step // mu`` serves steps
 ``r * mu .. r * mu + mu - 1``. Advantages: ``(R - mean_group(R)) / (std_group(R) + 1e-4)`` (``grpo.scale_rewards``
-false: ``R - mean``, as d1).
+false: ``R - mean``, as d1). The loss is the mean over every loss token of the step: each micro-batch's token-mean
+loss is weighted by its share of the step's loss tokens on all processes (``_token_weights``), so the update does not
+depend on how samples are split across processes and micro-batches; a method whose loss is not a token mean over
+``stp.likelihood.valid_lengths`` sets ``token_level_loss = False`` and gets the plain mean of its micro-batch losses.
 
 Randomness. Nothing reads a global RNG in the loop: the data order of epoch e is a permutation from
 ``derive_seed(run.seed, "data", e)``, rollout r samples with noise seed ``derive_seed(run.seed, "rollout", r)`` and
