@@ -276,7 +276,7 @@ def step_row(step: int, rollout: int, iteration: int, epoch: int, rm: Mapping[st
 
 def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any], after: Mapping[str, Any] | None, *,
                   step: int, heldout: int, wall_seconds: float, interrupted: bool, diverged: bool,
-                  world: int) -> dict[str, Any]:
+                  world: int, task: str | None = None) -> dict[str, Any]:
     """summary.json (held-out reward before/after, NFE, times) and progress.png; returns the summary."""
     before = state["eval_before"]
     mu = cfg.grpo.num_iterations
@@ -285,7 +285,7 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         return None if ev is None else ev.get(key)
 
     summary = {
-        "preset": cfg.preset, "method": cfg.method, **method.summary(), "task": cfg.run.task,
+        "preset": cfg.preset, "method": cfg.method, **method.summary(), "task": task or cfg.run.task,
         "model": cfg.model.name_or_path, "steps": step, "max_steps": cfg.grpo.max_steps, "rollouts": -(-step // mu),
         "reward_before": of(before, "reward"), "reward_after": of(after, "reward"),
         "accuracy_before": of(before, "accuracy"), "accuracy_after": of(after, "accuracy"),
@@ -299,6 +299,6 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         "output_dir": str(out),
     }
     write_atomic(out / "summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
-    plot(out / "metrics.jsonl", out / "progress.png", title=f"{cfg.preset}: {cfg.method} on {cfg.run.task} "
+    plot(out / "metrics.jsonl", out / "progress.png", title=f"{cfg.preset}: {cfg.method} on {summary['task']} "
          f"({cfg.model.name_or_path})", before=of(before, "reward"), after=of(after, "reward"), last_step=step)
     return summary

@@ -294,7 +294,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
         log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
-                                        diverged=diverged, world=world)
+                                        diverged=diverged, world=world,
+                                        task=None if custom is None else "own: " + ", ".join(task.reward_names()))
         if m.use_lora and not (interrupted or diverged):
             # adapter_model.safetensors + adapter_config.json
             lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)

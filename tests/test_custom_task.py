@@ -248,6 +248,7 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     before, after = map(float, re.search(r"held-out reward ([\d.]+) -> ([\d.]+)", printed).groups())
     summary = json.loads((tmp_path / "runs" / "own" / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["reward_before"] == pytest.approx(before, abs=1e-3)
+    assert summary["task"] == "own: keeps_givens"
     assert 0 <= before <= 1 and 0 <= after <= 1
     rows = stp.trainer.read_metrics(tmp_path / "runs" / "own" / "metrics.jsonl")
     assert "reward/keeps_givens_mean" in rows[0]
