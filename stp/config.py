@@ -71,6 +71,8 @@ DATA_SOURCES = ("file", "hub", "generated")
 DIFFPO_MODES = ("model", "sampler", "joint")
 DIFFPO_SAMPLERS = ("eb", "schedule")
 DIFFPO_TAUS = ("uniform", "zero")
+REPEATABLE = ("run.reward",)  # flags that may be given more than once
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")  # accelerate tracker names
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLADA = "GSAI-ML/LLaDA-8B-Instruct"
 DEFAULT_PRESET = "tiny"
@@ -421,7 +423,20 @@ class RunConfig(_Section):
     device: str = _f("auto", "auto (accelerate's choice: CUDA when available), cpu, cuda or cuda:N")
     mixed_precision: str = _f("no", "autocast precision (accelerate's names)", choices=MIXED_PRECISION)
     backend: str | None = _f(None, "stp_kernels backend for every fused op; none = the fastest available")
-    tensorboard: bool = _f(True, "also write TensorBoard events")
+    tensorboard: bool = _f(True, "with run.report_to tensorboard: write its events (false: metrics.jsonl only)")
+    report_to: str = _f("tensorboard", "where metrics go besides metrics.jsonl, through accelerate's trackers "
+                        "(wandb and mlflow need their package)", choices=REPORT_TO)
+    reward: tuple[str, ...] = _f((), "your own reward functions, MODULE:FUNCTION (a module or a .py file; "
+                                 "repeatable or comma-separated), TRL's form fn(completions, **columns) -> list; "
+                                 "empty = the task's", factory=tuple)
+    reward_weights: tuple[str, ...] = _f((), "one weight per run.reward function (comma-separated numbers); empty = "
+                                         "all 1", factory=tuple)
+    dataset: str | None = _f(None, "your own data with a 'prompt' column: a directory saved with save_to_disk, a "
+                             ".json/.jsonl/.csv/.parquet file, a hub name, or reasoning_gym:NAME (its verifier is "
+                             "the reward unless run.reward is given); none = the task's")
+    dataset_split: str = _f("train", "the training split of run.dataset")
+    eval_split: str | None = _f(None, "the held-out split of run.dataset; none = its training split's last "
+                                "run.eval_examples rows (left out of training)")
 
     def __post_init__(self):
         self._coerce_all()
@@ -433,6 +448,19 @@ class RunConfig(_Section):
         self._positive("log_every", "max_nan_steps")
         self._need("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device) is not None,
                    "auto, cpu, cuda, cuda:N, mps, xpu or xpu:N")
+        self.reward = tuple(x.strip() for v in self.reward for x in v.split(",") if x.strip())
+        self.reward_weights = tuple(x.strip() for v in self.reward_weights for x in v.split(",") if x.strip())
+        for spec in self.reward:
+            module, sep, func = spec.rpartition(":")
+            self._need("reward", bool(sep and module and func), "MODULE:FUNCTION entries (a module or a .py file, "
+                       "then the function's name)")
+        weights_ok = all(_is_number(w) for w in self.reward_weights)
+        self._need("reward_weights", weights_ok and (not self.reward_weights or len(self.reward_weights) ==
+                   max(1, len(self.reward))), f"{max(1, len(self.reward))} finite numbers, one per run.reward "
+                   "function (or none)")
+        self._need("dataset", self.dataset is None or self.data_path is None, "none while run.data_path is set "
+                   "(one source of training data)")
+        self._need("eval_split", self.eval_split is None or self.dataset is not None, "none without run.dataset")
         self._need("data_source", self.data_source != "file" or self.data_path is not None,
                    "'hub', 'generated' or none while run.data_path is none ('file' needs run.data_path)")
         self._need("prompt_format", self.prompt_format == "chat" or self.task in ("sudoku", "countdown"),
@@ -485,6 +513,13 @@ class DiffpoConfig(_Section):
                    "a finite number >= 1")
         self._need("sampler", self.sampler == "eb" or self.mode == "model",
                    f"'eb' with diffpo.mode={self.mode!r} (the controller sets the EB sampler's threshold)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 SECTIONS: dict[str, type[_Section]] = {c.section: c for c in (ModelConfig, RolloutConfig, PriorConfig, EstimatorConfig,
@@ -617,6 +652,13 @@ class TrainConfig:
 
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ConfigError.bad_value("model.load_in_4bit", True, "false (bitsandbytes is not installed)")
+        if self.run.report_to in ("wandb", "mlflow", "tensorboard") and (self.run.tensorboard or
+                                                                        self.run.report_to != "tensorboard"):
+            import importlib.util
+
+            if importlib.util.find_spec(self.run.report_to) is None:
+                raise ConfigError.bad_value("run.report_to", self.run.report_to, f"a tracker whose package is "
+                                            f"installed ({self.run.report_to} is not), or none")
         out = Path(self.run.output_dir or ".").expanduser()
         if out.exists() and not out.is_dir():
             raise ConfigError.bad_value("run.output_dir", self.run.output_dir, "a directory path (this is a file)")
@@ -1045,6 +1087,10 @@ def build_parser(defaults: Mapping[str, Any] | None = None, origins: Mapping[str
                 metavar = {int: "INT", float: "FLOAT", str: "STR"}.get(base, "A,B,...")
                 if choices:
                     metavar = "{" + ",".join(choices) + "}"
+                if dotted in REPEATABLE:  # given several times: the values add up (a list; commas split too)
+                    group.add_argument(f"--{dotted}", dest=dotted, default=argparse.SUPPRESS, metavar=metavar,
+                                       action="append", help=text + "; repeatable")
+                    continue
                 group.add_argument(f"--{dotted}", dest=dotted, default=argparse.SUPPRESS, metavar=metavar, help=text)
     return p
 

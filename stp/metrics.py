@@ -1,11 +1,11 @@
-"""What a run reports: metrics.jsonl (and TensorBoard), the held-out evaluation, progress.png and summary.json."""
+"""What a run reports: metrics.jsonl and one of accelerate's trackers (TensorBoard, wandb, MLflow), the held-out
+evaluation, progress.png and summary.json."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,8 @@ from stp.seeds import derive_seed
 if TYPE_CHECKING:
     from stp.config import TrainConfig
 
-__all__ = ["TIMING_KEYS", "MetricsLog", "read_metrics", "truncate_metrics", "finite", "plot", "evaluate_heldout"]
+__all__ = ["TIMING_KEYS", "MetricsLog", "flat_config", "total_reward", "read_metrics", "truncate_metrics", "finite",
+           "plot", "evaluate_heldout"]
 
 # Metrics that measure time: they differ between runs; every other field of metrics.jsonl is reproducible.
 TIMING_KEYS = ("time_rollout", "time_scoring", "time_update", "step_seconds", "tokens_per_s", "rollout_tokens_per_s",
@@ -24,41 +25,79 @@ TIMING_KEYS = ("time_rollout", "time_scoring", "time_update", "step_seconds", "t
 
 
 class MetricsLog:
-    """metrics.jsonl (one row per logged step, fsync'ed) and, when asked and installed, TensorBoard events."""
+    """metrics.jsonl (one row per logged step, fsync'ed) and one of accelerate's experiment trackers
+    (``run.report_to``): TensorBoard events under ``OUT/tensorboard`` (purged past ``step`` on resume), a wandb
+    run or an MLflow run (``OUT/mlruns`` unless ``MLFLOW_TRACKING_URI`` says otherwise), with the flattened config.
+    Built on the main process only; the trackers are started and finished here, not through
+    ``Accelerator.init_trackers``, so the Accelerator needs no tracker settings and ``end_training`` (which also
+    tears down the process group) is not needed."""
 
-    def __init__(self, out: Path, step: int, tensorboard: bool):
+    def __init__(self, out: Path, step: int, report_to: str = "tensorboard", config: Mapping[str, Any] | None = None):
         self.file = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("stp.train: warning: run.tensorboard is on but the tensorboard package is not installed "
-                      "(`pip install tensorboard`); writing metrics.jsonl only", file=sys.stderr)
-            else:
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+        self.tracker = _tracker(report_to, out, step)
+        if self.tracker is not None:
+            self.tracker.start()
+            if config is not None and report_to != "tensorboard":  # TensorBoard's hparams add a directory per run
+                self.tracker.store_init_configuration(dict(config))
+
+    def _log(self, values: Mapping[str, Any], step: int) -> None:
+        scalars = {_tensorboard_tag(k): v for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
+        if self.tracker is not None and scalars:
+            self.tracker.log(scalars, step=step)
 
     def write(self, row: Mapping[str, Any], *, jsonl: bool) -> None:
         if jsonl:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
             os.fsync(self.file.fileno())
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(_tensorboard_tag(key), value, row["step"])
+        self._log(row, row["step"])
 
     def heldout(self, ev: Mapping[str, Any] | None, step: int) -> None:
         """A held-out evaluation outside the step rows (before training: step 0; after it: the last step)."""
-        if self.writer is not None:
-            for key, value in eval_columns(ev).items():
-                self.writer.add_scalar(_tensorboard_tag(key), value, step)
-            self.writer.flush()
+        self._log(eval_columns(ev), step)
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+
+
+def _tracker(report_to: str, out: Path, step: int):
+    """accelerate's tracker for ``report_to`` (None for "none"); a missing package is a ConfigError naming it."""
+    if report_to == "none":
+        return None
+    from accelerate import tracking
+
+    needs = {"tensorboard": ("tensorboard", tracking.is_tensorboard_available), "wandb": ("wandb",
+             tracking.is_wandb_available), "mlflow": ("mlflow", tracking.is_mlflow_available)}
+    if report_to not in needs:
+        from stp.config import REPORT_TO, ConfigError
+
+        raise ConfigError.bad_value("run.report_to", report_to, "one of " + ", ".join(REPORT_TO))
+    package, available = needs[report_to]
+    if not available():
+        from stp.config import ConfigError
+
+        raise ConfigError.bad_value("run.report_to", report_to, f"a tracker whose package is installed ({package} "
+                                    f"is not: pip install {package}), or none")
+    if report_to == "tensorboard":
+        return tracking.TensorBoardTracker("tensorboard", str(out), purge_step=step + 1 if step else None)
+    if report_to == "wandb":
+        return tracking.WandBTracker("stp", dir=str(out))
+    return tracking.MLflowTracker("stp", logging_dir=str(out / "mlruns"), run_name=out.name)
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as ``{"section.field": value}`` with lists joined by commas (trackers take flat scalars)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, Mapping):
+            for name, v in value.items():
+                out[f"{key}.{name}"] = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+        else:
+            out[key] = value
+    return out
 
 
 def _tensorboard_tag(key: str) -> str:
@@ -174,12 +213,34 @@ def eval_columns(ev: Mapping[str, Any] | None) -> dict[str, Any]:
             "eval_seconds": ev["seconds"]}
 
 
+def total_reward(fn_rewards, weights=None):
+    """[B, F] reward-function values (NaN = not applicable) -> [B] weighted totals, a NaN counting as 0 (TRL's
+    nansum). Plain ``sum(1)`` when the weights are all 1 and nothing is NaN (the built-in tasks: bit for bit)."""
+    import torch
+
+    if weights is not None and any(w != 1.0 for w in weights):
+        fn_rewards = fn_rewards * torch.tensor(weights, dtype=fn_rewards.dtype, device=fn_rewards.device)
+    if torch.isnan(fn_rewards).any():
+        fn_rewards = torch.nan_to_num(fn_rewards, nan=0.0)
+    return fn_rewards.sum(1)
+
+
+def _mean_std(x) -> tuple[float | None, float | None]:
+    """Mean and std of the values that are not NaN (None from a reward function); None when there are none."""
+    import torch
+
+    x = x[~torch.isnan(x)]
+    if x.numel() == 0:
+        return None, None
+    return x.mean().item(), x.std().item() if x.numel() > 1 else 0.0
+
+
 def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completions, eos: int, gen_length: int,
-                    t_rollout: float, t_scoring: float, state: dict[str, Any]) -> dict[str, Any]:
+                    t_rollout: float, t_scoring: float, state: dict[str, Any], weights=None) -> dict[str, Any]:
     """The rollout's metrics, gathered over processes (rank-major = the global sample order); adds the NFE to the
-    run's totals in ``state``."""
+    run's totals in ``state``. A reward function's mean and std leave out its None (NaN) values."""
     all_fn = accelerator.gather(fn_rewards)  # [P*G, F]
-    all_r = all_fn.sum(1)
+    all_r = total_reward(all_fn, weights)
     nfe = accelerator.gather(gen.nfe.float())  # [P*G]
     lengths = accelerator.gather(((completions == eos).cumsum(1) == 0).sum(1).float())
     one_shot = accelerator.gather(gen.num_one_shot.float())
@@ -191,8 +252,11 @@ def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completio
           "time_rollout": t_rollout, "time_scoring": t_scoring,
           "rollout_tokens_per_s": all_r.numel() * gen_length / max(t_rollout, 1e-9)}
     for j, name in enumerate(fn_names):
-        rm[f"reward/{name}_mean"] = all_fn[:, j].mean().item()
-        rm[f"reward/{name}_std"] = all_fn[:, j].std().item() if all_fn.shape[0] > 1 else 0.0
+        if all_fn[:, j].isnan().any():
+            rm[f"reward/{name}_mean"], rm[f"reward/{name}_std"] = _mean_std(all_fn[:, j])
+        else:
+            rm[f"reward/{name}_mean"] = all_fn[:, j].mean().item()
+            rm[f"reward/{name}_std"] = all_fn[:, j].std().item() if all_fn.shape[0] > 1 else 0.0
     state["nfe_sum"] += nfe.sum().item()
     state["nfe_count"] += nfe.numel()
     return rm
@@ -214,7 +278,7 @@ def step_row(step: int, rollout: int, iteration: int, epoch: int, rm: Mapping[st
 
 def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any], after: Mapping[str, Any] | None, *,
                   step: int, heldout: int, wall_seconds: float, interrupted: bool, diverged: bool,
-                  world: int) -> dict[str, Any]:
+                  world: int, task: str | None = None) -> dict[str, Any]:
     """summary.json (held-out reward before/after, NFE, times) and progress.png; returns the summary."""
     before = state["eval_before"]
     mu = cfg.grpo.num_iterations
@@ -223,7 +287,7 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         return None if ev is None else ev.get(key)
 
     summary = {
-        "preset": cfg.preset, "method": cfg.method, **method.summary(), "task": cfg.run.task,
+        "preset": cfg.preset, "method": cfg.method, **method.summary(), "task": task or cfg.run.task,
         "model": cfg.model.name_or_path, "steps": step, "max_steps": cfg.grpo.max_steps, "rollouts": -(-step // mu),
         "reward_before": of(before, "reward"), "reward_after": of(after, "reward"),
         "accuracy_before": of(before, "accuracy"), "accuracy_after": of(after, "accuracy"),
@@ -237,6 +301,6 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         "output_dir": str(out),
     }
     write_atomic(out / "summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
-    plot(out / "metrics.jsonl", out / "progress.png", title=f"{cfg.preset}: {cfg.method} on {cfg.run.task} "
+    plot(out / "metrics.jsonl", out / "progress.png", title=f"{cfg.preset}: {cfg.method} on {summary['task']} "
          f"({cfg.model.name_or_path})", before=of(before, "reward"), after=of(after, "reward"), last_step=step)
     return summary

@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from stp.prior import PriorFileError
     from stp.tasks import DataError
+    from stp.tasks.reward_funcs import RewardFuncError
 
     try:
         config = parse_args(argv)  # --help and a flag without its value exit here (status 0 and 2)
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume = _resume_command(argv)
     try:
         summary = train(config, progress=True)
-    except (ConfigError, DataError, PriorFileError) as e:
+    except (ConfigError, DataError, PriorFileError, RewardFuncError) as e:
         print(f"stp.train: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -7,7 +7,10 @@ Lp prompt length, L = rollout.gen_length.
 Each rollout is reused for mu = ``grpo.num_iterations`` optimizer steps. One optimizer step ("step" everywhere:
 metrics, checkpoints, ``grpo.max_steps``) is one inner iteration; rollout ``r = step // mu`` serves steps
 ``r * mu .. r * mu + mu - 1``. Advantages: ``(R - mean_group(R)) / (std_group(R) + 1e-4)`` (``grpo.scale_rewards``
-false: ``R - mean``, as d1).
+false: ``R - mean``, as d1). The loss is the mean over every loss token of the step: each micro-batch's token-mean
+loss is weighted by its share of the step's loss tokens on all processes (``_token_weights``), so the update does not
+depend on how samples are split across processes and micro-batches; a method whose loss is not a token mean over
+``stp.likelihood.valid_lengths`` sets ``token_level_loss = False`` and gets the plain mean of its micro-batch losses.
 
 Randomness. Nothing reads a global RNG in the loop: the data order of epoch e is a permutation from
 ``derive_seed(run.seed, "data", e)``, rollout r samples with noise seed ``derive_seed(run.seed, "rollout", r)`` and
@@ -40,12 +43,27 @@ from stp.seeds import derive_seed
 __all__ = ["train", "derive_seed", "TrainingDiverged", "TIMING_KEYS", "last_checkpoint", "read_metrics"]
 
 
+def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, accelerator) -> torch.Tensor:
+    """[n_micro] float32: each micro-batch's loss tokens (``stp.likelihood.valid_lengths``, at least 1 as in
+    ``stp.loss.grpo_loss``) over the step's loss tokens on all processes."""
+    from stp.likelihood import valid_lengths
+
+    counts = valid_lengths(completion_ids, eos).view(n_micro, -1).sum(1).clamp(min=1).float()  # [n_micro]
+    total = accelerator.reduce(counts.sum(), reduction="sum")
+    return counts / total
+
+
 class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
 
 
-def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, reward_weights=None,
+          train_dataset=None, eval_dataset=None) -> dict[str, Any]:
     """Run the configured method; returns the summary (also written to summary.json).
+
+    ``reward_funcs`` (TRL's form ``fn(completions, **columns) -> list[float | None]``), ``reward_weights``,
+    ``train_dataset`` and ``eval_dataset`` (a ``datasets.Dataset`` or a list of dicts with a ``prompt`` column)
+    replace the configured task's rewards and data (``stp.data_order.custom_task``; ``stp.Trainer`` is the same).
 
     Raises ConfigError / DataError before any model loads for bad settings or data, and TrainingDiverged after
     ``run.max_nan_steps`` non-finite losses in a row. On SIGINT it saves a checkpoint and returns the summary with
@@ -80,7 +98,11 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     resume_from = checkpoint.find_resume(out, run.resume, accelerator.is_main_process)
 
     # ---- data (before the model: bad data fails fast)
-    train_rows, heldout = data_order.load_data(cfg, get_task(run.task, d1_compat=run.d1_compat))
+    custom = data_order.custom_task(cfg, reward_funcs, reward_weights, train_dataset, eval_dataset)
+    if custom is None:
+        train_rows, heldout = data_order.load_data(cfg, get_task(run.task, d1_compat=run.d1_compat))
+    else:
+        _, train_rows, heldout = custom
     order = data_order.DataOrder(len(train_rows), run.seed)
 
     # ---- model: the method prepares with the base (e.g. builds priors), then LoRA; reference = adapter disabled
@@ -89,7 +111,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                      attn_implementation=m.attn_implementation)
     if lm.tokenizer is None:
         raise ValueError(f"model {m.name_or_path!r} has no tokenizer: prompts cannot be rendered")
-    task = data_order.task_for(cfg)
+    task = data_order.task_for(cfg) if custom is None else custom[0]
     tok, eos, pad = lm.tokenizer, lm.eos_token_id, lm.pad_token_id
     text_of = data_order.PromptTexts(task, train_rows, tok)  # example index -> prompt text (cached)
 
@@ -117,7 +139,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         with fsdp.full_parameters(accelerator, loss_module):  # every process takes part in the gather
             if accelerator.is_main_process:
                 state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
-    log = metrics.MetricsLog(out, step, run.tensorboard) if accelerator.is_main_process else None
+    report_to = "none" if run.report_to == "tensorboard" and not run.tensorboard else run.report_to
+    log = metrics.MetricsLog(out, step, report_to, metrics.flat_config(cfg)) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
         log.heldout(state["eval_before"], 0)
     bar = None
@@ -162,15 +185,16 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 t0 = time.time()
                 texts_out = data_order.decode(tok, completions.cpu(), eos)
                 examples = [train_rows[idx[j]] for j in range(lo, hi) for _ in range(rep)]
-                per_fn = [task.rewards(c, ex) for c, ex in zip(texts_out, examples)]
-                fn_names = list(per_fn[0])
-                fn_rewards = torch.tensor([[d[n] for n in fn_names] for d in per_fn], dtype=torch.float32,
-                                          device=accelerator.device)  # [B, F]
+                fn_names, weights = task.reward_names(), task.reward_weights()
+                fn_rewards = torch.tensor(task.batch_rewards(texts_out, examples,
+                                                             completion_ids=data_order.until_eos(completions, eos)),
+                                          dtype=torch.float32, device=accelerator.device)  # [B, F], NaN = None
                 extra = method.extra_rewards(gen)  # the method's reward terms {name: [B]}, e.g. an NFE penalty
                 if extra:
-                    fn_names += list(extra)
+                    fn_names, weights = fn_names + list(extra), (*weights, *(1.0 for _ in extra))
                     fn_rewards = torch.cat([fn_rewards, torch.stack([v.float() for v in extra.values()], 1)], 1)
-                advantages = group_advantages(fn_rewards.sum(1), rep, scale_rewards=g.scale_rewards)  # [B]
+                advantages = group_advantages(metrics.total_reward(fn_rewards, weights), rep,
+                                              scale_rewards=g.scale_rewards)  # [B]
                 batch = RolloutBatch(prompt_ids=prompt_ids, prompt_attention_mask=prompt_mask,
                                      completion_ids=completions, advantages=advantages, sample_ids=sample_ids,
                                      anchors=None if prior is None else prior.mask, commit_step=gen.commit_step,
@@ -183,7 +207,7 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
                 fsdp.reshard_all(accelerator, loss_module)
                 t_scoring = time.time() - t0
                 rm = metrics.rollout_metrics(accelerator, fn_names, fn_rewards, gen, completions, eos, ro.gen_length,
-                                             t_rollout, t_scoring, state)
+                                             t_rollout, t_scoring, state, weights=weights)
                 rollout = SavedRollout(index=r, batch=batch, scores=scores, mask_seed=mask_seed, metrics=rm)
 
             # ================= inner iteration it: the method's loss with grad, micro-batched, one optimizer step
@@ -194,18 +218,27 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
             size = b.completion_ids.shape[0] // n_micro
             optimizer.zero_grad(set_to_none=True)
             losses, parts = [], {k: [] for k in method.loss_metrics}
+            # Token-level losses are means over each micro-batch's loss tokens; weighted by their share of the
+            # step's tokens (all processes), the update is the mean over every token of the step however samples
+            # are split across processes and micro-batches (gradients are averaged over processes, hence * world).
+            weights = _token_weights(b.completion_ids, eos, n_micro, accelerator) if (
+                getattr(method, "token_level_loss", True) and (world > 1 or n_micro > 1)) else None
             for k in range(n_micro):
                 sl = slice(k * size, (k + 1) * size)
                 sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(loss_module)
                 with sync:
                     loss, lm_metrics = loss_module(b.slice(sl), {n: v[:, sl] for n, v in rollout.scores.items()},
                                                    seed=rollout.mask_seed, iteration=it)
-                    accelerator.backward(loss / n_micro)
+                    accelerator.backward(loss / n_micro if weights is None else loss * (weights[k] * world))
                 losses.append(loss.detach())
                 for name in parts:
                     parts[name].append(lm_metrics[name])
-            stats = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in parts.values()]).float()
-            stats = accelerator.reduce(stats, reduction="mean")  # NaN anywhere -> NaN everywhere: all ranks agree
+            if weights is None:
+                stats = torch.stack([torch.stack(losses).mean()] + [torch.stack(v).mean() for v in parts.values()])
+                stats = accelerator.reduce(stats.float(), reduction="mean")  # NaN anywhere -> NaN on all ranks
+            else:  # token-weighted over micro-batches and processes, as the update
+                stats = torch.stack([(torch.stack(v).float() * weights).sum() for v in [losses, *parts.values()]])
+                stats = accelerator.reduce(stats, reduction="sum")
             loss_v, *part_v = stats.tolist()
             grad_norm = None
             skipped = not math.isfinite(loss_v)
@@ -271,7 +304,8 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
-                                        diverged=diverged, world=world)
+                                        diverged=diverged, world=world,
+                                        task=None if custom is None else "own: " + ", ".join(task.reward_names()))
         if m.use_lora and not (interrupted or diverged):
             # adapter_model.safetensors + adapter_config.json
             lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)

@@ -11,7 +11,7 @@ evaluation score, built on the same ``Task.extract_answer`` the rewards use.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -79,6 +79,36 @@ class Task:
     def reward(self, completion: str, example: Mapping[str, Any]) -> float:
         """The total reward: the sum of the task's reward functions."""
         return sum(self.rewards(completion, example).values())
+
+    def reward_funcs(self) -> tuple[Callable[..., list[float]], ...]:
+        """The reward functions in TRL's form ``fn(completions, **columns) -> list[float | None]``
+        (``stp.tasks.custom``): the trainer scores every task, built-in or not, through these."""
+        from .reward_funcs import trl_form
+
+        return tuple(trl_form(fn, self.d1_compat) for fn in self.reward_functions)
+
+    def reward_weights(self) -> tuple[float, ...]:
+        """One weight per reward function (the total is the weighted sum; built-in tasks: all 1)."""
+        return tuple(1.0 for _ in self.reward_functions)
+
+    def reward_names(self) -> list[str]:
+        """The reward functions' names, made unique with a ``_2``, ``_3`` suffix (metrics columns)."""
+        from .reward_funcs import func_name
+
+        names: list[str] = []
+        for fn in self.reward_funcs():
+            name, k = func_name(fn), 2
+            while name in names:
+                name, k = f"{func_name(fn)}_{k}", k + 1
+            names.append(name)
+        return names
+
+    def batch_rewards(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]], *,
+                      completion_ids: Sequence[Sequence[int]] | None = None) -> list[list[float]]:
+        """[B][F] values of ``reward_funcs`` on B completion texts and their examples (NaN = not applicable)."""
+        from .reward_funcs import score
+
+        return score(self.reward_funcs(), completions, examples, completion_ids=completion_ids)
 
     def extract_answer(self, completion: str) -> str | None:
         raise NotImplementedError

@@ -12,7 +12,8 @@ rows carry ``solution``. Rows keep their ``solution``: ``d1_compat`` takes its r
 
 Rewards (docs/method.md 5, d1 protocol; maximum 2.0 + 1.0 = 3.0):
 
-    correctness_reward 2.0 if the last \\boxed{} of the completion is equivalent to the reference
+    correctness_reward 2.0 if the last \\boxed{} of the completion is equivalent to the reference (the project's
+                       LaTeX normalisation, else math-verify's symbolic comparison; d1_compat: d1's own)
     format_reward      0.5 x ([<answer>...</answer> present] + [\\boxed in the answer: 1, else 0.5])
 
 The format term is 0.25 even for an empty completion ("else 0.5"): that is d1's formula, kept as is; a constant
@@ -21,6 +22,7 @@ offset changes no GRPO advantage.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,9 +31,9 @@ from . import _d1
 from .base import SYSTEM_PROMPT, Task
 from .data import Where, get_str, load_hub
 from .extract import closed_answer_block
-from .latex import is_equiv, last_boxed
+from .latex import MAX_ANSWER_CHARS, is_equiv, last_boxed
 
-__all__ = ["MATH", "correctness_reward", "format_reward", "reference_answer", "d1_reference"]
+__all__ = ["MATH", "verified_equal", "correctness_reward", "format_reward", "reference_answer", "d1_reference"]
 
 MATH_INSTRUCTION = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. "
@@ -74,7 +76,33 @@ def correctness_reward(completion: str, example: Mapping[str, Any], *, d1_compat
     """
     if d1_compat:
         return _d1.math_correctness(completion, d1_reference(example))
-    return 2.0 if is_equiv(last_boxed(completion), reference_answer(example)) else 0.0
+    prediction, reference = last_boxed(completion), reference_answer(example)
+    return 2.0 if is_equiv(prediction, reference) or verified_equal(prediction, reference) else 0.0
+
+
+def verified_equal(prediction: str | None, reference: str) -> bool:
+    """math-verify's symbolic equivalence (``x+1`` = ``1+x``, ``\\sqrt{8}`` = ``2\\sqrt{2}``, sets in any order),
+    asked when ``stp.tasks.latex.is_equiv``'s spellings and exact numbers do not already match; answers longer than
+    ``MAX_ANSWER_CHARS`` are never equal. Its parse and comparison time out after 2 s each (by ``signal.alarm``,
+    which works in the main thread only; other threads run without a limit).
+
+    >>> verified_equal("1+x", "x+1"), verified_equal("\\\\sqrt{8}", "2\\\\sqrt{2}"), verified_equal("3", "4")
+    (True, True, False)
+    """
+    if prediction is None or len(prediction) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
+        return False
+    try:
+        from math_verify import parse, verify
+    except ImportError as exc:
+        raise ImportError("MATH's correctness reward compares answers with math-verify, which is not installed: "
+                          "pip install 'stp[math]' (or use d1_compat, d1's own comparison)") from exc
+    limit = 2 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = parse(f"${reference}$", parsing_timeout=limit)
+        pred = parse(f"${prediction}$", parsing_timeout=limit)
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=limit))
+    except Exception:  # a parse it cannot finish is not an equal answer
+        return False
 
 
 def format_reward(completion: str, example: Mapping[str, Any], *, d1_compat: bool = False) -> float:
