@@ -222,7 +222,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             # step's tokens (all processes), the update is the mean over every token of the step however samples
             # are split across processes and micro-batches (gradients are averaged over processes, hence * world).
             weights = _token_weights(b.completion_ids, eos, n_micro, accelerator) if (
-                getattr(method, "token_level_loss", True) and (world > 1 or n_micro > 1)) else None
+                method.token_level_loss and (world > 1 or n_micro > 1)) else None
             for k in range(n_micro):
                 sl = slice(k * size, (k + 1) * size)
                 sync = contextlib.nullcontext() if k == n_micro - 1 else accelerator.no_sync(loss_module)

@@ -64,6 +64,10 @@ class Method:
     settings: ClassVar[Mapping[str, tuple[str, ...] | None]] = {}
     rollout: ClassVar[RolloutSettings] = RolloutSettings()
     loss_metrics: ClassVar[tuple[str, ...]] = ()
+    #: ``loss`` is a mean over the micro-batch's loss tokens (``stp.likelihood.valid_lengths``): the trainer weights
+    #: each micro-batch by its share of the step's tokens on all processes. False: a plain mean of micro-batch losses
+    #: (a loss that is a mean over samples or pairs).
+    token_level_loss: bool = True
 
     def __init__(self, config: TrainConfig):
         self.config = config

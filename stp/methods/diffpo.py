@@ -46,6 +46,8 @@ class DiFFPO(Method):
         self.lm = None
         self.controller = None
         self._pending = None  # (features [B, H], gamma [B]) of the last rollout, read by score
+        # 1/|o| per completion is a mean over samples, not over the step's tokens (stp.methods.base).
+        self.token_level_loss = config.diffpo.normalize == "token"
 
     @classmethod
     def check(cls, config) -> None:
