@@ -5,7 +5,7 @@ from the sections change together (a new field is one line here and appears ever
 must not import torch (so it imports no module that does; the methods' own settings come from ``stp.methods``,
 which is torch-free at import).
 
-Six sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
+Seven sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
 
     model      ModelConfig      which model, dtype, LoRA (all attention and MLP projections), 4-bit base
     rollout    RolloutConfig    the sampler (``stp.sampler.generate``): gen_length, block_length, steps, tau, ...
@@ -13,6 +13,7 @@ Six sections, one dataclass each (every field carries ``metadata={"help": ...}``
     estimator  EstimatorConfig  per-token log-probs (``stp.likelihood``): estimator, score, K, mask scheme
     grpo       GRPOConfig       objective and optimiser (``stp.loss``), TRL's names: beta, epsilon, num_generations...
     run        RunConfig        task, data, output, seed, resume, logging, evaluation, device, mixed precision
+    dtrpo      DTRPOConfig      dTRPO's trajectory ratios, DPO beta and offline pairs (``stp.trajectory_ratio``)
 
 Values are resolved in layers, each overriding the one before::
 
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = ["ConfigError", "ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig",
-           "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
+           "DTRPOConfig", "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
            "visible_fields", "resolve", "load_yaml", "build_parser",
            "parse_args", "presets_table", "main"]
 
@@ -62,6 +63,7 @@ MASK_SCHEMES = ("random_count", "block")
 STRATEGIES = ("answer_low_confidence", "low_confidence", "random", "answer_random")
 FREE_RULES = ("inside", "inclusive")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+TRAJECTORY_MODES = ("exact", "packed")
 REMASKING = ("low_confidence", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
@@ -168,7 +170,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 
 
 class _Section:
-    """Shared behaviour of the six sections: type coercion, checks, (de)serialisation."""
+    """Shared behaviour of the sections: type coercion, checks, (de)serialisation."""
 
     section: ClassVar[str]
 
@@ -442,8 +444,36 @@ class RunConfig(_Section):
                        f"{', '.join(have)} have a generator)")
 
 
+@dataclass
+class DTRPOConfig(_Section):
+    """dTRPO (``stp.trajectory_ratio``, docs/method.md 7): trajectory log-ratios from one drawn step per block, in a
+    DPO objective over offline pairs (method dtrpo) or inside the GRPO loss (method dtrpo-online)."""
+
+    section: ClassVar[str] = "dtrpo"
+
+    mode: str = _f("exact", "how the drawn states are evaluated: exact (one sequence per block state) or packed (one "
+                   "[prompt ; noisy ; clean] sequence with a block-diffusion mask: exact for block-causal models, an "
+                   "approximation for LLaDA)", choices=TRAJECTORY_MODES)
+    block_mean: bool = _f(False, "weight each block's drawn step by 1 (the block mean) instead of T_B (the unbiased "
+                          "trajectory sum)")
+    beta: float = _f(0.1, "DPO inverse temperature: loss = -log sigmoid(beta * (Delta_chosen - Delta_rejected))")
+    length_normalize: bool = _f(False, "divide each trajectory log-ratio by its number of decoded (non-anchor) "
+                                "tokens")
+    pairs_path: str | None = _f(None, "JSONL of `python -m stp.pairs`; built there first with the base model when "
+                                "prompts are missing; none = <run.output_dir>/pairs.jsonl")
+    pair_prompts: int | None = _f(None, "build pairs for the first N distinct prompts of the run only (the pairs "
+                                  "are then revisited in shuffled epochs); none = every prompt the run would see")
+    build_batch_size: int = _f(4, "prompts per batch when building pairs (grpo.num_generations samples each)")
+
+    def __post_init__(self):
+        self._coerce_all()
+        self._need("beta", self.beta > 0, "a number > 0")
+        self._need("pair_prompts", self.pair_prompts is None or self.pair_prompts >= 1, "an integer >= 1, or none")
+        self._positive("build_batch_size")
+
+
 SECTIONS: dict[str, type[_Section]] = {c.section: c for c in (ModelConfig, RolloutConfig, PriorConfig, EstimatorConfig,
-                                                               GRPOConfig, RunConfig)}
+                                                               GRPOConfig, RunConfig, DTRPOConfig)}
 
 
 @dataclass
@@ -456,6 +486,7 @@ class TrainConfig:
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig, metadata={"help": EstimatorConfig.__doc__})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": GRPOConfig.__doc__})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": RunConfig.__doc__})
+    dtrpo: DTRPOConfig = field(default_factory=DTRPOConfig, metadata={"help": DTRPOConfig.__doc__})
     preset: str = field(default=DEFAULT_PRESET, metadata={"help": "the preset the values were layered on"})
     method: str = field(default=DEFAULT_METHOD, metadata={"help": "the RL method (stp.methods)"})
 
@@ -525,6 +556,11 @@ class TrainConfig:
         if not self.prior.enabled:
             return None
         return self.prior.path or str(Path(self.run.output_dir or ".") / "priors.jsonl")
+
+    @property
+    def dtrpo_pairs_path(self) -> str:
+        """The dTRPO pairs file of this run."""
+        return self.dtrpo.pairs_path or str(Path(self.run.output_dir or ".") / "pairs.jsonl")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready) of the settings this method reads; ``TrainConfig.from_dict(

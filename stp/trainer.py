@@ -44,6 +44,25 @@ class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
 
 
+def _supplied_batch(method, lm, r: int, cfg: TrainConfig, accelerator, loss_module, ref_context) -> SavedRollout:
+    """Batch r of a method that supplies its own (``Method.supplies_batches``), scored like a rollout."""
+    t0 = time.time()
+    batch, extra = method.next_batch(r, rank=accelerator.process_index, world=accelerator.num_processes,
+                                     device=accelerator.device)
+    t_batch = time.time() - t0
+    t0 = time.time()
+    mask_seed = derive_seed(cfg.run.seed, "masks", r)
+    fsdp.unshard_all(accelerator, loss_module)
+    lm.train()
+    with accelerator.autocast():
+        scores = method.score(lm, batch, seed=mask_seed, num_iterations=cfg.grpo.num_iterations,
+                              ref_context=ref_context)  # {name: [mu, B, ...]}
+    fsdp.reshard_all(accelerator, loss_module)
+    rm = {"reward_mean": 0.0, "nfe": 0.0, **extra, "time_rollout": t_batch, "time_scoring": time.time() - t0,
+          "rollout_tokens_per_s": 0.0}
+    return SavedRollout(index=r, batch=batch, scores=scores, mask_seed=mask_seed, metrics=rm)
+
+
 def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     """Run the configured method; returns the summary (also written to summary.json).
 
@@ -129,6 +148,9 @@ def train(config: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
         while step < g.max_steps:
             r, it = divmod(step, mu)
 
+            if method.supplies_batches and (rollout is None or rollout.index != r):
+                # ================= an offline method's batch r instead of a rollout (method.next_batch)
+                rollout = _supplied_batch(method, lm, r, cfg, accelerator, loss_module, ref_context)
             if rollout is None or rollout.index != r:
                 # ================= rollout r: P prompts x G completions, split across processes by rank
                 t0 = time.time()

@@ -17,6 +17,8 @@ docs/architecture.md for the smallest complete example):
 - ``loss_metrics``: the names of the 0-d metric tensors ``loss`` returns, logged per step in this order.
 - ``prepare`` (once, with the base model, before any adapter), ``prior`` and ``sampler_kwargs`` (per rollout),
   ``score``, ``loss``.
+- ``supplies_batches`` / ``next_batch``: an offline method (e.g. ``dtrpo`` on preference pairs) supplies batch r
+  itself; the trainer then skips sampling and rewards for it and goes on with ``score`` and ``loss`` as usual.
 
 Importing a method module must not import torch (the configuration reads ``settings`` without it): heavy imports go
 inside the methods.
@@ -58,6 +60,7 @@ class Method:
     settings: ClassVar[Mapping[str, tuple[str, ...] | None]] = {}
     rollout: ClassVar[RolloutSettings] = RolloutSettings()
     loss_metrics: ClassVar[tuple[str, ...]] = ()
+    supplies_batches: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -77,6 +80,13 @@ class Method:
         """Extra keyword arguments of ``stp.sampler.generate`` for one rollout (e.g. a per-sample decoding
         threshold drawn by a learned controller); default: none."""
         return {}
+
+    def next_batch(self, index: int, *, rank: int, world: int, device) -> tuple[RolloutBatch, dict[str, float]]:
+        """Methods with ``supplies_batches = True``: this process's share of batch ``index`` (what rollout ``index``
+        would be: reused for ``grpo.num_iterations`` steps, saved in mid-rollout checkpoints) and its metrics
+        (floats, logged with every step of the batch). Must be a pure function of ``index`` and the configuration,
+        so that a resumed run gets the same batches."""
+        raise NotImplementedError(f"method {self.name!r} sets supplies_batches but defines no next_batch")
 
     def summary(self) -> dict[str, Any]:
         """Extra fields for summary.json (e.g. the estimator)."""
