@@ -460,7 +460,9 @@ class DTRPOConfig(_Section):
     length_normalize: bool = _f(False, "divide each trajectory log-ratio by its number of decoded (non-anchor) "
                                 "tokens")
     pairs_path: str | None = _f(None, "JSONL of `python -m stp.pairs`; built there first with the base model when "
-                                "prompts are missing; none = <run.output_dir>/pairs.jsonl")
+                                "prompts are missing; none = <run.output_dir>/pairs.jsonl; 'cache' = a file named "
+                                "by the pair settings in the stp cache ($STP_CACHE_DIR/pairs, like pretrained "
+                                "checkpoints)")
     pair_prompts: int | None = _f(None, "build pairs for the first N distinct prompts of the run only (the pairs "
                                   "are then revisited in shuffled epochs); none = every prompt the run would see")
     build_batch_size: int = _f(4, "prompts per batch when building pairs (grpo.num_generations samples each)")
@@ -559,8 +561,27 @@ class TrainConfig:
 
     @property
     def dtrpo_pairs_path(self) -> str:
-        """The dTRPO pairs file of this run."""
-        return self.dtrpo.pairs_path or str(Path(self.run.output_dir or ".") / "pairs.jsonl")
+        """The dTRPO pairs file of this run: ``dtrpo.pairs_path``; none = <run.output_dir>/pairs.jsonl; 'cache' = a
+        file named by the pair settings under ``$STP_CACHE_DIR/pairs`` (else ``$XDG_CACHE_HOME/stp/pairs``, else
+        ``~/.cache/stp/pairs``), shared by every run with those settings."""
+        if self.dtrpo.pairs_path is None:
+            return str(Path(self.run.output_dir or ".") / "pairs.jsonl")
+        if self.dtrpo.pairs_path != "cache":
+            return self.dtrpo.pairs_path
+        import hashlib
+        import json
+        import os
+
+        r = self.rollout
+        key = json.dumps([self.model.name_or_path, self.run.task, self.run.prompt_format, self.run.data_source,
+                          self.run.data_path, self.run.train_examples, r.gen_length, r.block_length, r.steps,
+                          r.temperature, r.remasking, self.grpo.num_generations, self.run.seed])
+        if os.environ.get("STP_CACHE_DIR"):
+            root = Path(os.environ["STP_CACHE_DIR"]).expanduser()
+        else:
+            base = os.environ.get("XDG_CACHE_HOME")
+            root = (Path(base).expanduser() if base else Path.home() / ".cache") / "stp"
+        return str(root / "pairs" / f"{self.run.task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready) of the settings this method reads; ``TrainConfig.from_dict(
@@ -800,7 +821,43 @@ def _build_presets() -> dict[str, Preset]:
         presets[f"d1-{task}"] = _d1_of(presets[f"llada-{task}"], f"d1-{task}", t["d1_mu"])
     for task in _TASKS:
         presets[f"elbo-{task}"] = _elbo_of(presets[f"llada-{task}"], f"elbo-{task}")
+    presets.update(_dtrpo_presets())
     return presets
+
+
+def _dtrpo_presets() -> dict[str, Preset]:
+    """dTRPO offline (docs/method.md 7): the paper states no hyperparameters, so every value here is ours."""
+    tiny = Preset("dtrpo-tiny", "dTRPO offline on the tiny Sudoku model: pairs of 64 prompts x G 8 built on first "
+                  "use (cached), DPO beta 0.1, 60 steps of 4 pairs", {
+                      "rollout": {"early_stop": None},
+                      "grpo": {"num_iterations": 1, "prompts_per_step": 4, "num_generations": 8},
+                      "dtrpo": {"pairs_path": "cache", "pair_prompts": 64, "beta": 0.1},
+                  }, method="dtrpo", notes=(
+        "model, decoding (L 32 / block 32 / 16 steps: one block of T_B = 16), lr, LoRA and held-out set as 'tiny'",
+        "pairs: best vs worst of G = 8 samples (T 0.9) of the pretrained model for 64 training prompts, cached by "
+        "settings under $STP_CACHE_DIR/pairs (like the pretrained checkpoint), revisited in shuffled epochs",
+        "no early stop (the pairs are decoded without it); mu 1: one optimizer step per batch of pairs",
+    ))
+    out = {tiny.name: tiny}
+    for task in ("gsm8k", "math"):
+        base = {k: v for k, v in _PAPER.items() if k not in ("prior", "estimator")}
+        overrides = _merge(base, {
+            "rollout": {"early_stop": None},
+            "grpo": {"num_iterations": 1, "prompts_per_step": 8, "num_generations": 8, "learning_rate": 5e-7,
+                     "max_steps": 2000, "beta": 0.0},
+            "run": {"task": task, "eval_every": 250},
+            "dtrpo": {"beta": 0.1, "mode": "exact", "pair_prompts": 4000},
+        })
+        out[f"dtrpo-llada-{task}"] = Preset(
+            f"dtrpo-llada-{task}", f"dTRPO offline on LLaDA-8B-Instruct, {task} (GPU recipe; values ours)", overrides,
+            method="dtrpo", notes=(
+                "decoding and LoRA as the STP paper's LLaDA setting (L 256 / block 32 / 128 steps: 8 blocks of "
+                "T_B = 16, T 0.9), no early stop",
+                "pairs: best vs worst of G = 8 samples for 4000 training prompts; 8 pairs per step, 2000 steps "
+                "(~4 epochs over the pairs that do not tie); DPO beta 0.1 and lr 5e-7 are common DPO values, not "
+                "the paper's (it states none)",
+            ))
+    return out
 
 
 PRESETS: dict[str, Preset] = _build_presets()

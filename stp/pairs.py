@@ -271,10 +271,10 @@ def ensure_pairs(model, cfg, prompts: Sequence[str], accelerator) -> tuple[Path,
 
     path = Path(cfg.dtrpo_pairs_path)
     settings = pair_settings(cfg)
+    wanted = list(dict.fromkeys(prompts))
+    if cfg.dtrpo.pair_prompts is not None:
+        wanted = wanted[:cfg.dtrpo.pair_prompts]
     if accelerator.is_main_process:
-        wanted = list(dict.fromkeys(prompts))
-        if cfg.dtrpo.pair_prompts is not None:
-            wanted = wanted[:cfg.dtrpo.pair_prompts]
         done = {r["prompt_id"] for r in read_pairs_file(path)[0]} if path.exists() else set()
         missing = [t for t in wanted if prompt_id(t) not in done]
         if missing:
@@ -287,7 +287,8 @@ def ensure_pairs(model, cfg, prompts: Sequence[str], accelerator) -> tuple[Path,
             build_into(path, model, [(t, by_text[t]) for t in missing], task.reward, settings=settings,
                        batch_size=cfg.dtrpo.build_batch_size, progress=True, backend=cfg.run.backend)
     accelerator.wait_for_everyone()
-    pairs = load_pairs(path, settings)
+    mine = {prompt_id(t) for t in wanted}
+    pairs = [r for r in load_pairs(path, settings) if r["prompt_id"] in mine]  # a shared file may hold more
     if not pairs:
         raise PairsFileError(f"{path}: no pairs (every prompt's {settings['num_generations']} rewards tied); raise "
                              f"grpo.num_generations or rollout.temperature, or use more prompts")

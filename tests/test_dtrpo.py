@@ -353,3 +353,92 @@ def test_pairs_command_line_checks_flags_before_loading(tmp_path, capsys):
               "--block-length", "3"])
     with pytest.raises(SystemExit, match=r"--task='nope'; allowed:"):
         main(["--model", "tiny", "--task", "nope", "--out", str(tmp_path / "p.jsonl")])
+
+
+# ------------------------------------------------------------------------------------------------ in the trainer
+
+
+class _Killed(Exception):
+    pass
+
+
+def _train_flags(out, *extra):
+    return ["--model.name_or_path", "tiny", "--rollout.gen_length", "16", "--rollout.block_length", "8",
+            "--rollout.steps", "4", "--rollout.early_stop", "none", "--grpo.num_generations", "3",
+            "--grpo.prompts_per_step", "2", "--grpo.warmup_steps", "0", "--grpo.learning_rate", "0.01",
+            "--run.train_examples", "8", "--run.eval_examples", "0", "--run.tensorboard", "false",
+            "--run.output_dir", str(out), *extra]
+
+
+@pytest.fixture
+def _toy_task(monkeypatch):
+    import stp.data_order
+    from tests._trainer_entry import toy_task_for
+
+    monkeypatch.setattr(stp.data_order, "task_for", toy_task_for(stp.data_order.task_for))
+
+
+@pytest.mark.parametrize("mode", ["exact", "packed"])
+def test_dtrpo_resumes_bit_for_bit(tmp_path, monkeypatch, _toy_task, mode):
+    """Offline dTRPO through the shared loop: pairs built on first use, shuffled epochs over them; a run killed
+    while writing checkpoint 2 and resumed equals the uninterrupted one (metrics and weights, bitwise)."""
+    import stp.checkpoint
+    import stp.files
+    import stp.trainer
+    from stp.config import parse_args
+
+    pairs = tmp_path / "pairs.jsonl"
+    flags = ["--method", "dtrpo", "--grpo.num_iterations", "1", "--grpo.max_steps", "4", "--run.save_every", "1",
+             "--dtrpo.pairs_path", str(pairs), "--dtrpo.pair_prompts", "3", "--dtrpo.mode", mode]
+    ref = tmp_path / "ref"
+    summary = stp.trainer.train(parse_args(_train_flags(ref, *flags)))
+    assert summary["method"] == "dtrpo" and summary["steps"] == 4 and 1 <= summary["pairs"] <= 3
+    rows = stp.trainer.read_metrics(ref / "metrics.jsonl")
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-5  # step 1: theta = ref
+    assert all(r["reward_chosen"] > r["reward_rejected"] for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    out = tmp_path / "killed"
+    real_save = stp.checkpoint.save_checkpoint
+
+    def save(path, step, **kw):
+        if step == 2:
+            raise _Killed
+        return real_save(path, step, **kw)
+
+    monkeypatch.setattr(stp.checkpoint, "save_checkpoint", save)
+    with pytest.raises(_Killed):
+        stp.trainer.train(parse_args(_train_flags(out, *flags)))
+    monkeypatch.setattr(stp.checkpoint, "save_checkpoint", real_save)
+    stp.trainer.train(parse_args(_train_flags(out, *flags, "--run.resume")))
+    untimed = [{k: v for k, v in r.items() if k not in stp.trainer.TIMING_KEYS} for r in rows]
+    again = [{k: v for k, v in r.items() if k not in stp.trainer.TIMING_KEYS}
+             for r in stp.trainer.read_metrics(out / "metrics.jsonl")]
+    assert again == untimed
+    ta = stp.files.load_tensors(stp.trainer.last_checkpoint(ref) / "trainable.safetensors")
+    tb = stp.files.load_tensors(stp.trainer.last_checkpoint(out) / "trainable.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_dtrpo_online_trains_with_ratio_one_at_the_first_iteration(tmp_path, _toy_task):
+    import stp.trainer
+    from stp.config import parse_args
+
+    out = tmp_path / "online"
+    stp.trainer.train(parse_args(_train_flags(out, "--method", "dtrpo-online", "--grpo.num_iterations", "2",
+                                              "--grpo.max_steps", "2", "--run.save_every", "0")))
+    rows = stp.trainer.read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert abs(rows[0]["ratio"] - 1.0) < 1e-6 and rows[0]["kl"] < 1e-8 and rows[0]["clip_fraction"] == 0
+
+
+def test_dtrpo_settings_are_checked():
+    from stp.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=r"grpo.num_iterations=2 is not allowed; allowed: 1 with method 'dtrpo'"):
+        parse_args(["--method", "dtrpo", "--grpo.num_iterations", "2"])
+    with pytest.raises(ConfigError, match=r"rollout.early_stop=0.95 .* none with dtrpo.mode 'packed'"):
+        parse_args(["--method", "dtrpo", "--grpo.num_iterations", "1", "--dtrpo.mode", "packed"])
+    with pytest.raises(ConfigError, match=r"dtrpo.beta is a setting of method 'dtrpo' only"):
+        parse_args(["--method", "stp", "--dtrpo.beta", "0.2"])
+    assert "dtrpo" not in parse_args([]).to_dict()
