@@ -846,16 +846,16 @@ def _dtrpo_presets() -> dict[str, Preset]:
             "grpo": {"num_iterations": 1, "prompts_per_step": 8, "num_generations": 8, "learning_rate": 5e-7,
                      "max_steps": 2000, "beta": 0.0},
             "run": {"task": task, "eval_every": 250},
-            "dtrpo": {"beta": 0.1, "mode": "exact", "pair_prompts": 4000},
+            "dtrpo": {"beta": 0.1, "mode": "exact"},
         })
         out[f"dtrpo-llada-{task}"] = Preset(
             f"dtrpo-llada-{task}", f"dTRPO offline on LLaDA-8B-Instruct, {task} (GPU recipe; values ours)", overrides,
             method="dtrpo", notes=(
                 "decoding and LoRA as the STP paper's LLaDA setting (L 256 / block 32 / 128 steps: 8 blocks of "
                 "T_B = 16, T 0.9), no early stop",
-                "pairs: best vs worst of G = 8 samples for 4000 training prompts; 8 pairs per step, 2000 steps "
-                "(~4 epochs over the pairs that do not tie); DPO beta 0.1 and lr 5e-7 are common DPO values, not "
-                "the paper's (it states none)",
+                "pairs: best vs worst of G = 8 samples for every training prompt (16000 pair visits cover the "
+                "~7500 training prompts of GSM8K or MATH), 8 pairs per step, 2000 steps; DPO beta 0.1 and lr 5e-7 "
+                "are common DPO values, not the paper's (it states none)",
             ))
     return out
 

@@ -378,7 +378,7 @@ def _toy_task(monkeypatch):
     monkeypatch.setattr(stp.data_order, "task_for", toy_task_for(stp.data_order.task_for))
 
 
-@pytest.mark.parametrize("mode", ["exact", "packed"])
+@pytest.mark.parametrize("mode", [pytest.param("exact", marks=pytest.mark.slow), "packed"])
 def test_dtrpo_resumes_bit_for_bit(tmp_path, monkeypatch, _toy_task, mode):
     """Offline dTRPO through the shared loop: pairs built on first use, shuffled epochs over them; a run killed
     while writing checkpoint 2 and resumed equals the uninterrupted one (metrics and weights, bitwise)."""
