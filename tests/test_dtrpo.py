@@ -208,6 +208,32 @@ def test_backbone_4d_with_a_full_pattern_is_the_backbone(ref_model, seed):
     assert (a - b)[attn.bool()].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llada", "tiny"])
+def test_backbone_4d_runs_two_copies_on_repeated_position_ids(tmp_path, seed, family, attn):
+    """Two sequences in one row, each attending only to itself on the same position ids, give each sequence's own
+    hidden states: the 4-D pattern and the position ids reach the attention (LLaDA checkpoint and tiny model)."""
+    from stp.models import load
+    from tests._models_reference import LLADA_CONFIG, llada_weights, write_checkpoint
+
+    if family == "llada":
+        model = load(str(write_checkpoint(tmp_path / "llada", LLADA_CONFIG, llada_weights(LLADA_CONFIG, seed))),
+                     attn_implementation=attn)
+        vocab = LLADA_CONFIG["vocab_size"]
+    else:
+        model, vocab = build_tiny(seed=0, num_hidden_layers=2, attn_implementation=attn), 100
+    n = 7
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, vocab, (2, 1, n), generator=gen)
+    blk = torch.arange(2 * n) // n
+    allowed = (blk[:, None] == blk[None, :])[None]
+    pos = torch.arange(n).repeat(2)[None]
+    with torch.no_grad():
+        both = model.backbone_4d(torch.cat([a, b], 1), allowed, pos)
+        assert (both[:, :n] - model.backbone(a)).abs().max() < 1e-5
+        assert (both[:, n:] - model.backbone(b)).abs().max() < 1e-5
+
+
 def test_packed_refuses_what_it_cannot_represent(ref_model, seed):
     ids, mask, out, _ = _rollout(ref_model, seed, early_stop=0.25)
     kw = dict(seed=seed, iteration=0, block_length=4, steps=6)
