@@ -12,12 +12,15 @@ prompt 200 (micro) / 40 (tiny) tokens, completion 256 / 64 decoded by ``stp.samp
 backward of sum(logprobs * g) with a random g. The STP estimator runs without anchors (= the elbo estimator), score
 "all", K = 3. Peak memory: a fresh process per variant (VmHWM - VmRSS around the second step, as
 ``benchmarks/_memory.py``). The gap: max and mean |packed - exact| of the scored tokens' log-probs, and of the
-per-sample trajectory log-ratio Delta between the model and a copy with perturbed weights, over 4 drawn u.
+per-sample trajectory log-ratio Delta between the model and a copy with perturbed weights, over 4 drawn u; on the
+micro and tiny models with random weights (whose predictions barely depend on context, so the gap is small) and on
+the pretrained tiny model (Sudoku prompts, 4 blocks of 8), whose predictions do. ``--gap-only`` prints that table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -30,14 +33,36 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"micro": (4, 200, 256, 128), "tiny": (4, 40, 64, 32)}  # samples, prompt, completion, steps
+# The gap also on the pretrained tiny model (pretrained:sudoku, built into the cache on first use), whose
+# predictions depend on their context, with Sudoku prompts, completion 32 in 4 blocks of 8, 16 steps.
+GAP_MODELS = (*MODELS, "pretrained")
 VARIANTS = ("stp_k3", "exact", "packed")
 BLOCK = 32
+
+
+def _pretrained():
+    from stp.pretrain import load_model
+    from stp.sampler import generate
+    from stp.tasks.prompts import task_with_prompt
+
+    model = load_model("pretrained:sudoku")
+    task = task_with_prompt("sudoku", "compact")
+    texts = [task.format_prompt(ex, model.tokenizer) for ex in task.load("test", source="generated", n=4)]
+    seqs = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(x) for x in seqs)
+    prompt = torch.tensor([[model.pad_token_id] * (width - len(x)) + x for x in seqs])
+    pam = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+    out = generate(model, prompt, attention_mask=pam, gen_length=32, block_length=8, steps=16, temperature=0.9,
+                   seed=1)
+    return model, prompt, pam, out.completions, out.commit_step, 16, None
 
 
 def make(name: str, seed: int = 0):
     from stp.models.tiny import build_tiny
     from stp.sampler import generate
 
+    if name == "pretrained":
+        return _pretrained()
     b, p, c, steps = MODELS[name]
     if name == "micro":
         model = build_tiny(seed=seed, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -48,8 +73,11 @@ def make(name: str, seed: int = 0):
     prompt = torch.randint(10, 100, (b, p), generator=gen)
     pam = torch.ones(b, p, dtype=torch.long)
     pam[0, : p // 4] = 0
+    # Random weights would sometimes draw [MASK] itself, which the sampler leaves masked to compete again later
+    # (outside its block's window, which mode packed refuses): sample from every other token.
+    vocab = torch.tensor([t for t in range(model.vocab_size) if t != model.mask_token_id])
     out = generate(model, prompt, attention_mask=pam, gen_length=c, block_length=BLOCK, steps=steps,
-                   temperature=1.0, seed=1)
+                   temperature=1.0, seed=1, vocab=vocab)
     g = torch.randn(b, c, generator=gen)
     return model, prompt, pam, out.completions, out.commit_step, steps, g
 
@@ -115,13 +143,13 @@ def gap(name: str) -> dict[str, float]:
     from stp.trajectory_ratio import trajectory_delta, trajectory_logprobs
 
     model, prompt, pam, comp, commit, steps, _ = make(name)
-    other, *_ = make(name)
+    other = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(5)
     for p in other.parameters():
         p.add_(0.02 * torch.randn(p.shape, generator=gen) * p.abs().mean())
     tok, dlt, dmag = [], [], []
     for it in range(4):
-        kw = dict(seed=3, iteration=it, block_length=BLOCK, steps=steps)
+        kw = dict(seed=3, iteration=it, block_length=8 if name == "pretrained" else BLOCK, steps=steps)
         res = {}
         for mode in ("exact", "packed"):
             a = trajectory_logprobs(model, prompt, pam, comp, commit, mode=mode, **kw)
@@ -142,6 +170,8 @@ def main(argv: list[str] | None = None) -> str | None:
     ap.add_argument("--model", choices=list(MODELS), default="micro")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per variant after one warm-up [5]")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--gap-only", action="store_true", help="only the packed-vs-exact table")
+    ap.add_argument("--cost-only", action="store_true", help="only the cost table")
     a = ap.parse_args(argv)
     if a.variant is not None:
         print(json.dumps({"peak_mib": measure(a.variant, a.model)}))
@@ -150,28 +180,13 @@ def main(argv: list[str] | None = None) -> str | None:
 
     torch.set_num_threads(1)
     load_start = load_average()
-    b, p, c, steps = MODELS["micro"]
-    lines = [f"dTRPO estimator vs STP (K = 3), micro model, {b} samples x (prompt {p} + completion {c}), block "
-             f"{BLOCK}, {steps} steps; forward + backward; per sample", "",
-             "| estimator | sequences / sample | tokens / sample | ms / sample min / median / max | peak MiB / "
-             "sample |", "|---|---|---|---|---|"]
-    data = make("micro")
-    for variant in VARIANTS:
-        run = step(variant, *data)
-        run()
-        times = []
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3 / b)
-        peak = measure_in_subprocess(variant, "micro") / b
-        n_seq, n_tok = sequences(variant, p, c)
-        lines.append(f"| {variant} | {n_seq} | {n_tok} | {min(times):.0f} / {statistics.median(times):.0f} / "
-                     f"{max(times):.0f} | {peak:.0f} |")
-    lines += ["", "packed vs exact on the same drawn steps (4 draws of u)", "",
-              "| model | token max | token mean | Delta max | Delta mean | mean abs Delta (exact) |",
-              "|---|---|---|---|---|---|"]
-    for name in MODELS:
+    lines = [] if a.gap_only else cost_table(a.repeats)
+    if not a.cost_only:
+        lines += ["packed vs exact on the same drawn steps (4 draws of u); Delta = trajectory log-ratio of the model "
+                  "with 2 % weight noise against the model", "",
+                  "| model | token max | token mean | Delta max | Delta mean | mean abs Delta (exact) |",
+                  "|---|---|---|---|---|---|"]
+    for name in () if a.cost_only else GAP_MODELS:
         r = gap(name)
         lines.append(f"| {name} | {r['token max']:.3g} | {r['token mean']:.3g} | {r['Delta max']:.3g} | "
                      f"{r['Delta mean']:.3g} | {r['|Delta| mean (exact)']:.3g} |")
@@ -182,6 +197,28 @@ def main(argv: list[str] | None = None) -> str | None:
         with open(a.out, "w") as f:
             f.write(text)
     return text
+
+
+def cost_table(repeats: int) -> list[str]:
+    b, p, c, steps = MODELS["micro"]
+    lines = [f"dTRPO estimator vs STP (K = 3), micro model, {b} samples x (prompt {p} + completion {c}), block "
+             f"{BLOCK}, {steps} steps; forward + backward; per sample", "",
+             "| estimator | sequences / sample | tokens / sample | ms / sample min / median / max | peak MiB / "
+             "sample |", "|---|---|---|---|---|"]
+    data = make("micro")
+    for variant in VARIANTS:
+        run = step(variant, *data)
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3 / b)
+        peak = measure_in_subprocess(variant, "micro") / b
+        n_seq, n_tok = sequences(variant, p, c)
+        lines.append(f"| {variant} | {n_seq} | {n_tok} | {min(times):.0f} / {statistics.median(times):.0f} / "
+                     f"{max(times):.0f} | {peak:.0f} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
