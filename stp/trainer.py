@@ -1,8 +1,9 @@
 """The RL loop, shared by every method (``stp.methods``): rollout -> rewards -> advantages -> scoring -> mu updates ->
 metrics -> checkpoint. The method (``--method``; GRPO with the stp, elbo or d1 estimator so far) decides what the
 rollout starts from, what is scored once per rollout (old / reference log-probs) and the loss; this file knows no
-method by name. Shapes: P prompts per step (p on this process), G completions each, B = p * G samples here,
-Lp prompt length, L = rollout.gen_length.
+method by name; an offline method (``Method.supplies_batches``, e.g. dTRPO on preference pairs) supplies each batch
+itself instead of a rollout, and scoring and updates run on it unchanged. Shapes: P prompts per step (p on this
+process), G completions each, B = p * G samples here, Lp prompt length, L = rollout.gen_length.
 
 Each rollout is reused for mu = ``grpo.num_iterations`` optimizer steps. One optimizer step ("step" everywhere:
 metrics, checkpoints, ``grpo.max_steps``) is one inner iteration; rollout ``r = step // mu`` serves steps

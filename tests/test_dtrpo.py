@@ -468,3 +468,20 @@ def test_dtrpo_settings_are_checked():
     with pytest.raises(ConfigError, match=r"dtrpo.beta is a setting of method 'dtrpo' only"):
         parse_args(["--method", "stp", "--dtrpo.beta", "0.2"])
     assert "dtrpo" not in parse_args([]).to_dict()
+
+
+def test_pairs_command_line_writes_and_resumes(tmp_path, capsys):
+    from stp.pairs import main, read_pairs_file
+
+    out = tmp_path / "p.jsonl"
+    args = ["--model", "tiny", "--task", "sudoku", "--out", str(out), "--limit", "3", "--num-generations", "2",
+            "--gen-length", "8", "--block-length", "4", "--steps", "4", "--prompt-format", "compact",
+            "--source", "generated"]
+    assert main(args) == 0
+    records, _ = read_pairs_file(out)
+    assert len(records) == 3 and all(r["settings"]["steps"] == 4 for r in records)
+    assert "pairs," in capsys.readouterr().err
+    before = out.read_bytes()
+    assert main(args) == 0 and out.read_bytes() == before  # every prompt already there
+    with pytest.raises(SystemExit, match=r"field 'settings.steps' is 4, this run has 8"):
+        main([a if a != "4" or args[i - 1] != "--steps" else "8" for i, a in enumerate(args)])
