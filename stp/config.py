@@ -5,7 +5,7 @@ from the sections change together (a new field is one line here and appears ever
 must not import torch (so it imports no module that does; the methods' own settings come from ``stp.methods``,
 which is torch-free at import).
 
-Seven sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
+Eight sections, one dataclass each (every field carries ``metadata={"help": ...}``), gathered in :class:`TrainConfig`::
 
     model      ModelConfig      which model, dtype, LoRA (all attention and MLP projections), 4-bit base
     rollout    RolloutConfig    the sampler (``stp.sampler.generate``): gen_length, block_length, steps, tau, ...
@@ -14,6 +14,7 @@ Seven sections, one dataclass each (every field carries ``metadata={"help": ...}
     grpo       GRPOConfig       objective and optimiser (``stp.loss``), TRL's names: beta, epsilon, num_generations...
     run        RunConfig        task, data, output, seed, resume, logging, evaluation, device, mixed precision
     diffpo     DiffpoConfig     the diffpo method's own settings (surrogate, importance weights, EB threshold)
+    dtrpo      DTRPOConfig      dTRPO's trajectory ratios, DPO beta and offline pairs (``stp.trajectory_ratio``)
 
 Values are resolved in layers, each overriding the one before::
 
@@ -51,9 +52,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 __all__ = ["ConfigError", "ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig",
-           "DiffpoConfig", "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
-           "visible_fields", "resolve", "load_yaml", "build_parser",
-           "parse_args", "presets_table", "main"]
+           "DiffpoConfig", "DTRPOConfig", "TrainConfig", "Preset", "PRESETS", "DEFAULT_PRESET", "DEFAULT_METHOD",
+           "SECTIONS", "visible_fields", "resolve", "load_yaml", "build_parser", "parse_args", "presets_table", "main"]
 
 # The choices of the modules that consume these settings, repeated here so that reading a config never imports torch
 # (tests/test_config.py checks they equal stp.likelihood / stp.prior / stp.models.base).
@@ -63,6 +63,7 @@ MASK_SCHEMES = ("random_count", "block")
 STRATEGIES = ("answer_low_confidence", "low_confidence", "random", "answer_random")
 FREE_RULES = ("inside", "inclusive")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+TRAJECTORY_MODES = ("exact", "packed")
 REMASKING = ("low_confidence", "random")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
@@ -174,7 +175,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 
 
 class _Section:
-    """Shared behaviour of the six sections: type coercion, checks, (de)serialisation."""
+    """Shared behaviour of the sections: type coercion, checks, (de)serialisation."""
 
     section: ClassVar[str]
 
@@ -522,8 +523,38 @@ def _is_number(text: str) -> bool:
         return False
 
 
+class DTRPOConfig(_Section):
+    """dTRPO (``stp.trajectory_ratio``, docs/method.md 7): trajectory log-ratios from one drawn step per block, in a
+    DPO objective over offline pairs (method dtrpo) or inside the GRPO loss (method dtrpo-online)."""
+
+    section: ClassVar[str] = "dtrpo"
+
+    mode: str = _f("exact", "how the drawn states are evaluated: exact (one sequence per block state) or packed (one "
+                   "[prompt ; noisy ; clean] sequence with a block-diffusion mask: exact for block-causal models, an "
+                   "approximation for LLaDA)", choices=TRAJECTORY_MODES)
+    block_mean: bool = _f(False, "weight each block's drawn step by 1 (the block mean) instead of T_B (the unbiased "
+                          "trajectory sum)")
+    beta: float = _f(0.1, "DPO inverse temperature: loss = -log sigmoid(beta * (Delta_chosen - Delta_rejected))")
+    length_normalize: bool = _f(False, "divide each trajectory log-ratio by its number of decoded (non-anchor) "
+                                "tokens")
+    pairs_path: str | None = _f(None, "JSONL of `python -m stp.pairs`; built there first with the base model when "
+                                "prompts are missing; none = <run.output_dir>/pairs.jsonl; 'cache' = a file named "
+                                "by the pair settings in the stp cache ($STP_CACHE_DIR/pairs, like pretrained "
+                                "checkpoints)")
+    pair_prompts: int | None = _f(None, "build pairs for the first N distinct prompts of the run only (the pairs "
+                                  "are then revisited in shuffled epochs); none = every prompt the run would see")
+    build_batch_size: int = _f(4, "prompts per batch when building pairs (grpo.num_generations samples each)")
+
+    def __post_init__(self):
+        self._coerce_all()
+        self._need("beta", self.beta > 0, "a number > 0")
+        self._need("pair_prompts", self.pair_prompts is None or self.pair_prompts >= 1, "an integer >= 1, or none")
+        self._positive("build_batch_size")
+
+
 SECTIONS: dict[str, type[_Section]] = {c.section: c for c in (ModelConfig, RolloutConfig, PriorConfig, EstimatorConfig,
-                                                               GRPOConfig, RunConfig, DiffpoConfig)}
+                                                               GRPOConfig, RunConfig, DiffpoConfig,
+                                                               DTRPOConfig)}
 
 
 @dataclass
@@ -537,6 +568,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": GRPOConfig.__doc__})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": RunConfig.__doc__})
     diffpo: DiffpoConfig = field(default_factory=DiffpoConfig, metadata={"help": DiffpoConfig.__doc__})
+    dtrpo: DTRPOConfig = field(default_factory=DTRPOConfig, metadata={"help": DTRPOConfig.__doc__})
     preset: str = field(default=DEFAULT_PRESET, metadata={"help": "the preset the values were layered on"})
     method: str = field(default=DEFAULT_METHOD, metadata={"help": "the RL method (stp.methods)"})
 
@@ -606,6 +638,30 @@ class TrainConfig:
         if not self.prior.enabled:
             return None
         return self.prior.path or str(Path(self.run.output_dir or ".") / "priors.jsonl")
+
+    @property
+    def dtrpo_pairs_path(self) -> str:
+        """The dTRPO pairs file of this run: ``dtrpo.pairs_path``; none = <run.output_dir>/pairs.jsonl; 'cache' = a
+        file named by the pair settings under ``$STP_CACHE_DIR/pairs`` (else ``$XDG_CACHE_HOME/stp/pairs``, else
+        ``~/.cache/stp/pairs``), shared by every run with those settings."""
+        if self.dtrpo.pairs_path is None:
+            return str(Path(self.run.output_dir or ".") / "pairs.jsonl")
+        if self.dtrpo.pairs_path != "cache":
+            return self.dtrpo.pairs_path
+        import hashlib
+        import json
+        import os
+
+        r = self.rollout
+        key = json.dumps([self.model.name_or_path, self.run.task, self.run.prompt_format, self.run.data_source,
+                          self.run.data_path, self.run.train_examples, r.gen_length, r.block_length, r.steps,
+                          r.temperature, r.remasking, self.grpo.num_generations, self.run.seed])
+        if os.environ.get("STP_CACHE_DIR"):
+            root = Path(os.environ["STP_CACHE_DIR"]).expanduser()
+        else:
+            base = os.environ.get("XDG_CACHE_HOME")
+            root = (Path(base).expanduser() if base else Path.home() / ".cache") / "stp"
+        return str(root / "pairs" / f"{self.run.task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready) of the settings this method reads; ``TrainConfig.from_dict(
@@ -874,7 +930,43 @@ def _build_presets() -> dict[str, Preset]:
         presets[f"diffpo-llada-{task}"] = _diffpo_of(presets[f"llada-{task}"], f"diffpo-llada-{task}",
                                                      {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.1},
                                                      f"DiFFPO (joint) on LLaDA-8B-Instruct, {task} (GPU)")
+    presets.update(_dtrpo_presets())
     return presets
+
+
+def _dtrpo_presets() -> dict[str, Preset]:
+    """dTRPO offline (docs/method.md 7): the paper states no hyperparameters, so every value here is ours."""
+    tiny = Preset("dtrpo-tiny", "dTRPO offline on the tiny Sudoku model: pairs of 64 prompts x G 8 built on first "
+                  "use (cached), DPO beta 0.1, 60 steps of 4 pairs", {
+                      "rollout": {"early_stop": None},
+                      "grpo": {"num_iterations": 1, "prompts_per_step": 4, "num_generations": 8},
+                      "dtrpo": {"pairs_path": "cache", "pair_prompts": 64, "beta": 0.1},
+                  }, method="dtrpo", notes=(
+        "model, decoding (L 32 / block 32 / 16 steps: one block of T_B = 16), lr, LoRA and held-out set as 'tiny'",
+        "pairs: best vs worst of G = 8 samples (T 0.9) of the pretrained model for 64 training prompts, cached by "
+        "settings under $STP_CACHE_DIR/pairs (like the pretrained checkpoint), revisited in shuffled epochs",
+        "no early stop (the pairs are decoded without it); mu 1: one optimizer step per batch of pairs",
+    ))
+    out = {tiny.name: tiny}
+    for task in ("gsm8k", "math"):
+        base = {k: v for k, v in _PAPER.items() if k not in ("prior", "estimator")}
+        overrides = _merge(base, {
+            "rollout": {"early_stop": None},
+            "grpo": {"num_iterations": 1, "prompts_per_step": 8, "num_generations": 8, "learning_rate": 5e-7,
+                     "max_steps": 2000, "beta": 0.0},
+            "run": {"task": task, "eval_every": 250},
+            "dtrpo": {"beta": 0.1, "mode": "exact"},
+        })
+        out[f"dtrpo-llada-{task}"] = Preset(
+            f"dtrpo-llada-{task}", f"dTRPO offline on LLaDA-8B-Instruct, {task} (GPU recipe; values ours)", overrides,
+            method="dtrpo", notes=(
+                "decoding and LoRA as the STP paper's LLaDA setting (L 256 / block 32 / 128 steps: 8 blocks of "
+                "T_B = 16, T 0.9), no early stop",
+                "pairs: best vs worst of G = 8 samples for every training prompt (16000 pair visits cover the "
+                "~7500 training prompts of GSM8K or MATH), 8 pairs per step, 2000 steps; DPO beta 0.1 and lr 5e-7 "
+                "are common DPO values, not the paper's (it states none)",
+            ))
+    return out
 
 
 PRESETS: dict[str, Preset] = _build_presets()

@@ -1,8 +1,9 @@
 """The RL loop, shared by every method (``stp.methods``): rollout -> rewards -> advantages -> scoring -> mu updates ->
 metrics -> checkpoint. The method (``--method``: GRPO with the stp, elbo or d1 estimator, DiFFPO) decides what the
 rollout starts from, what is scored once per rollout (old / reference log-probs) and the loss; this file knows no
-method by name. Shapes: P prompts per step (p on this process), G completions each, B = p * G samples here,
-Lp prompt length, L = rollout.gen_length.
+method by name; an offline method (``Method.supplies_batches``, e.g. dTRPO on preference pairs) supplies each batch
+itself instead of a rollout, and scoring and updates run on it unchanged. Shapes: P prompts per step (p on this
+process), G completions each, B = p * G samples here, Lp prompt length, L = rollout.gen_length.
 
 Each rollout is reused for mu = ``grpo.num_iterations`` optimizer steps. One optimizer step ("step" everywhere:
 metrics, checkpoints, ``grpo.max_steps``) is one inner iteration; rollout ``r = step // mu`` serves steps
@@ -55,6 +56,25 @@ def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, acceler
 
 class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
+
+
+def _supplied_batch(method, lm, r: int, cfg: TrainConfig, accelerator, loss_module, ref_context) -> SavedRollout:
+    """Batch r of a method that supplies its own (``Method.supplies_batches``), scored like a rollout."""
+    t0 = time.time()
+    batch, extra = method.next_batch(r, rank=accelerator.process_index, world=accelerator.num_processes,
+                                     device=accelerator.device)
+    t_batch = time.time() - t0
+    t0 = time.time()
+    mask_seed = derive_seed(cfg.run.seed, "masks", r)
+    fsdp.unshard_all(accelerator, loss_module)
+    lm.train()
+    with accelerator.autocast():
+        scores = method.score(lm, batch, seed=mask_seed, num_iterations=cfg.grpo.num_iterations,
+                              ref_context=ref_context)  # {name: [mu, B, ...]}
+    fsdp.reshard_all(accelerator, loss_module)
+    rm = {"reward_mean": 0.0, "nfe": 0.0, **extra, "time_rollout": t_batch, "time_scoring": time.time() - t0,
+          "rollout_tokens_per_s": 0.0}
+    return SavedRollout(index=r, batch=batch, scores=scores, mask_seed=mask_seed, metrics=rm)
 
 
 def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, reward_weights=None,
@@ -155,6 +175,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
         while step < g.max_steps:
             r, it = divmod(step, mu)
 
+            if method.supplies_batches and (rollout is None or rollout.index != r):
+                # ================= an offline method's batch r instead of a rollout (method.next_batch)
+                rollout = _supplied_batch(method, lm, r, cfg, accelerator, loss_module, ref_context)
             if rollout is None or rollout.index != r:
                 # ================= rollout r: P prompts x G completions, split across processes by rank
                 t0 = time.time()

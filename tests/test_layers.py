@@ -117,6 +117,7 @@ def test_layers_import_only_downwards():
         "stp.sampler": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
         "stp.likelihood": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
         "stp.loss": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
+        "stp.trajectory_ratio": {m for m in graph if m.startswith(("stp.methods", "stp.config"))} | below_trainer,
         "stp.methods": below_trainer - {"stp.prior", "stp.anchors"},
         # the evaluation library sits under the command-line tools (stp.pretrain and the trainer call it)
         "stp.evaluation": {"stp.eval", "stp.pretrain", "stp.train", "stp.trainer"},

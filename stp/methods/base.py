@@ -22,6 +22,8 @@ docs/architecture.md for the smallest complete example):
   ``stp.checkpoint`` saves and restores their state in every checkpoint), ``optimizer_groups`` gives their AdamW
   parameter groups (own learning rate; the model's group comes first, so a method without any optimizes exactly as
   before), and ``save_artifacts`` writes them beside the adapter at the end of the run. All default to none.
+- ``supplies_batches`` / ``next_batch``: an offline method (e.g. ``dtrpo`` on preference pairs) supplies batch r
+  itself; the trainer then skips sampling and rewards for it and goes on with ``score`` and ``loss`` as usual.
 
 Importing a method module must not import torch (the configuration reads ``settings`` without it): heavy imports go
 inside the methods.
@@ -68,6 +70,7 @@ class Method:
     #: each micro-batch by its share of the step's tokens on all processes. False: a plain mean of micro-batch losses
     #: (a loss that is a mean over samples or pairs).
     token_level_loss: bool = True
+    supplies_batches: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -111,6 +114,12 @@ class Method:
     def save_artifacts(self, directory: Path) -> None:
         """Write the method's trained modules into ``directory`` (the run directory, beside ``adapter/``) at the
         end of a finished run, on the main process."""
+    def next_batch(self, index: int, *, rank: int, world: int, device) -> tuple[RolloutBatch, dict[str, float]]:
+        """Methods with ``supplies_batches = True``: this process's share of batch ``index`` (what rollout ``index``
+        would be: reused for ``grpo.num_iterations`` steps, saved in mid-rollout checkpoints) and its metrics
+        (floats, logged with every step of the batch). Must be a pure function of ``index`` and the configuration,
+        so that a resumed run gets the same batches."""
+        raise NotImplementedError(f"method {self.name!r} sets supplies_batches but defines no next_batch")
 
     def summary(self) -> dict[str, Any]:
         """Extra fields for summary.json (e.g. the estimator)."""

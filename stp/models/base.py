@@ -162,6 +162,31 @@ class DiffusionLM(nn.Module):
             hidden = shifted
         return hidden
 
+    def backbone_4d(self, input_ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor, *,
+                    mode: str = "packed") -> torch.Tensor:
+        """Final-normed hidden states [B, S, H] under an arbitrary attention pattern: ``allowed`` [B, S, S] bool
+        (query, key; True = may attend) and explicit ``position_ids`` [B, S] (RoPE angles; copies of a sequence may
+        repeat them). Used by packed multi-state sequences (``stp.trajectory_ratio`` mode ``packed``). Every query
+        row must allow at least one key. Models with shifted logits (Dream) are refused: the shift would mix
+        positions of different copies. ``mode`` only names the caller's mode in that error."""
+        if self.shift_logits:
+            raise ValueError(f"mode {mode!r} needs a model whose logits are not shifted; model {self.name!r} "
+                             f"(family {self.family!r}) predicts position i from position i - 1: use mode 'exact'")
+        batch, seq = input_ids.shape
+        if allowed.shape != (batch, seq, seq) or allowed.dtype != torch.bool:
+            raise ValueError(f"mode {mode!r}: allowed must be a bool [B, S, S] = [{batch}, {seq}, {seq}] mask, got "
+                             f"{tuple(allowed.shape)} {allowed.dtype}")
+        if position_ids.shape != (batch, seq):
+            raise ValueError(f"mode {mode!r}: position_ids must be [B, S] = [{batch}, {seq}], got "
+                             f"{tuple(position_ids.shape)}")
+        mask = allowed[:, None]  # [B, 1, S, S]: broadcast over heads
+        if self.model.config._attn_implementation == "eager":
+            dtype = self._decoder().get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask,
+                                                                                          torch.finfo(dtype).min)
+        out = self._decoder()(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] -> [B, L, V] logits in the model dtype. Materialises the full vocabulary: prefer `backbone` plus a
         masked-row log-prob op in training."""
