@@ -523,6 +523,7 @@ def _is_number(text: str) -> bool:
         return False
 
 
+@dataclass
 class DTRPOConfig(_Section):
     """dTRPO (``stp.trajectory_ratio``, docs/method.md 7): trajectory log-ratios from one drawn step per block, in a
     DPO objective over offline pairs (method dtrpo) or inside the GRPO loss (method dtrpo-online)."""
