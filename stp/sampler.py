@@ -215,7 +215,7 @@ class _StepForward:
         if window is not None:  # [B, stop - start, H]; the block's rows come first
             h = self.model.backbone(x, self.attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
             return h.reshape(batch * canvas_pos.numel(), -1)
-        h = self.model.backbone(x, self.attn, kv_cache=kv)  # [B, P + L, H]
+        h = self.model.backbone(x, self.attn) if kv is None else self.model.backbone(x, self.attn, kv_cache=kv)
         return h[:, self.plen + canvas_pos].reshape(batch * canvas_pos.numel(), -1)
 
     def hidden(self, step: int, canvas_pos: torch.Tensor) -> torch.Tensor:
