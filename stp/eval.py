@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Dream algorithms: nucleus filter in (0, 1] before --top-k [off]")
     p.add_argument("--dream-eps", type=float, default=None, metavar="EPS",
                    help="Dream algorithms: final timestep of the schedule linspace(1, EPS, steps + 1) [0.001]")
+    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"),
+                   help="block KV cache of the sampler (Fast-dLLM's approximation, faster; results differ from "
+                        "none): prefix (prompt and finished blocks cached) or dual (the masked suffix too) [none]")
     p.add_argument("--split", default="test", help="split to evaluate [test]")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="local .jsonl/.json/.csv/.parquet file (the whole file is the split)")
@@ -249,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             identity["adapter"] = _adapter_identity(args.adapter)
         settings = eval_settings(task, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                  temperature=args.temperature, max_prompt_length=args.max_prompt_length,
-                                 seed=args.seed, identity=identity, dream=args.dream)
+                                 seed=args.seed, identity=identity, dream=args.dream, cache=args.cache)
         output = Path(args.output)
         if args.overwrite:
             for path in (output, summary_path(output)):
@@ -271,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(model, task, examples, gen_length=args.gen_length, block_length=args.block_length,
                           steps=args.steps, batch_size=args.batch_size, output=output, temperature=args.temperature,
                           max_prompt_length=args.max_prompt_length, seed=args.seed, identity=identity,
-                          progress=not args.no_progress, dream=args.dream)
+                          progress=not args.no_progress, dream=args.dream, cache=args.cache)
     except EvalError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     n, acc = result["n"], result["accuracy"]

@@ -113,7 +113,8 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int, temperature: float,
                   max_prompt_length: int, seed: int, remasking: str = "low_confidence",
-                  identity: Mapping[str, Any] | None = None, dream: DreamDecoding | None = None) -> dict[str, Any]:
+                  identity: Mapping[str, Any] | None = None, dream: DreamDecoding | None = None,
+                  cache: str = "none") -> dict[str, Any]:
     """Everything that determines the results of a run (written into every row and hashed for resume).
 
     ``identity`` adds who/what is evaluated (model, dtype, split, data, source, data_seed...); the decoding fields
@@ -124,6 +125,8 @@ def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int,
                max_prompt_length=int(max_prompt_length), seed=int(seed))
     if dream is not None:  # absent for LLaDA's decoding: results files made before the option keep their hash
         out["dream"] = dataclasses.asdict(dream)
+    if cache != "none":  # absent without a KV cache: results files made before the option keep their hash
+        out["cache"] = cache
     return out
 
 
@@ -279,6 +282,7 @@ def evaluate(
     progress: bool = True,
     backend: str | None = None,
     dream: DreamDecoding | None = None,
+    cache: str = "none",
 ) -> dict[str, Any]:
     """Generate and score completions for ``examples``; resumable when ``output`` is given.
 
@@ -297,6 +301,8 @@ def evaluate(
         progress: show a tqdm bar. backend: ``stp_kernels`` backend for the sampler.
         dream: decode as Dream's ``diffusion_generate`` (``stp.decoding.DreamDecoding``) instead of LLaDA's
             low-confidence remasking; part of the settings.
+        cache: the sampler's block KV cache ("none", "prefix", "dual": ``stp.sampler.generate``); part of the
+            settings (an approximation: results differ from "none").
 
     Returns:
         dict with ``accuracy`` (mean metric), ``n``, ``n_generated``, ``n_resumed``, ``n_prompt_truncated``,
@@ -321,9 +327,11 @@ def evaluate(
     else:
         ident = {}
     ident.update(identity or {})
+    if cache not in sampler.CACHE_MODES:
+        raise EvalError(f"cache={cache!r}; allowed: {', '.join(map(repr, sampler.CACHE_MODES))}")
     settings = eval_settings(task, gen_length=gen_length, block_length=block_length, steps=steps,
                              temperature=temperature, max_prompt_length=max_prompt_length, seed=seed,
-                             remasking=remasking, identity=ident, dream=dream)
+                             remasking=remasking, identity=ident, dream=dream, cache=cache)
     shash = settings_hash(settings)
     examples = list(examples)
     output = Path(output) if output is not None else None
@@ -350,7 +358,8 @@ def evaluate(
                                         gen_length=gen_length, block_length=block_length, steps=steps,
                                         batch_size=batch_size, temperature=temperature,
                                         max_prompt_length=max_prompt_length, seed=seed, remasking=remasking,
-                                        progress=progress, n_resumed=n_resumed, backend=backend, dream=dream)
+                                        progress=progress, n_resumed=n_resumed, backend=backend, dream=dream,
+                                        cache=cache)
     else:
         n_generated = 0
 
@@ -400,7 +409,7 @@ def _encode(tokenizer, task: Task, example: Mapping[str, Any], max_prompt_length
 
 def _generate_pending(model, task, examples, pending, records, settings, shash, output, *, gen_length, block_length,
                       steps, batch_size, temperature, max_prompt_length, seed, remasking, progress, n_resumed,
-                      backend, dream=None) -> int:
+                      backend, dream=None, cache="none") -> int:
     from tqdm.auto import tqdm
 
     tokenizer = model.tokenizer
@@ -433,7 +442,7 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
             out = sampler.generate(model, ids.to(device), attention_mask=mask.to(device), gen_length=gen_length,
                                    block_length=block_length, steps=steps, temperature=temperature,
                                    remasking=remasking, seed=seed, sample_ids=torch.tensor(batch, device=device),
-                                   backend=backend, dream=dream)
+                                   backend=backend, dream=dream, cache=cache)
             completions = out.completions.tolist()
             nfe = out.nfe.tolist()
             lines = []

@@ -292,3 +292,34 @@ def test_bad_cache_arguments():
     ref = generate(model, prompts, gen_length=8, block_length=8, steps=4, seed=1)
     assert torch.equal(generate(NoCache(), prompts, gen_length=8, block_length=8, steps=4, seed=1).completions,
                        ref.completions)
+
+
+# ------------------------------------------------------------------------------------- config and command lines
+
+
+def test_rollout_cache_setting():
+    from stp import config as C
+    from stp import sampler
+
+    assert C.CACHE_MODES == sampler.CACHE_MODES
+    assert C.RolloutConfig(cache="dual").cache == "dual"
+    with pytest.raises(C.ConfigError, match="rollout.cache='full' is not allowed; allowed: one of 'none', 'prefix'"):
+        C.RolloutConfig(cache="full")
+    for name, preset in C.PRESETS.items():
+        cache = C.resolve(preset=name).rollout.cache
+        assert cache in C.CACHE_MODES
+        if preset.method == "d1":
+            assert cache == "none", f"{name}: d1's rollouts have no KV cache"
+    assert C.resolve(preset="tiny", overrides={"rollout.cache": "prefix"}).rollout.cache == "prefix"
+
+
+def test_eval_settings_name_the_cache():
+    from stp.evaluation import EvalError, eval_settings, evaluate
+    from stp.tasks import get_task
+
+    task = get_task("sudoku")
+    base = dict(gen_length=32, block_length=32, steps=16, temperature=0.0, max_prompt_length=0, seed=0)
+    assert "cache" not in eval_settings(task, **base)  # older results files keep their hash
+    assert eval_settings(task, **base, cache="dual")["cache"] == "dual"
+    with pytest.raises(EvalError, match="cache='full'; allowed: 'none', 'prefix', 'dual'"):
+        evaluate(None, task, [], gen_length=32, block_length=32, steps=16, cache="full")
