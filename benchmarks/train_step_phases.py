@@ -87,15 +87,15 @@ def _shape_table(shape: str, model: str, workdir: str, args) -> tuple[list[str],
     common = dict(SHAPES[shape])
     if shape == "paper":
         common.update({"grpo.num_generations": args.paper_g, "grpo.prompts_per_step": args.paper_prompts})
-    common.update({"prior.build_steps": 8, "prior.build_block_length": common.get("rollout.gen_length", 32)})
+    priors = {"prior.build_steps": 8, "prior.build_block_length": common.get("rollout.gen_length", 32)}  # STP only
     from stp.config import resolve
 
     stp_mu, d1_mu = resolve(preset="tiny").grpo.num_iterations, resolve(preset="d1-tiny").grpo.num_iterations
     mu = args.mu or stp_mu
     variants = {
-        "stp": ("tiny", {"rollout.cache": args.stp_cache, "grpo.num_iterations": mu}),
+        "stp": ("tiny", {"rollout.cache": args.stp_cache, "grpo.num_iterations": mu, **priors}),
         "d1": ("d1-tiny", {"grpo.num_iterations": mu}),
-        "stp (own mu)": ("tiny", {"rollout.cache": args.stp_cache, "grpo.num_iterations": stp_mu}),
+        "stp (own mu)": ("tiny", {"rollout.cache": args.stp_cache, "grpo.num_iterations": stp_mu, **priors}),
         "d1 (own mu)": ("d1-tiny", {"grpo.num_iterations": d1_mu}),
     }
     results = {}

@@ -323,3 +323,14 @@ def test_eval_settings_name_the_cache():
     assert eval_settings(task, **base, cache="dual")["cache"] == "dual"
     with pytest.raises(EvalError, match="cache='full'; allowed: 'none', 'prefix', 'dual'"):
         evaluate(None, task, [], gen_length=32, block_length=32, steps=16, cache="full")
+
+
+def test_step_benchmark_divides_the_rollout_over_its_optimizer_steps():
+    from benchmarks.train_step_phases import _per_step
+
+    rows = [{"rollout": r, "iteration": i, "time_rollout": 10.0 * (r + 1), "time_scoring": 2.0,
+             "time_update": 1.0 + i, "nfe": 16.0} for r in range(3) for i in range(2)]
+    out = _per_step(rows)  # rollout 0 is warm-up; mu = 2
+    assert out["mu"] == 2
+    assert out["rollout"] == [10.0, 15.0] and out["scoring"] == [1.0, 1.0] and out["update"] == [1.5, 1.5]
+    assert out["total"] == [12.5, 17.5]
