@@ -334,3 +334,39 @@ def test_step_benchmark_divides_the_rollout_over_its_optimizer_steps():
     assert out["mu"] == 2
     assert out["rollout"] == [10.0, 15.0] and out["scoring"] == [1.0, 1.0] and out["update"] == [1.5, 1.5]
     assert out["total"] == [12.5, 17.5]
+
+
+def test_trainer_rolls_out_with_the_configured_cache(tmp_path, monkeypatch):
+    """``rollout.cache`` reaches every training rollout (and a run with it trains); the held-out evaluation keeps
+    decoding without a cache."""
+    import stp.data_order
+    import stp.sampler
+    import stp.trainer
+    from stp.config import parse_args
+    from tests._trainer_entry import toy_task_for
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(stp.data_order, "task_for", toy_task_for(stp.data_order.task_for))
+    seen, real = [], stp.sampler.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache", "none"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stp.sampler, "generate", spy)
+    out = tmp_path / "run"
+    cfg = parse_args(["--model.name_or_path", "tiny", "--rollout.gen_length", "16", "--rollout.block_length", "8",
+                      "--rollout.steps", "8", "--rollout.cache", "dual", "--grpo.prompts_per_step", "2",
+                      "--grpo.num_generations", "2", "--grpo.num_iterations", "2", "--grpo.max_steps", "4",
+                      "--run.train_examples", "16", "--run.eval_examples", "2", "--run.tensorboard", "false",
+                      "--run.output_dir", str(out)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stp.trainer.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    rows = stp.trainer.read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert seen.count("dual") == 2, f"rollouts: 2 expected with cache='dual', generate saw {seen}"
+    assert set(seen) == {"dual", "none"}, f"the held-out evaluation should decode without a cache: {seen}"
