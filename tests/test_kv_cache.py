@@ -370,3 +370,13 @@ def test_trainer_rolls_out_with_the_configured_cache(tmp_path, monkeypatch):
     assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert seen.count("dual") == 2, f"rollouts: 2 expected with cache='dual', generate saw {seen}"
     assert set(seen) == {"dual", "none"}, f"the held-out evaluation should decode without a cache: {seen}"
+
+
+def test_eval_command_line_takes_the_cache():
+    from stp.eval import build_parser
+
+    args = build_parser().parse_args(["--model", "tiny", "--task", "sudoku", "--cache", "prefix"])
+    assert args.cache == "prefix"
+    assert build_parser().parse_args(["--model", "tiny", "--task", "sudoku"]).cache == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "tiny", "--task", "sudoku", "--cache", "full"])
