@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controller", default=None, metavar="DIR",
                    help="--sampler eb with each prompt's gamma from a learned threshold controller (the "
                         "'controller' directory of a diffpo run; greedy: the median of its distribution)")
+    p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"),
+                   help="block KV cache of the sampler (Fast-dLLM's approximation, faster; results differ from "
+                        "none): prefix (prompt and finished blocks cached) or dual (the masked suffix too) [none]")
     p.add_argument("--split", default="test", help="split to evaluate [test]")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="local .jsonl/.json/.csv/.parquet file (the whole file is the split)")
@@ -285,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             identity["adapter"] = _adapter_identity(args.adapter)
         settings = eval_settings(task, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                                  temperature=args.temperature, max_prompt_length=args.max_prompt_length,
-                                 seed=args.seed, identity=identity, dream=args.dream)
+                                 seed=args.seed, identity=identity, dream=args.dream, cache=args.cache)
         add_threshold_settings(settings, args.gamma, args.controller_module)
         output = Path(args.output)
         if args.overwrite:
@@ -309,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           steps=args.steps, batch_size=args.batch_size, output=output, temperature=args.temperature,
                           max_prompt_length=args.max_prompt_length, seed=args.seed, identity=identity,
                           progress=not args.no_progress, dream=args.dream, entropy_bound=args.gamma,
-                          controller=args.controller_module)
+                          controller=args.controller_module, cache=args.cache)
     except EvalError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     n, acc = result["n"], result["accuracy"]

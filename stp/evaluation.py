@@ -114,7 +114,8 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int, temperature: float,
                   max_prompt_length: int, seed: int, remasking: str = "low_confidence",
-                  identity: Mapping[str, Any] | None = None, dream: DreamDecoding | None = None) -> dict[str, Any]:
+                  identity: Mapping[str, Any] | None = None, dream: DreamDecoding | None = None,
+                  cache: str = "none") -> dict[str, Any]:
     """Everything that determines the results of a run (written into every row and hashed for resume).
 
     ``identity`` adds who/what is evaluated (model, dtype, split, data, source, data_seed...); the decoding fields
@@ -125,6 +126,8 @@ def eval_settings(task: Task, *, gen_length: int, block_length: int, steps: int,
                max_prompt_length=int(max_prompt_length), seed=int(seed))
     if dream is not None:  # absent for LLaDA's decoding: results files made before the option keep their hash
         out["dream"] = dataclasses.asdict(dream)
+    if cache != "none":  # absent without a KV cache: results files made before the option keep their hash
+        out["cache"] = cache
     return out
 
 
@@ -292,6 +295,7 @@ def evaluate(
     dream: DreamDecoding | None = None,
     entropy_bound: float | None = None,
     controller=None,
+    cache: str = "none",
 ) -> dict[str, Any]:
     """Generate and score completions for ``examples``; resumable when ``output`` is given.
 
@@ -314,6 +318,8 @@ def evaluate(
             part of the settings. controller: a ``stp.controller.ThresholdController``: the EB sampler with each
             prompt's greedy gamma (the median of its distribution); its weights' hash is part of the settings.
             Rows record the gamma they were decoded with.
+        cache: the sampler's block KV cache ("none", "prefix", "dual": ``stp.sampler.generate``); part of the
+            settings (an approximation: results differ from "none").
 
     Returns:
         dict with ``accuracy`` (mean metric), ``n``, ``n_generated``, ``n_resumed``, ``n_prompt_truncated``,
@@ -342,9 +348,11 @@ def evaluate(
     else:
         ident = {}
     ident.update(identity or {})
+    if cache not in sampler.CACHE_MODES:
+        raise EvalError(f"cache={cache!r}; allowed: {', '.join(map(repr, sampler.CACHE_MODES))}")
     settings = eval_settings(task, gen_length=gen_length, block_length=block_length, steps=steps,
                              temperature=temperature, max_prompt_length=max_prompt_length, seed=seed,
-                             remasking=remasking, identity=ident, dream=dream)
+                             remasking=remasking, identity=ident, dream=dream, cache=cache)
     add_threshold_settings(settings, entropy_bound, controller)
     shash = settings_hash(settings)
     examples = list(examples)
@@ -373,7 +381,7 @@ def evaluate(
                                         batch_size=batch_size, temperature=temperature,
                                         max_prompt_length=max_prompt_length, seed=seed, remasking=remasking,
                                         progress=progress, n_resumed=n_resumed, backend=backend, dream=dream,
-                                        entropy_bound=entropy_bound, controller=controller)
+                                        entropy_bound=entropy_bound, controller=controller, cache=cache)
     else:
         n_generated = 0
 
@@ -424,7 +432,7 @@ def _encode(tokenizer, task: Task, example: Mapping[str, Any], max_prompt_length
 
 def _generate_pending(model, task, examples, pending, records, settings, shash, output, *, gen_length, block_length,
                       steps, batch_size, temperature, max_prompt_length, seed, remasking, progress, n_resumed,
-                      backend, dream=None, entropy_bound=None, controller=None) -> int:
+                      backend, dream=None, entropy_bound=None, controller=None, cache="none") -> int:
     from tqdm.auto import tqdm
 
     tokenizer = model.tokenizer
@@ -463,7 +471,7 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
             out = sampler.generate(model, ids.to(device), attention_mask=mask.to(device), gen_length=gen_length,
                                    block_length=block_length, steps=steps, temperature=temperature,
                                    remasking=remasking, seed=seed, sample_ids=torch.tensor(batch, device=device),
-                                   backend=backend, dream=dream, entropy_bound=gamma)
+                                   backend=backend, dream=dream, entropy_bound=gamma, cache=cache)
             completions = out.completions.tolist()
             nfe = out.nfe.tolist()
             gammas = (None if gamma is None else gamma.tolist() if isinstance(gamma, torch.Tensor)

@@ -32,6 +32,11 @@ committed token is log softmax(z / T)[x0] over the vocabulary prior (the distrib
 from); at T = 0 the draw is the deterministic argmax and its log-prob is defined as 0 (probability 1, the T -> 0
 limit when the maximum is unique); anchors get 0. Both are gathered on device, without host synchronisation.
 
+With ``cache="prefix"`` or ``"dual"`` (block KV caching, ``_StepForward``) only a block's first step runs the whole
+sequence; its other steps run the block (and, for ``prefix``, the suffix) against keys/values kept from that first
+step, an approximation for a bidirectional model (exact for one layer or one step per block). Schedule, NFE and the
+trajectory record keep their meaning.
+
 Because the transfer counts depend only on the masked counts at block starts (known from the anchors), the whole
 schedule -- including the step at which each sample reaches its budget -- is fixed before the first forward pass:
 the step loop needs no host synchronisation. Only the optional confidence-threshold mode and Dream's decoding
@@ -61,7 +66,7 @@ from stp_kernels import _validate, sample_step
 from stp_kernels.reference import counter_uniform, row_keys
 
 __all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "behaviour_logprob", "entropy_bounded_commit",
-           "ANCHOR"]
+           "ANCHOR", "CACHE_MODES"]
 
 ANCHOR = -1  # trace value of anchor positions (never decoded)
 _FILL_STEP = 0x7FFFFFFF  # noise counter of the one-shot fill, distinct from every regular step
@@ -226,6 +231,85 @@ def entropy_bounded_commit(entropy: torch.Tensor, candidates: torch.Tensor, gamm
     positions = torch.arange(h.shape[1], device=h.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)
     return (rank < count[:, None]) & candidates
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+class _StepForward:
+    """How each step's final hidden states are computed: the cache mode and classifier-free guidance.
+
+    ``none``: every step runs the whole sequence. ``prefix`` / ``dual`` (block KV caching, ``stp.models.kv_cache``):
+    the first step the sampler runs in a block is a full forward that also fills the cache (its candidates are every
+    canvas position up to the block's end, as without a cache); each later step of the block runs only the block and
+    everything after it (``prefix``: the prompt and the finished blocks come from the cache) or only the block
+    (``dual``: the masked suffix, anchors included, comes from the cache too), and its candidates are the block's
+    positions alone. A position of an earlier block left masked (x0 was [MASK] itself: only an untrained model) is
+    therefore a candidate again only at the next block's first step. Each step is one forward pass whatever its
+    length: NFE counts are those of ``none``. Nothing here reads a device value (no host synchronisation).
+    """
+
+    def __init__(self, model, x: torch.Tensor, attn: torch.Tensor | None, uncond: torch.Tensor | None, *, plen: int,
+                 block_length: int, steps_per_block: int, cache: str, cfg_scale: float) -> None:
+        fn = "stp.sampler.generate"
+        if cache not in CACHE_MODES:
+            raise ValueError(f"{fn}: cache={cache!r}; allowed: {', '.join(map(repr, CACHE_MODES))}")
+        if cache != "none" and not callable(getattr(model, "new_kv_cache", None)):
+            raise ValueError(f"{fn}: cache={cache!r} needs a model with a block KV cache (stp.models.DiffusionLM's "
+                             f"new_kv_cache / backbone(kv_cache=, window=)); {type(model).__name__} has none: use "
+                             f"cache='none'")
+        self.model, self.x, self.attn, self.uncond = model, x, attn, uncond
+        self.plen, self.block_length, self.steps_per_block = plen, block_length, steps_per_block
+        self.cache, self.cfg_scale = cache, cfg_scale
+        self.canvas_idx = torch.arange(x.shape[1] - plen, device=x.device)
+        self.kv = self.kv_uncond = None
+        if cache != "none":
+            self.kv = model.new_kv_cache()
+            self.kv_uncond = model.new_kv_cache() if cfg_scale > 0 else None
+        self.filled_block = -1  # the block whose first step filled the cache
+
+    def _cached(self, block: int) -> bool:
+        return self.cache != "none" and block == self.filled_block
+
+    def positions(self, step: int) -> torch.Tensor:
+        """Canvas positions whose tokens the step computes (its commit candidates)."""
+        block = step // self.steps_per_block
+        end = (block + 1) * self.block_length
+        return self.canvas_idx[block * self.block_length:end] if self._cached(block) else self.canvas_idx[:end]
+
+    def _run(self, x: torch.Tensor, kv, canvas_pos: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+        batch = x.shape[0]
+        if window is not None:  # [B, stop - start, H]; the block's rows come first
+            h = self.model.backbone(x, self.attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
+            return h.reshape(batch * canvas_pos.numel(), -1)
+        h = self.model.backbone(x, self.attn) if kv is None else self.model.backbone(x, self.attn, kv_cache=kv)
+        return h[:, self.plen + canvas_pos].reshape(batch * canvas_pos.numel(), -1)
+
+    def hidden(self, step: int, canvas_pos: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B * len(canvas_pos), H] of ``positions(step)`` on the current canvas (guidance
+        folded in), running the pass the cache mode calls for."""
+        block = step // self.steps_per_block
+        window = None
+        if self._cached(block):
+            start = self.plen + block * self.block_length
+            stop = self.x.shape[1] if self.cache == "prefix" else start + self.block_length
+            window = (start, stop)
+        elif self.cache != "none":
+            self.filled_block = block  # this full forward fills the cache for the block's later steps
+        h = self._run(self.x, self.kv, canvas_pos, window)
+        if self.cfg_scale > 0:
+            # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
+            un_x = torch.where(self.uncond, self.model.mask_token_id, self.x)
+            un_h = self._run(un_x, self.kv_uncond, canvas_pos, window)
+            h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
+        return h
+
+    def full(self) -> torch.Tensor:
+        """Hidden states of every canvas position from a full forward (the one-shot fill), the cache untouched."""
+        h = self._run(self.x, None, self.canvas_idx, None)
+        if self.cfg_scale > 0:
+            un_x = torch.where(self.uncond, self.model.mask_token_id, self.x)
+            un_h = self._run(un_x, None, self.canvas_idx, None)
+            h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
+        return h
 
 
 @torch.no_grad()
@@ -250,6 +334,7 @@ def generate(
     backend: str | None = None,
     dream: decoding.DreamDecoding | None = None,
     entropy_bound: float | torch.Tensor | None = None,
+    cache: str = "none",
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -274,12 +359,23 @@ def generate(
         entropy_bound: gamma of the entropy-bounded sampler (module docstring): a float >= 0 or a [B] tensor of
             them; None = off (LLaDA's schedule). ``steps`` is then unused; not combinable with ``dream``,
             ``confidence_threshold`` or ``remasking="random"``.
+        cache: block KV caching (Fast-dLLM's approximation; ``_StepForward`` gives the passes): "none" (every step
+            runs the whole sequence), "prefix" (keys/values of the prompt and finished blocks computed at the block's
+            first step and reused for its other steps, which run the block and the suffix) or "dual" (the masked
+            suffix cached too: the other steps run the block alone). Works with every option above except
+            ``entropy_bound``; the cached keys/values are exact only for a one-layer model or one step per block,
+            elsewhere close (measured in benchmarks/RESULTS.md).
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, remasking, prior, early_stop, cfg_scale,
                                               confidence_threshold, dream)
     gamma = _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream)
     eb = gamma is not None
+    if eb and cache != "none":
+        # EB moves each sample through the blocks at its own pace, so no single block window suits the batch.
+        raise ValueError(f"stp.sampler.generate: entropy_bound cannot be combined with cache={cache!r} (samples reach "
+                         f"different blocks at different steps, a block KV cache assumes one block per step); "
+                         f"allowed with entropy_bound: cache='none'")
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
     total = plen + gen_length
@@ -331,18 +427,10 @@ def generate(
     one_shot = torch.zeros(batch, gen_length, dtype=torch.bool, device=device)
     filled = anchors_kept.clone()
     canvas_idx = torch.arange(gen_length, device=device)
-    batch_idx = torch.arange(batch, device=device)
 
-    def window_hidden(positions: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B * len(positions), H] at absolute ``positions`` (with CFG folded in)."""
-        rows = (batch_idx[:, None] * total + positions[None, :]).reshape(-1)
-        h = model.backbone(x, attn).reshape(batch * total, -1).index_select(0, rows)
-        if cfg_scale > 0:
-            # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
-            un_x = torch.where(torch.cat([prompt_real, torch.zeros_like(anchor)], 1), mask_id, x)
-            un_h = model.backbone(un_x, attn).reshape(batch * total, -1).index_select(0, rows)
-            h = un_h + (cfg_scale + 1.0) * (h - un_h)
-        return h
+    uncond = torch.cat([prompt_real, torch.zeros_like(anchor)], 1) if cfg_scale > 0 else None  # masked by CFG
+    forward = _StepForward(model, x, attn, uncond, plen=plen, block_length=block_length,
+                           steps_per_block=steps_per_block, cache=cache, cfg_scale=cfg_scale)
 
     logprobs = torch.zeros(batch, gen_length, dtype=torch.float32, device=device) if record_logprobs else None
 
@@ -372,7 +460,7 @@ def generate(
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
-        canvas_pos = canvas_idx[: (step // steps_per_block + 1) * block_length]
+        canvas_pos = forward.positions(step)  # with a filled KV cache: the block's positions only
         if eb:  # each sample's current block = its first block with a masked position; the one sync of the step
             masked_now = x[:, plen:] == mask_id  # [B, L]
             live = (filled < budget) & masked_now.any(1)
@@ -389,7 +477,7 @@ def generate(
             live = filled < budget
             if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
                 continue
-        x0, conf, lp = sample(window_hidden(plen + canvas_pos), canvas_pos, step)
+        x0, conf, lp = sample(forward.hidden(step, canvas_pos), canvas_pos, step)
         still = x[:, plen + canvas_pos] == mask_id  # [B, block]
         conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
         if confidence_threshold is not None:
@@ -404,7 +492,7 @@ def generate(
         else:
             # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
             order = conf.argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(1, order, canvas_pos.expand(batch, -1))
+            rank = torch.empty_like(order).scatter_(1, order, canvas_idx[:canvas_pos.numel()].expand(batch, -1))
             commit = (rank < kk[:, None]) & still
         x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
@@ -416,7 +504,7 @@ def generate(
 
     remaining = x[:, plen:] == mask_id
     if (early_stop is not None or confidence_threshold is not None or eb) and bool(remaining.any()):  # one sync
-        x0, _, lp = sample(window_hidden(plen + canvas_idx), canvas_idx, _FILL_STEP)
+        x0, _, lp = sample(forward.full(), canvas_idx, _FILL_STEP)
         x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
         if logprobs is not None:
             logprobs = torch.where(remaining, lp, logprobs)

@@ -135,11 +135,32 @@ class DiffusionLM(nn.Module):
             return additive.masked_fill_(~mask, torch.finfo(dtype).min), position_ids
         return mask, position_ids
 
-    def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def new_kv_cache(self):
+        """An empty ``stp.models.kv_cache.BlockKVCache`` for ``backbone(..., kv_cache=)`` (one per batch)."""
+        from .kv_cache import BlockKVCache
+
+        return BlockKVCache(self._decoder().config.num_hidden_layers)
+
+    def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, kv_cache=None,
+                 window: tuple[int, int] | None = None) -> torch.Tensor:
         """input_ids [B, L] (+ padding mask [B, L], 1 = real) -> final-normed hidden states [B, L, H], aligned so that
-        `hidden[:, i] @ lm_head_weight.T` are the logits of position i (the Dream shift is applied here)."""
+        `hidden[:, i] @ lm_head_weight.T` are the logits of position i (the Dream shift is applied here).
+
+        With ``kv_cache`` (``new_kv_cache()``) and no ``window``: the same full forward, keeping every layer's
+        keys/values in the cache (a fill). With ``window=(start, stop)``: only positions [start, stop) of
+        ``input_ids`` (always the whole [B, L] sequence) run, attending to the cached keys/values of every other
+        position; returns [B, stop - start, H] for those positions (``stp.models.kv_cache`` says when that is exact).
+        A Dream window also runs position start - 1, whose state predicts position start."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if window is not None:
+            start, stop = window
+            if kv_cache is None or not kv_cache.filled:
+                raise ValueError("backbone(window=...) needs a kv_cache filled by a backbone(..., kv_cache=cache) "
+                                 "call without a window first")
+            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= length):
+                raise ValueError(f"window={window!r}; allowed: integers 0 <= start < stop <= {length} (the length)")
         mask4d = position_ids = real = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -148,7 +169,14 @@ class DiffusionLM(nn.Module):
             dtype = self._decoder().get_input_embeddings().weight.dtype
             real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
             mask4d, position_ids = self._key_mask(real, dtype)
-        out = self._decoder()(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, use_cache=False)
+        if window is not None:
+            return self._window_hidden(input_ids, mask4d, position_ids, real, kv_cache, start, stop)
+        if kv_cache is not None:
+            kv_cache.start = None
+        out = self._decoder()(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, use_cache=False,
+                              cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.filled = True
         hidden = out.last_hidden_state  # [B, L, H]
         if self.shift_logits:
             # Dream: logits = cat([logits[:, :1], logits[:, :-1]]); the head is linear, so shift the hidden states.
@@ -186,6 +214,29 @@ class DiffusionLM(nn.Module):
                                                                                           torch.finfo(dtype).min)
         out = self._decoder()(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
+    def _window_hidden(self, input_ids, mask4d, position_ids, real, kv_cache, start: int, stop: int) -> torch.Tensor:
+        """Hidden states [B, stop - start, H] of a window pass over the cache (see ``backbone``)."""
+        q0 = start - 1 if self.shift_logits and start > 0 else start  # Dream: position start reads start - 1
+        batch = input_ids.shape[0]
+        if position_ids is None:
+            pos = torch.arange(q0, stop, device=input_ids.device)[None, :].expand(batch, -1)
+        else:
+            pos = position_ids[:, q0:stop]
+        kv_cache.start = q0
+        try:
+            out = self._decoder()(input_ids=input_ids[:, q0:stop], attention_mask=mask4d, position_ids=pos,
+                                  use_cache=False, cache=kv_cache)
+        finally:
+            kv_cache.start = None
+        raw = out.last_hidden_state  # [B, stop - q0, H]
+        if not self.shift_logits:
+            return raw
+        own = raw[:, start - q0:]
+        prev = raw[:, :stop - start] if q0 < start else torch.cat([raw[:, :1], raw[:, :-1]], dim=1)
+        if real is not None:  # a row's first real token keeps its own state (as in the full forward)
+            first = real[:, start:stop] & (position_ids[:, start:stop] == 0)
+            prev = torch.where(first[..., None], own, prev)
+        return prev
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L] -> [B, L, V] logits in the model dtype. Materialises the full vocabulary: prefer `backbone` plus a
