@@ -269,11 +269,12 @@ class _StepForward:
     def _cached(self, block: int) -> bool:
         return self.cache != "none" and block == self.filled_block
 
-    def positions(self, step: int) -> torch.Tensor:
-        """Canvas positions whose tokens the step computes (its commit candidates)."""
-        block = step // self.steps_per_block
-        end = (block + 1) * self.block_length
-        return self.canvas_idx[block * self.block_length:end] if self._cached(block) else self.canvas_idx[:end]
+    def positions(self, lo: int, hi: int) -> torch.Tensor:
+        """Canvas positions whose tokens the step computes (its commit candidates) when the batch's samples are in
+        blocks ``lo..hi`` (the schedule: one block, ``lo == hi``; the entropy-bounded sampler: each sample at its
+        own pace)."""
+        end = (hi + 1) * self.block_length
+        return self.canvas_idx[lo * self.block_length:end] if self._cached(lo) else self.canvas_idx[:end]
 
     def _run(self, x: torch.Tensor, kv, canvas_pos: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
         batch = x.shape[0]
@@ -283,17 +284,19 @@ class _StepForward:
         h = self.model.backbone(x, self.attn) if kv is None else self.model.backbone(x, self.attn, kv_cache=kv)
         return h[:, self.plen + canvas_pos].reshape(batch * canvas_pos.numel(), -1)
 
-    def hidden(self, step: int, canvas_pos: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B * len(canvas_pos), H] of ``positions(step)`` on the current canvas (guidance
-        folded in), running the pass the cache mode calls for."""
-        block = step // self.steps_per_block
+    def hidden(self, lo: int, hi: int, canvas_pos: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B * len(canvas_pos), H] of ``positions(lo, hi)`` on the current canvas (guidance
+        folded in), running the pass the cache mode calls for. The cache is filled when the lowest block ``lo``
+        changes: every position before it is then committed in every live sample, and positions after block ``hi``
+        are still as at the fill (masked or anchors), so a cached step recomputes blocks ``lo..hi`` (``dual``) or
+        everything from ``lo`` on (``prefix``)."""
         window = None
-        if self._cached(block):
-            start = self.plen + block * self.block_length
-            stop = self.x.shape[1] if self.cache == "prefix" else start + self.block_length
+        if self._cached(lo):
+            start = self.plen + lo * self.block_length
+            stop = self.x.shape[1] if self.cache == "prefix" else self.plen + (hi + 1) * self.block_length
             window = (start, stop)
         elif self.cache != "none":
-            self.filled_block = block  # this full forward fills the cache for the block's later steps
+            self.filled_block = lo  # this full forward fills the cache for the later steps from block lo
         h = self._run(self.x, self.kv, canvas_pos, window)
         if self.cfg_scale > 0:
             # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
@@ -362,20 +365,16 @@ def generate(
         cache: block KV caching (Fast-dLLM's approximation; ``_StepForward`` gives the passes): "none" (every step
             runs the whole sequence), "prefix" (keys/values of the prompt and finished blocks computed at the block's
             first step and reused for its other steps, which run the block and the suffix) or "dual" (the masked
-            suffix cached too: the other steps run the block alone). Works with every option above except
-            ``entropy_bound``; the cached keys/values are exact only for a one-layer model or one step per block,
-            elsewhere close (measured in benchmarks/RESULTS.md).
+            suffix cached too: the other steps run the block alone). Works with every option above, the
+            entropy bound included (its samples may be in different blocks: a cached step then runs blocks from the
+            lowest to the furthest, see ``_StepForward.hidden``); the cached keys/values are exact only for a
+            one-layer model or one step per block, elsewhere close (measured in benchmarks/RESULTS.md).
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, remasking, prior, early_stop, cfg_scale,
                                               confidence_threshold, dream)
     gamma = _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream)
     eb = gamma is not None
-    if eb and cache != "none":
-        # EB moves each sample through the blocks at its own pace, so no single block window suits the batch.
-        raise ValueError(f"stp.sampler.generate: entropy_bound cannot be combined with cache={cache!r} (samples reach "
-                         f"different blocks at different steps, a block KV cache assumes one block per step); "
-                         f"allowed with entropy_bound: cache='none'")
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
     total = plen + gen_length
@@ -460,24 +459,25 @@ def generate(
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
-        canvas_pos = forward.positions(step)  # with a filled KV cache: the block's positions only
+        lo = hi = step // steps_per_block
         if eb:  # each sample's current block = its first block with a masked position; the one sync of the step
             masked_now = x[:, plen:] == mask_id  # [B, L]
             live = (filled < budget) & masked_now.any(1)
             block_of = masked_now.int().argmax(1) // block_length  # [B]
-            any_live, furthest = torch.stack([live.any().long(), (block_of * live).max()]).tolist()
+            any_live, hi, lo = torch.stack([live.any().long(), (block_of * live).max(),
+                                            torch.where(live, block_of, num_blocks).min()]).tolist()
             if not any_live:
                 break
-            canvas_pos = canvas_idx[: (furthest + 1) * block_length]
-        elif not data_dependent:
+        canvas_pos = forward.positions(lo, hi)  # with a filled KV cache: the blocks lo..hi only
+        if not (eb or data_dependent):
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
-        else:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
+        elif not eb:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
             live = filled < budget
             if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
                 continue
-        x0, conf, lp = sample(forward.hidden(step, canvas_pos), canvas_pos, step)
+        x0, conf, lp = sample(forward.hidden(lo, hi, canvas_pos), canvas_pos, step)
         still = x[:, plen + canvas_pos] == mask_id  # [B, block]
         conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
         if confidence_threshold is not None:

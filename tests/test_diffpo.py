@@ -263,7 +263,6 @@ def test_joint_run_resumes_bit_for_bit_with_its_controller(tmp_path, monkeypatch
     (["--diffpo.gamma", "0"], "diffpo.gamma=0.0 is not allowed"),
     (["--diffpo.mode", "fast"], "diffpo.mode='fast'"),
     (["--rollout.confidence_threshold", "0.9"], "rollout.confidence_threshold=0.9 is not allowed"),
-    (["--rollout.cache", "dual"], "rollout.cache='dual' is not allowed; allowed: 'none' with diffpo.sampler 'eb'"),
 ])
 def test_bad_settings_are_refused_with_the_field(flags, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

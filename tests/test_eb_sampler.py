@@ -130,9 +130,6 @@ def test_bad_entropy_bounds_are_refused(model):
         generate(model, ids, entropy_bound=1.0, confidence_threshold=0.5, **kw)
     with pytest.raises(ValueError, match="remasking='random'"):
         generate(model, ids, entropy_bound=1.0, remasking="random", **kw)
-    for cache in ("prefix", "dual"):
-        with pytest.raises(ValueError, match=f"cache='{cache}'.*allowed with entropy_bound: cache='none'"):
-            generate(model, ids, entropy_bound=1.0, cache=cache, **kw)
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu", op="sample_step"))

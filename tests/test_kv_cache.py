@@ -4,7 +4,8 @@ Where the cache is exact, the tokens, commit steps, NFE and behaviour log-probs 
 - a window pass over an unchanged sequence is the full forward at the window's positions (any depth);
 - a one-layer model's keys/values depend only on each position's own token, so every cached step is exact and the
   whole decode equals the uncached one, for every option of ``generate`` (anchors, temporal pruning, threshold and
-  Dream decoding, classifier-free guidance, left padding, random remasking, sampling, log-probs), for the tiny model
+  Dream decoding, the entropy bound with per-sample gamma, classifier-free guidance, left padding, random remasking,
+  sampling, log-probs), for the tiny model
   and for LLaDA- and Dream-layout checkpoints;
 - with one step per block every step is a block's first (a full forward).
 Deeper models with several steps per block are approximated: there the schedule, NFE and record keep their meaning
@@ -151,6 +152,9 @@ COMBINATIONS = {
     "cfg": dict(temperature=0.9, cfg_scale=0.5),
     "dream entropy": dict(temperature=0.5, dream=DreamDecoding(alg="entropy")),
     "dream maskgit top-k": dict(temperature=0.5, dream=DreamDecoding(alg="maskgit_plus", top_k=20)),
+    # The entropy-bounded sampler: samples reach different blocks at different steps (per-sample gamma).
+    "entropy bound": dict(temperature=0.9, entropy_bound=torch.tensor([0.0, 0.7, 50.0])),
+    "entropy bound + anchors + early stop": dict(temperature=0.9, entropy_bound=0.5, anchors=True, early_stop=0.9),
 }
 
 
@@ -212,7 +216,8 @@ def test_prefix_with_one_block_is_not_exact_for_deep_models(seed):
 # ------------------------------------------------------------------------------------- generate: approximate
 
 
-@pytest.mark.parametrize("combo", ["sampled", "anchors + early stop", "threshold", "cfg", "dream entropy"])
+@pytest.mark.parametrize("combo", ["sampled", "anchors + early stop", "threshold", "cfg", "dream entropy",
+                                   "entropy bound"])
 def test_deep_model_keeps_schedule_and_record(seed, combo):
     """Where the cache approximates, the decode still follows the schedule and its record: every position filled,
     anchors kept, NFE and forward passes those of ``none`` (schedule fixed up front) unless the counts follow the
@@ -220,7 +225,7 @@ def test_deep_model_keeps_schedule_and_record(seed, combo):
     model = build_tiny(seed=seed % 1000, num_hidden_layers=2)
     opts = COMBINATIONS[combo]
     ref = _run(model, "none", opts, seed)
-    data_dependent = "confidence_threshold" in opts or "dream" in opts
+    data_dependent = any(k in opts for k in ("confidence_threshold", "dream", "entropy_bound"))
     for cache in MODES:
         out = _run(model, cache, opts, seed)
         assert (out.completions != model.mask_token_id).all(), f"{cache}/{combo}: masked positions left"
@@ -260,7 +265,8 @@ def _syncs(model, cache, steps, **opts):
     return counter.count
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(early_stop=0.9, anchors=True), dict(cfg_scale=0.5)])
+@pytest.mark.parametrize("opts", [dict(), dict(early_stop=0.9, anchors=True), dict(cfg_scale=0.5),
+                                  dict(entropy_bound=0.5)])
 def test_cached_steps_add_no_host_sync(opts):
     model = build_tiny(seed=0, num_hidden_layers=2)
     for steps in (4, 8):

@@ -66,10 +66,6 @@ class DiFFPO(Method):
                 raise ConfigError.bad_value("rollout.remasking", r.remasking,
                                             "'low_confidence' with diffpo.sampler 'eb' (the entropy bound orders "
                                             "the positions)")
-            if r.cache != "none":
-                raise ConfigError.bad_value("rollout.cache", r.cache,
-                                            "'none' with diffpo.sampler 'eb' (samples move through the blocks at "
-                                            "their own pace; a block KV cache assumes one block per step)")
 
     # ------------------------------------------------------------------------------------------ trainer hooks
 
