@@ -5,8 +5,7 @@ Where the cache is exact, the tokens, commit steps, NFE and behaviour log-probs 
 - a one-layer model's keys/values depend only on each position's own token, so every cached step is exact and the
   whole decode equals the uncached one, for every option of ``generate`` (anchors, temporal pruning, threshold and
   Dream decoding, the entropy bound with per-sample gamma, classifier-free guidance, left padding, random remasking,
-  sampling, log-probs), for the tiny model
-  and for LLaDA- and Dream-layout checkpoints;
+  sampling, log-probs), for the tiny model and for LLaDA- and Dream-layout checkpoints;
 - with one step per block every step is a block's first (a full forward).
 Deeper models with several steps per block are approximated: there the schedule, NFE and record keep their meaning
 and token agreement is measured (benchmarks/RESULTS.md gives it for a trained model). The cached steps add no host
