@@ -411,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance-prompts", type=int, default=8, help="prompts of the variance probe (2 completions "
                    "each) [8]; 0 = no probe")
     p.add_argument("--variance-repeats", type=int, default=8, help="mask seeds of the variance probe [8]")
+    p.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs of WORK "
+                   "(a method then counts the seeds it has; one without any is left out, with a note)")
     p.add_argument("--work", default="runs/methods", help="run directories (reused: resumable) [runs/methods]")
     p.add_argument("--out", default=None, help="write the markdown here too")
     p.add_argument("--png", default=None, help="the reward-vs-time PNG [next to --out, else WORK/methods.png]")
@@ -467,11 +469,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_start = load_average()
     started = time.time()
     runs: dict[str, list[tuple[dict, list[dict]]]] = {}
-    for spec in specs:
-        s = run_one(spec, steps, eval_every, extra, env)
-        from stp.metrics import read_metrics
+    notes: list[str] = []
+    seeds_of: dict[str, list[str]] = {}
+    from stp.metrics import read_metrics
 
+    for spec in specs:
+        if args.report_only and not (spec.out_dir / SUMMARY).exists():
+            notes.append(f"{spec.method} seed {spec.seed}: not run ({spec.out_dir} has no {SUMMARY})")
+            continue
+        s = run_one(spec, steps, eval_every, extra, env)
         runs.setdefault(spec.method, []).append((s, read_metrics(spec.out_dir / "metrics.jsonl")))
+        seeds_of.setdefault(spec.method, []).append(str(spec.seed))
+    if not runs:
+        parser.error(f"--report-only: no finished run in {work}")
+    methods = [m for m in methods if m in runs]
+    cfgs = {m: c for m, c in cfgs.items() if m in runs}
     variances = (measure_variances(cfgs, work, env, prompts=args.variance_prompts, repeats=args.variance_repeats)
                  if args.variance_prompts > 0 else dict.fromkeys(cfgs))
     budget = args.budget if args.budget is not None else min(s["train_seconds"] for rs in runs.values()
@@ -483,13 +495,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = format_table(results)
     png = Path(args.png) if args.png else (Path(args.out).with_suffix(".png") if args.out else work / "methods.png")
     curves = {m: [training_curve(rows)[:2] for _, rows in runs[m]] for m in methods}
-    plot_curves(curves, png, title=f"training reward on {base_cfg.run.task} ({args.base}), {len(args.seeds)} seeds: "
-                                   "mean +- 1 s.e.")
+    plot_curves(curves, png, title=f"training reward on {base_cfg.run.task} ({args.base}): mean over seeds "
+                                   "+- 1 s.e.")
     header = machine_lines(load_start, load_end) + [
         f"Command: python -m benchmarks.methods {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
-        f"{len(specs)} runs, {steps} optimizer steps each, held-out evaluation every {eval_every} steps on "
+        f"{sum(len(r) for r in runs.values())} runs, {steps} optimizer steps each, held-out evaluation every "
+        f"{eval_every} steps on "
         f"{results[0]['eval_examples']} test puzzles; wall-clock budget {budget:.0f} training seconds; "
         f"{time.time() - started:.0f} s for this command (runs finished earlier are reused, not rerun)",
+        "Seeds: " + "; ".join(f"{m} {', '.join(seeds_of[m])}" for m in methods),
+        *notes,
     ]
     text = "\n".join(header) + "\n\n" + table + "\n"
     print(text)

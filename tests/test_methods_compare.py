@@ -172,4 +172,4 @@ def test_short_comparison_table_and_real_accuracies(small_checkpoint, tmp_path):
     assert (work / "stp" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
     assert again["results"][0]["accuracy_after"] == record["results"][0]["accuracy_after"]
     with pytest.raises(RuntimeError, match="max_steps"):
-        bm.main([*argv[:5], "3", *argv[6:]])  # other steps over the same finished runs
+        bm.main([("3" if i == argv.index("--steps") + 1 else a) for i, a in enumerate(argv)])  # other steps
