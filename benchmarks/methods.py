@@ -125,25 +125,47 @@ def _config_of(spec: RunSpec, steps: int, eval_every: int, extra_overrides: Mapp
 
     return resolve(preset=spec.preset, method=spec.method_flag,
                    overrides={"grpo.max_steps": steps, "run.eval_every": eval_every, "run.seed": spec.seed,
+                              "run.output_dir": str(spec.out_dir), "run.tensorboard": False, "run.save_every": 0,
                               **extra_overrides})
 
 
+def _differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The dotted settings where a run's saved config.yaml differs from the configuration wanted now."""
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += [f"{key}.{d}" for d in _differences(a, b)]
+        elif a != b:
+            out.append(f"{key} ({a!r} there, {b!r} here)")
+    return out
+
+
 def run_one(spec: RunSpec, steps: int, eval_every: int, extra: Sequence[str], env: Mapping[str, str],
-            log=print) -> dict[str, Any]:
-    """The run's summary.json, training it first unless it exists. A summary of other settings is an error."""
+            log=print, config=None) -> dict[str, Any]:
+    """The run's summary.json, training it first unless it exists. A finished run of other settings (its
+    config.yaml against ``config``, the configuration this comparison wants) is an error naming them."""
     summary_file = spec.out_dir / SUMMARY
     if summary_file.exists():
         s = json.loads(summary_file.read_text())
-        cfg_file = spec.out_dir / "config.yaml"
         got = (s.get("max_steps"), s.get("steps"), s.get("method"), s.get("preset"))
         want = (steps, steps, spec.method, spec.preset)
         if got != want or s.get("interrupted") or s.get("diverged"):
             raise RuntimeError(f"{summary_file}: a finished run with (max_steps, steps, method, preset) = {got} "
                                f"(interrupted {s.get('interrupted')}, diverged {s.get('diverged')}); this comparison "
                                f"wants {want}: use another --work directory or remove {spec.out_dir}")
-        if cfg_file.exists() and f"eval_every: {eval_every}\n" not in cfg_file.read_text():
-            raise RuntimeError(f"{cfg_file}: run.eval_every differs from --eval-every {eval_every}; use another "
-                               f"--work directory or remove {spec.out_dir}")
+        cfg_file = spec.out_dir / "config.yaml"
+        if config is not None and cfg_file.exists():
+            import yaml
+
+            saved, wanted = yaml.safe_load(cfg_file.read_text()), config.to_dict()
+            for d in (saved, wanted):  # a finished run directory may have been moved
+                d.get("run", {}).pop("output_dir", None)
+            diff = _differences(saved, wanted)
+            if diff:
+                raise RuntimeError(f"{cfg_file}: the finished run differs from this comparison's settings in "
+                                   f"{'; '.join(diff)}; use another --work directory, the same --set values, or "
+                                   f"remove {spec.out_dir}")
         log(f"[methods] {spec.method} seed {spec.seed}: finished earlier ({summary_file}), not rerun")
         return s
     if spec.out_dir.exists():  # an interrupted run: start it again from nothing (the times must be one process's)
@@ -477,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.report_only and not (spec.out_dir / SUMMARY).exists():
             notes.append(f"{spec.method} seed {spec.seed}: not run ({spec.out_dir} has no {SUMMARY})")
             continue
-        s = run_one(spec, steps, eval_every, extra, env)
+        s = run_one(spec, steps, eval_every, extra, env, config=_config_of(spec, steps, eval_every, overrides))
         runs.setdefault(spec.method, []).append((s, read_metrics(spec.out_dir / "metrics.jsonl")))
         seeds_of.setdefault(spec.method, []).append(str(spec.seed))
     if not runs:

@@ -173,3 +173,5 @@ def test_short_comparison_table_and_real_accuracies(small_checkpoint, tmp_path):
     assert again["results"][0]["accuracy_after"] == record["results"][0]["accuracy_after"]
     with pytest.raises(RuntimeError, match="max_steps"):
         bm.main([("3" if i == argv.index("--steps") + 1 else a) for i, a in enumerate(argv)])  # other steps
+    with pytest.raises(RuntimeError, match=r"grpo.learning_rate \(0.002 there, 0.0001 here\)"):
+        bm.main([*argv, "grpo.learning_rate=1e-4"])  # other settings over the same finished runs
