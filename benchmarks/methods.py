@@ -16,7 +16,10 @@ this rule for its settings:
 Each (method, seed) is ``python -m stp.train --preset P [--method M] --run.seed S --grpo.max_steps N
 --run.eval_every E --run.output_dir WORK/<method>/seed<S>`` in its own process (``OMP_NUM_THREADS=1`` unless set).
 A run whose ``summary.json`` exists is not run again (the comparison is resumable: rerun the same command after an
-interruption); a finished run made with other settings (steps, evaluation) is refused, naming its directory.
+interruption; the run in progress then starts again from nothing, so that its times are one process's); a finished
+run whose ``config.yaml`` differs from the settings wanted now is refused, naming the differing settings. Several
+copies of the command with disjoint ``--methods`` / ``--seeds`` may share one ``--work`` directory; a last call with
+all of them (or ``--report-only``) then tabulates everything.
 
 What is compared, per method (mean over seeds; "+-" is one standard error, see below):
 
