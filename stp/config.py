@@ -234,8 +234,9 @@ class ModelConfig(_Section):
         self._coerce_all()
         self._need("name_or_path", bool(self.name_or_path.strip()), "a non-empty name or path")
         if self.name_or_path.startswith("pretrained:"):
-            self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown"),
-                       "'pretrained:sudoku' or 'pretrained:countdown' (the tasks stp.pretrain knows)")
+            self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown", "countdown_small"),
+                       "'pretrained:sudoku', 'pretrained:countdown' or 'pretrained:countdown_small' (the tasks "
+                       "stp.pretrain knows)")
         self._positive("lora_r", "lora_alpha")
         self._need("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a number in [0, 1)")
         self._need("lora_target_modules", len(self.lora_target_modules) > 0 and all(
@@ -407,7 +408,7 @@ class RunConfig(_Section):
     section: ClassVar[str] = "run"
 
     task: str = _f("sudoku", "task and reward functions (stp.tasks)", choices=("gsm8k", "math", "countdown",
-                                                                                 "sudoku"))
+                                                                                 "sudoku", "countdown_small"))
     prompt_format: str = _f("compact", "'chat': the task's chat prompt with d1's system prompt (the paper's); "
                             "'compact': one short user turn (stp.pretrain.compact_task), for the tiny model, whose "
                             "character tokenizer makes d1's prompt ~500 tokens", choices=("chat", "compact"))
@@ -469,8 +470,10 @@ class RunConfig(_Section):
         self._need("eval_split", self.eval_split is None or self.dataset is not None, "none without run.dataset")
         self._need("data_source", self.data_source != "file" or self.data_path is not None,
                    "'hub', 'generated' or none while run.data_path is none ('file' needs run.data_path)")
-        self._need("prompt_format", self.prompt_format == "chat" or self.task in ("sudoku", "countdown"),
-                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku and countdown)")
+        self._need("prompt_format", self.prompt_format == "chat" or self.task in ("sudoku", "countdown",
+                                                                                 "countdown_small"),
+                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku, countdown and "
+                   "countdown_small)")
         if self.data_source == "generated":
             from stp.tasks import TASKS
             from stp.tasks.base import Task
@@ -862,6 +865,24 @@ _TINY_DESCRIPTION = ("the default: the embedded tiny model (~0.9 M parameters, c
                      "stp.pretrain, on procedurally generated 4x4 Sudoku, sized for a 2-core CPU")
 
 
+# The methods' comparison (benchmarks/methods.py): a task on which RL improves answers within CPU minutes.
+_COMPARE_DESCRIPTION = ("the methods' comparison: the tiny model pretrained on Countdown with one-digit numbers "
+                        "(stp.tasks.countdown_small), where RL raises greedy held-out accuracy within CPU minutes")
+_COMPARE_OVERRIDES = {
+    "model": {"name_or_path": "pretrained:countdown_small"},
+    "grpo": {"max_steps": 60, "learning_rate": 2e-3},
+    "run": {"task": "countdown_small", "eval_examples": 256},
+}
+_COMPARE_NOTES = (
+    "the starting checkpoint is stp.pretrain's countdown_small one (compact prompt, its defaults): it solves some "
+    "held-out puzzles greedily and many more among 8 samples at the rollout temperature (pass@8 far above greedy "
+    "accuracy: benchmarks/RESULTS.md), so RL has right answers to reinforce",
+    "lr 2e-3 (tiny's 5e-4 left greedy accuracy flat over 120 steps: benchmarks/RESULTS.md), 60 steps, 256 held-out "
+    "puzzles; everything else (L 32 / block 32 / 16 steps, G 8 x 4 prompts, mu 2, K 2, the paper's algorithm knobs) "
+    "as tiny",
+)
+
+
 def _d1_of(stp: Preset, name: str, mu: int) -> Preset:
     overrides = _merge(stp.overrides, {
         "estimator": {"num_draws": 1, "score": "all"},
@@ -925,6 +946,10 @@ def _build_presets() -> dict[str, Preset]:
                "diffpo-tiny": _diffpo_of(tiny, "diffpo-tiny", {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.2},
                                          "DiFFPO (joint: model and threshold) on the tiny Sudoku model, a few CPU "
                                          "minutes")}
+    compare = Preset("compare-tiny", _COMPARE_DESCRIPTION, _COMPARE_OVERRIDES, notes=_COMPARE_NOTES)
+    presets.update({"compare-tiny": compare, "d1-compare-tiny": _d1_of(compare, "d1-compare-tiny",
+                                                                       2 * GRPOConfig.num_iterations),
+                    "elbo-compare-tiny": _elbo_of(compare, "elbo-compare-tiny")})
     for task, t in _TASKS.items():
         stp = Preset(f"llada-{task}", f"STP on LLaDA-8B-Instruct, {task} (the paper's settings)", _merge(_PAPER, {
             "prior": {"rho": t["rho"]},

@@ -98,6 +98,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                       block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0, eval_examples=32,
                       eval_seed=0,
                       hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
+    # The methods' comparison (stp.tasks.countdown_small): small numbers, + and -, a 32-token canvas, 600 puzzles.
+    "countdown_small": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
+                            block_length=32, n_train=600, data_seed=1, answer_noise=0.0, format_noise=0.0,
+                            eval_examples=32, eval_seed=0,
+                            hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
 }
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 
@@ -136,7 +141,7 @@ def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise:
         grid = _noisy_grid(example, answer_noise, generator)
         answer = f"\n{grid}\n" if bare else f"<answer>{grid}</answer>"
         return f"<reasoning>{empty:02d} empty</reasoning>\n{answer}"
-    if task == "countdown":
+    if task in ("countdown", "countdown_small"):
         from stp.tasks.countdown import solve
 
         expr = example.get("solution") or solve(list(example["nums"]), example["target"])
@@ -190,7 +195,8 @@ def validate_settings(s: Mapping[str, Any], *, flags: bool = False) -> None:
 def _max_completion_tokens(task: str) -> int:
     # sudoku: 1 + len("10 empty") + 1 + 1 + 1 + 16 + 1; countdown: expressions of three numbers < 100 are at most
     # 12 characters ("(99*99)-99" style, with one pair of brackets): 1 + 12 + 1 + 3 + 1 + 1 + 1 + 12 + 1.
-    return 29 if task == "sudoku" else 33
+    # countdown_small: "12+12-12" (8) and a target up to 36: 1 + 8 + 1 + 2 + 1 + 1 + 1 + 8 + 1.
+    return {"sudoku": 29, "countdown_small": 24}.get(task, 33)
 
 
 def default_settings(task: str = "sudoku", **overrides) -> dict[str, Any]:

@@ -361,7 +361,7 @@ def _generate_completions(args, model, device):
     from .sampler import generate
 
     task = task_with_prompt(args.task, args.prompt_format)
-    source = "file" if args.data else ("generated" if args.task in ("countdown", "sudoku") else None)
+    source = "file" if args.data else ("generated" if args.task in ("countdown", "sudoku", "countdown_small") else None)
     examples = task.load("train", args.data, source=source, n=args.num_prompts, seed=args.seed)
     texts = [task.format_prompt(ex, model.tokenizer) for ex in examples]
     seqs = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

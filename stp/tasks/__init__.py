@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .base import SYSTEM_PROMPT, Task
 from .countdown import Countdown
+from .countdown_small import SmallCountdown
 from .data import DataError
 from .gsm8k import GSM8K
 from .math import MATH
@@ -20,18 +21,18 @@ from .sudoku import Sudoku
 
 __all__ = ["TASKS", "SYSTEM_PROMPT", "DataError", "Task", "get_task"]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GSM8K, MATH, Countdown, Sudoku)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GSM8K, MATH, Countdown, Sudoku, SmallCountdown)}
 
 
 def get_task(name: str, *, d1_compat: bool = False) -> Task:
-    """The task called ``name`` ("gsm8k", "math", "countdown", "sudoku").
+    """The task called ``name`` ("gsm8k", "math", "countdown", "sudoku", "countdown_small").
 
     >>> get_task("gsm8k").name, get_task("math", d1_compat=True).d1_compat
     ('gsm8k', True)
     >>> get_task("mbpp")
     Traceback (most recent call last):
     ...
-    ValueError: unknown task 'mbpp'; allowed: gsm8k, math, countdown, sudoku
+    ValueError: unknown task 'mbpp'; allowed: gsm8k, math, countdown, sudoku, countdown_small
     """
     try:
         cls = TASKS[name]

@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["PRETRAIN_TASKS", "PROMPT_FORMATS", "PromptError", "compact_prompt", "compact_task", "task_with_prompt"]
 
-PRETRAIN_TASKS = ("sudoku", "countdown")  # the tasks with a compact prompt
+PRETRAIN_TASKS = ("sudoku", "countdown", "countdown_small")  # the tasks with a compact prompt
 PROMPT_FORMATS = ("chat", "compact")
 
 
@@ -24,9 +24,13 @@ def compact_prompt(task: str, example: Mapping[str, Any]) -> str:
     'sudoku 4123030034121034'
     >>> compact_prompt("countdown", {"nums": [44, 19, 35], "target": 98})
     'countdown 44 19 35 -> 98'
+    >>> compact_prompt("countdown_small", {"nums": [7, 12, 3], "target": 16})
+    'countdown 07 12 03 -> 16'
     """
     if task == "sudoku":
         return f"sudoku {example['puzzle']}"
+    if task == "countdown_small":  # two digits per number: the same positions in every prompt (its module)
+        return f"countdown {' '.join(f'{n:02d}' for n in example['nums'])} -> {example['target']:02d}"
     if task == "countdown":
         return f"countdown {' '.join(str(n) for n in example['nums'])} -> {example['target']}"
     raise PromptError(f"task={task!r}: no compact prompt; allowed: {', '.join(PRETRAIN_TASKS)}")

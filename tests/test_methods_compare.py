@@ -1,0 +1,177 @@
+"""The methods' comparison: its task (stp.tasks.countdown_small), its checkpoint recipe, the pass@k probe and a
+shortened run of the harness (benchmarks/methods.py) whose accuracies are checked against an independent evaluation.
+
+The checkpoint here is a very small model (width 32, one layer, a few SFT steps): the harness is what is tested, not
+the task's difficulty (benchmarks/RESULTS.md measures that)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import methods as bm
+from benchmarks.pass_at_k import pass_at_k
+from stp import pretrain as pt
+from stp.tasks import get_task
+from stp.tasks.countdown import split_of
+
+SMALL = dict(steps=3, batch_size=4, n_train=8, eval_examples=2, hidden_size=32, num_hidden_layers=1,
+             intermediate_size=64, num_attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    return pt.pretrain("countdown_small", out_dir=tmp_path_factory.mktemp("ckpt") / "cs", progress=False, **SMALL)
+
+
+def test_task_generates_disjoint_solvable_small_puzzles():
+    task = get_task("countdown_small")
+    train = task.load("train", source="generated")
+    test = task.load("test", source="generated")
+    assert (len(train), len(test)) == (600, 256)
+    key = lambda e: (tuple(sorted(e["nums"])), e["target"])  # noqa: E731
+    assert not {key(e) for e in train} & {key(e) for e in test}
+    assert len({key(e) for e in test}) == 256 and len({key(e) for e in train}) == 600
+    patterns = set()
+    for e in train + test:
+        a, b, c = e["nums"]
+        assert all(1 <= v <= 12 for v in e["nums"]) and e["target"] >= 1
+        assert split_of(e["nums"], e["target"], 0.3) == ("test" if e in test else "train")
+        assert e["target"] in {a + b + c, a + b - c, a - b + c, a - b - c}
+        patterns.add("".join(ch for ch in e["solution"] if ch in "+-"))
+        good = f"<reasoning>x</reasoning>\n<answer>{e['solution']}</answer>"
+        assert task.reward(good, e) == 1.0 and task.metric(good, e) == 1.0
+    assert patterns == {"++", "+-", "-+", "--"}
+    e = test[0]
+    wrong = f"<answer>{e['nums'][0]}+{e['nums'][1]}</answer>"  # uses two of the three numbers
+    assert task.reward(wrong, e) == 0.1 and task.metric(wrong, e) == 0.0
+    assert task.reward("no answer", e) == 0.0
+    assert task.load("test", source="generated", n=5, seed=1) != test[:5]  # the seed matters
+    with pytest.raises(RuntimeError, match="no hub dataset"):
+        task.load("train", source="hub")
+
+
+def test_reference_completions_fit_the_canvas():
+    from stp import models
+
+    tok = models.build_tokenizer()
+    task = pt.compact_task("countdown_small")
+    longest = 0
+    for ex in task.load("train", source="generated"):
+        text = pt.reference_completion("countdown_small", ex)
+        assert task.reward(text, ex) == 1.0
+        longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]))
+    assert longest <= pt._max_completion_tokens("countdown_small") <= pt.DEFAULTS["countdown_small"]["gen_length"]
+    assert task.prompt_text(ex) == f"countdown {' '.join(f'{n:02d}' for n in ex['nums'])} -> {ex['target']:02d}"
+    assert len({len(task.prompt_text(e)) for e in task.load("test", source="generated")}) == 1  # aligned
+
+
+def test_compare_presets_follow_the_rule():
+    from stp.config import PRESETS, resolve
+
+    cfg = resolve("compare-tiny")
+    assert (cfg.model.name_or_path, cfg.run.task, cfg.method) == ("pretrained:countdown_small", "countdown_small",
+                                                                  "stp")
+    assert cfg.run.eval_examples >= 256
+    assert bm.preset_for("stp", "compare-tiny") == ("compare-tiny", None)
+    assert bm.preset_for("d1", "compare-tiny") == ("d1-compare-tiny", None)
+    assert bm.preset_for("elbo", "compare-tiny") == ("elbo-compare-tiny", None)
+    assert bm.preset_for("d1", "tiny") == ("d1-tiny", None)
+    # A method with no preset of its own joins through --method on the base preset.
+    assert bm.preset_for("elbo", "llada-gsm8k") == ("llada-gsm8k", None) or "elbo-llada-gsm8k" not in PRESETS
+    with pytest.raises(ValueError, match="not a method"):
+        bm.preset_for("nope", "compare-tiny")
+
+
+def test_method_without_own_preset_runs_with_method_flag(monkeypatch):
+    from stp.config import PRESETS
+
+    monkeypatch.delitem(PRESETS, "elbo-compare-tiny")
+    assert bm.preset_for("elbo", "compare-tiny") == ("compare-tiny", "elbo")
+    spec = bm.plan(["elbo"], [3], "compare-tiny", bm.Path("w"))[0]
+    cmd = spec.command(10, 5)
+    assert cmd[cmd.index("--method") + 1] == "elbo" and cmd[cmd.index("--run.seed") + 1] == "3"
+
+
+def test_budget_and_standard_errors():
+    rows = [{"step": s, "step_seconds": 2.0, "reward_mean": 0.1 * s} for s in range(1, 7)]
+    rows[2]["eval_accuracy"] = 0.25  # after step 3: 6 s
+    summary = {"accuracy_before": 0.125, "accuracy_after": 0.5, "steps": 6}
+    pts = bm.eval_points(rows, summary)
+    assert pts == [(0.0, 0, 0.125), (6.0, 3, 0.25), (12.0, 6, 0.5)]
+    assert bm.accuracy_at_budget(pts, 5.9) == (0.0, 0, 0.125)
+    assert bm.accuracy_at_budget(pts, 6.0) == (6.0, 3, 0.25)
+    assert bm.accuracy_at_budget(pts, 100.0) == (12.0, 6, 0.5)
+    m, se = bm.accuracy_se([0.5, 0.5], 100)
+    assert m == 0.5 and se == pytest.approx(0.05)  # seeds agree: the puzzles' binomial error alone
+    g, gse = bm.gain_se([0.6, 0.4], [0.2, 0.2], 100)
+    assert g == pytest.approx(0.3)
+    assert gse == pytest.approx(math.sqrt(0.25 / 100 + 0.16 / 100 + 0.01))
+
+
+def test_pass_at_k_counts_prompts_with_a_right_sample(small_checkpoint):
+    from stp import models
+
+    model = models.load(str(small_checkpoint))
+    task = pt.compact_task("countdown_small")
+    examples = task.load("test", source="generated", n=3)
+    res = pass_at_k(model, task, examples, k=2, gen_length=32, block_length=32, steps=16, temperature=0.9)
+    assert res["examples"] == 3 and res["k"] == 2
+    assert res["greedy_accuracy"] * 3 == pytest.approx(round(res["greedy_accuracy"] * 3))
+    assert res["sampled_accuracy"] <= res["pass_at_k"] <= 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        pass_at_k(model, task, examples, k=2, gen_length=32, block_length=32, steps=16, temperature=0.0)
+
+
+@pytest.mark.slow
+def test_short_comparison_table_and_real_accuracies(small_checkpoint, tmp_path):
+    """Two methods x two seeds x 2 steps through the real command line; the table has one row per method with every
+    column; the accuracies are those of the runs' summaries, and the starting accuracy equals an independent
+    evaluation of the checkpoint on the same held-out puzzles; a second call reuses the finished runs."""
+    from stp import models
+    from stp.config import resolve
+    from stp.data_order import load_data, task_for
+    from stp.evaluation import evaluate
+
+    work = tmp_path / "work"
+    argv = ["--methods", "stp", "d1", "--seeds", "0", "1", "--steps", "2", "--eval-every", "1", "--eval-examples",
+            "6", "--variance-prompts", "1", "--variance-repeats", "2", "--work", str(work), "--out",
+            str(tmp_path / "t.md"), "--set", f"model.name_or_path={small_checkpoint}", "grpo.prompts_per_step=1",
+            "grpo.num_generations=2"]
+    record = bm.main(argv)
+    text = (tmp_path / "t.md").read_text()
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + 2
+    assert table[0].count("|") == 13 and all(ln.count("|") == 13 for ln in table)
+    assert table[2].startswith("| `stp` | `compare-tiny` | 2 |") and table[3].startswith("| `d1` | `d1-compare-tiny`")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+    cfg = resolve("compare-tiny", overrides={"run.eval_examples": 6})
+    task = task_for(cfg)
+    _, heldout = load_data(cfg, task)
+    ev = evaluate(models.load(str(small_checkpoint)), task, heldout, gen_length=32, block_length=32, steps=16,
+                  progress=False)
+    for res in record["results"]:
+        assert res["eval_examples"] == 6 and res["steps"] == 2
+        for seed, row in zip((0, 1), res["per_seed"]):
+            summary = json.loads((work / res["method"] / f"seed{seed}" / "summary.json").read_text())
+            assert row["accuracy_before"] == summary["accuracy_before"] == ev["accuracy"]
+            assert row["accuracy_after"] == summary["accuracy_after"]
+            assert round(row["accuracy_after"] * 6, 9) == round(row["accuracy_after"] * 6)  # k of 6 puzzles
+        mean_after = sum(r["accuracy_after"] for r in res["per_seed"]) / 2
+        assert res["accuracy_after"][0] == pytest.approx(mean_after)
+        assert res["nfe_per_sample"][0] > 0 and res["seconds_per_step"][0] > 0
+        assert res["variance"] is not None and res["variance"]["variance"] >= 0
+    assert record["results"][0]["variance"]["anchor_fraction"] == pytest.approx(0.05)  # stp: 1 - rho
+    assert record["results"][1]["variance"]["estimator"] == "d1"
+
+    stamp = (work / "stp" / "seed0" / "summary.json").stat().st_mtime_ns
+    again = bm.main(argv)
+    assert (work / "stp" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+    assert again["results"][0]["accuracy_after"] == record["results"][0]["accuracy_after"]
+    with pytest.raises(RuntimeError, match="max_steps"):
+        bm.main([("3" if i == argv.index("--steps") + 1 else a) for i, a in enumerate(argv)])  # other steps
+    with pytest.raises(RuntimeError, match=r"grpo.learning_rate \(0.002 there, 0.0001 here\)"):
+        bm.main([*argv, "grpo.learning_rate=1e-4"])  # other settings over the same finished runs
