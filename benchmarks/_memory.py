@@ -28,6 +28,27 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+def cpu_step_peak_mib(run) -> float:
+    """Peak extra resident memory in MiB of one more call of ``run`` (warmed up by the caller), on this process."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter (VmHWM) of this process
+    base = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def peak_in_subprocess(module: str, args: list[str], what: str) -> float:
+    """``python -m module *args`` in a fresh process with glibc returning freed buffers to the OS; its last stdout
+    line is ``{"peak_mib": ...}``."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    res = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory measurement of {what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
 def measure(variant: str, mode: str, n: int, h: int, v: int, dtype: str, device: str) -> float:
     """Peak extra memory in MiB of one step (after one warm-up step)."""
     import torch
@@ -45,21 +66,12 @@ def measure(variant: str, mode: str, n: int, h: int, v: int, dtype: str, device:
         torch.cuda.reset_peak_memory_stats()
         run()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter (VmHWM) of this process
-    base = _status_kib("VmRSS")
-    run()
-    return (_status_kib("VmHWM") - base) / 1024
+    return cpu_step_peak_mib(run)
 
 
 def measure_in_subprocess(variant: str, mode: str, n: int, h: int, v: int, dtype: str, device: str) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, "-m", "benchmarks._memory", "--variant", variant, "--mode", mode, "--n", str(n),
-           "--h", str(h), "--v", str(v), "--dtype", dtype, "--device", device]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory measurement of {variant} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak_in_subprocess("benchmarks._memory", ["--variant", variant, "--mode", mode, "--n", str(n), "--h", str(h),
+                                                     "--v", str(v), "--dtype", dtype, "--device", device], variant)
 
 
 def main() -> None:

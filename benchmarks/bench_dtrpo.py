@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks._memory import cpu_step_peak_mib, peak_in_subprocess
+
 MODELS = {"micro": (4, 200, 256, 128), "tiny": (4, 40, 64, 32)}  # samples, prompt, completion, steps
 # The gap also on the pretrained tiny model (pretrained:sudoku, built into the cache on first use), whose
 # predictions depend on their context, with Sudoku prompts, completion 32 in 4 blocks of 8, 16 steps.
@@ -108,32 +105,14 @@ def sequences(variant: str, p: int, c: int) -> tuple[int, int]:
     return 1, p + 2 * c
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def measure(variant: str, name: str) -> float:
     run = step(variant, *make(name))
     run()
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
-    run()
-    return (_status_kib("VmHWM") - base) / 1024
+    return cpu_step_peak_mib(run)
 
 
 def measure_in_subprocess(variant: str, name: str) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, "-m", "benchmarks.bench_dtrpo", "--variant", variant, "--model", name]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory measurement of {variant} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak_in_subprocess("benchmarks.bench_dtrpo", ["--variant", variant, "--model", name], variant)
 
 
 @torch.no_grad()

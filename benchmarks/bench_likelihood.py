@@ -13,16 +13,13 @@ model (6 sequences, prompt 40 + completion 64) and a LLaDA-proportioned model (h
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks._memory import cpu_step_peak_mib, peak_in_subprocess
+
 SHAPES = {"tiny": (6, 40, 64), "llada_proportioned": (6, 200, 256)}
 VARIANTS = ("naive", "packed")
 K = 3
@@ -77,32 +74,14 @@ def step(variant: str, model, prompt, pam, comp, g):
     return go
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def measure(variant: str, shape: str) -> float:
     run = step(variant, *make(shape))
     run()
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
-    run()
-    return (_status_kib("VmHWM") - base) / 1024
+    return cpu_step_peak_mib(run)
 
 
 def measure_in_subprocess(variant: str, shape: str) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, "-m", "benchmarks.bench_likelihood", "--variant", variant, "--shape", shape]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory measurement of {variant} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak_in_subprocess("benchmarks.bench_likelihood", ["--variant", variant, "--shape", shape], variant)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
