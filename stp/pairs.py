@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from stp.files import read_keyed_jsonl
 from stp.prior import prompt_id, sample_id_of
 from stp.seeds import derive_seed
 
@@ -161,35 +162,9 @@ def read_pairs_file(path: str | os.PathLike) -> tuple[list[dict], int]:
     """(every record in file order, skips included; byte length of the complete lines). Any bad line is an error
     naming the file, the line number and the field; an incomplete last line (no newline: a run killed while
     writing it) is left out of both, so that appending after ``good_end`` redoes that prompt."""
-    path = Path(path)
-    data = path.read_bytes()
-    records: list[dict] = []
-    seen: dict[str, int] = {}
-    good_end = offset = 0
-    lines = data.split(b"\n")
-    for lineno, raw in enumerate(lines, start=1):
-        last = lineno == len(lines)
-        offset += len(raw) + (0 if last else 1)
-        if not raw.strip():
-            if not last:
-                good_end = offset
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if last:
-                print(f"stp.pairs: {where}: incomplete last line ({len(raw)} bytes); its prompt is redone",
-                      file=sys.stderr)
-                break
-            raise PairsFileError(f"{where}: not valid JSON ({e})") from None
-        _check_record(rec, where)
-        if rec["prompt_id"] in seen:
-            raise PairsFileError(f"{where}: field 'prompt_id' {rec['prompt_id']} already at line "
-                                 f"{seen[rec['prompt_id']]}")
-        seen[rec["prompt_id"]] = lineno
-        records.append(rec)
-        good_end = offset
+    records, good_end, torn = read_keyed_jsonl(path, _check_record, PairsFileError)
+    if torn is not None:
+        print(f"stp.pairs: {torn}; its prompt is redone", file=sys.stderr)
     return records, good_end
 
 

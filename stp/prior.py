@@ -71,6 +71,7 @@ from stp.anchors import (
     select_anchors,
     special_token_ids,
 )
+from stp.files import read_keyed_jsonl
 from stp_kernels import masked_logprob
 
 __all__ = ["STRATEGIES", "FREE_RULES", "PRIOR_FORMAT", "Selection", "PriorFileError", "TornLineWarning",
@@ -254,38 +255,11 @@ def read_prior_file(path: str | os.PathLike) -> tuple[list[dict], int, bool]:
 
     A line that is not a valid record is an error naming file and line, except the last line when it has no
     newline and does not parse (a kill while writing it): that one is dropped with a ``TornLineWarning``."""
-    path = Path(path)
-    data = path.read_bytes()
-    records: list[dict] = []
-    seen: dict[str, int] = {}
-    good_end = 0
-    torn = False
-    offset = 0
-    lines = data.split(b"\n")  # the last element is what follows the last newline (b"" for a whole file)
-    for lineno, raw in enumerate(lines, start=1):
-        last = lineno == len(lines)
-        offset += len(raw) + (0 if last else 1)
-        if not raw.strip():  # blank lines carry nothing
-            if not last:
-                good_end = offset
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if last:  # no newline after it: the torn tail of a killed run
-                warnings.warn(f"{where}: incomplete last line ({len(raw)} bytes, {e}); dropping it (a run was "
-                              f"killed while writing it): its prompt will be redone", TornLineWarning, stacklevel=2)
-                torn = True
-                break
-            raise PriorFileError(f"{where}: corrupt line: not valid JSON ({e})") from None
-        _check_record(rec, where)
-        if rec["prompt_id"] in seen:
-            raise PriorFileError(f"{where}: prompt_id {rec['prompt_id']} already at line {seen[rec['prompt_id']]}")
-        seen[rec["prompt_id"]] = lineno
-        records.append(rec)
-        good_end = offset
-    return records, good_end, torn
+    records, good_end, torn = read_keyed_jsonl(path, _check_record, PriorFileError)
+    if torn is not None:
+        warnings.warn(f"{torn}; dropping it (a run was killed while writing it): its prompt will be redone",
+                      TornLineWarning, stacklevel=2)
+    return records, good_end, torn is not None
 
 
 def load_priors(path: str | os.PathLike) -> dict[str, dict]:
