@@ -213,7 +213,8 @@ class ModelConfig(_Section):
     section: ClassVar[str] = "model"
 
     name_or_path: str = _f("pretrained:sudoku", "'pretrained:TASK' (the embedded tiny model after `python -m "
-                           "stp.pretrain --task TASK`, built and cached on first use), 'tiny' (the embedded tiny "
+                           "stp.pretrain --task TASK`, built and cached on first use; 'pretrained:sudoku_relabel': "
+                           "a named variant, stp.pretrain.CHECKPOINTS), 'tiny' (the embedded tiny "
                            "model, random weights), a local model directory (LLaDA, Dream, or one saved by stp) or a "
                            "Hugging Face Hub id such as GSAI-ML/LLaDA-8B-Instruct")
     dtype: str = _f("auto", "dtype the base weights are loaded in (auto: the checkpoint's stored dtype)",
@@ -872,15 +873,17 @@ _COMPARE_DESCRIPTION = ("the methods' comparison: the tiny Sudoku model pretrain
                         "accuracy within CPU minutes")
 _COMPARE_OVERRIDES = {
     "model": {"name_or_path": "pretrained:sudoku_relabel"},
-    "grpo": {"max_steps": 60, "learning_rate": 2e-3},
+    "grpo": {"max_steps": 30, "learning_rate": 2e-3},
     "run": {"task": "sudoku", "eval_examples": 256},
 }
 _COMPARE_NOTES = (
     "the starting checkpoint is stp.pretrain's sudoku_relabel one (format_noise 0, relabel_noise 0.6: 60 % of the "
     "SFT answers are the solution relabelled d -> d % 4 + 1, a valid but wrong grid): greedily it writes the wrong "
-    "grid, at the rollout temperature the right one often (pass@8 far above greedy accuracy: benchmarks/RESULTS.md), "
-    "so RL has right answers to reinforce; accuracy is Sudoku's metric, the fraction of empty cells filled right",
-    "lr 2e-3, 60 steps, 256 held-out puzzles; everything else (L 32 / block 32 / 16 steps, G 8 x 4 prompts, mu 2, "
+    "grid, at the rollout temperature the right one often (the best of 8 samples far above greedy accuracy: "
+    "benchmarks/RESULTS.md), so RL has right answers to reinforce; accuracy is Sudoku's metric, the fraction of "
+    "empty cells filled right",
+    "lr 2e-3, 30 steps (at 60, greedy accuracy fell back from its step-30 level: benchmarks/RESULTS.md), 256 "
+    "held-out puzzles; everything else (L 32 / block 32 / 16 steps, G 8 x 4 prompts, mu 2, "
     "K 2, the paper's algorithm knobs) as tiny. The earlier design (countdown_small, benchmarks/RESULTS.md) gave "
     "RL no gain",
 )
@@ -992,7 +995,7 @@ def _dtrpo_presets() -> dict[str, Preset]:
                      "task, lr and steps with dtrpo-tiny's pairs and step", _merge(_COMPARE_OVERRIDES, tiny.overrides),
                      method="dtrpo", notes=(
         "as dtrpo-tiny (pairs of 64 prompts x G 8 of the starting checkpoint, built on first use and cached; DPO "
-        "beta 0.1; 4 pairs per step, mu 1, no early stop) on compare-tiny's checkpoint and task, lr 2e-3, 60 steps",
+        "beta 0.1; 4 pairs per step, mu 1, no early stop) on compare-tiny's checkpoint and task, lr 2e-3, 30 steps",
     ))
     out = {tiny.name: tiny, compare.name: compare}
     for task in ("gsm8k", "math"):

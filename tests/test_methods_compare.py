@@ -170,6 +170,7 @@ def test_pass_at_k_counts_prompts_with_a_right_sample(small_checkpoint):
     assert res["examples"] == 3 and res["k"] == 2
     assert 0.0 <= res["greedy_accuracy"] <= 1.0 and 0.0 <= res["sampled_accuracy"] <= 1.0
     assert res["pass_at_k"] * 3 == pytest.approx(round(res["pass_at_k"] * 3))  # prompts with a fully right sample
+    assert res["sampled_accuracy"] <= res["best_of_k"] <= 1.0 and res["pass_at_k"] <= res["best_of_k"]
     with pytest.raises(ValueError, match="temperature"):
         pass_at_k(model, task, examples, k=2, gen_length=32, block_length=32, steps=16, temperature=0.0)
 
