@@ -13,6 +13,7 @@ import math
 import pytest
 
 from benchmarks import methods as bm
+from benchmarks import paired_gain as pg
 from benchmarks.pass_at_k import pass_at_k
 from stp import pretrain as pt
 from stp.tasks import get_task
@@ -160,6 +161,20 @@ def test_budget_and_standard_errors():
     assert gse == pytest.approx(math.sqrt(0.25 / 100 + 0.16 / 100 + 0.01))
 
 
+def test_paired_standard_errors():
+    after, before = [0.5, 1.0, 0.25, 0.75], [0.25, 0.5, 0.25, 0.5]
+    g, se = pg.paired_gain(after, before)
+    d = [0.25, 0.5, 0.0, 0.25]
+    mean = sum(d) / 4
+    assert g == pytest.approx(mean)
+    assert se == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4))
+    m, s = pg.combine_seeds([(0.1, 0.01), (0.2, 0.02)])
+    assert m == pytest.approx(0.15)
+    assert s == pytest.approx(math.sqrt((0.01 ** 2 + 0.02 ** 2) / 4 + 0.005 / 2))
+    with pytest.raises(ValueError, match="two equal lengths"):
+        pg.paired_gain([1.0, 0.0], [1.0])
+
+
 def test_pass_at_k_counts_prompts_with_a_right_sample(small_checkpoint):
     from stp import models
 
@@ -216,6 +231,12 @@ def test_short_comparison_table_and_real_accuracies(small_checkpoint, tmp_path):
         assert res["variance"] is not None and res["variance"]["variance"] >= 0
     assert record["results"][0]["variance"]["anchor_fraction"] == pytest.approx(0.05)  # stp: 1 - rho
     assert record["results"][1]["variance"]["estimator"] == "d1"
+
+    paired = pg.main(["--work", str(work), "--methods", "stp", "d1", "--seeds", "0", "1"])
+    assert not paired["notes"]  # every re-evaluation reproduced its run's summary.json
+    for res in record["results"]:
+        mean_gain = sum(r["accuracy_after"] - r["accuracy_before"] for r in res["per_seed"]) / 2
+        assert paired["results"][res["method"]]["mean"] == pytest.approx(mean_gain)
 
     stamp = (work / "stp" / "seed0" / "summary.json").stat().st_mtime_ns
     again = bm.main(argv)
