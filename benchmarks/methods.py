@@ -4,7 +4,7 @@
                                  [--eval-every 20] [--work runs/methods] [--out benchmarks/methods.md]
 
 Which runs. Every method registered in ``stp.methods.METHODS`` (or ``--methods``), on the base preset
-(``--base compare-tiny``: the tiny model pretrained on one-digit Countdown, ``stp.tasks.countdown_small``), with
+(``--base compare-tiny``: the tiny Sudoku model pretrained with relabelled answers, ``pretrained:sudoku_relabel``), with
 this rule for its settings:
 
 1. the preset ``<method>-<base>`` when it exists and names that method (a method's own published settings, e.g.

@@ -10,7 +10,9 @@ checkpoint (``model.name_or_path``, built and cached on first use), held-out pro
 
 - greedy: temperature 0 (the evaluation protocol), one completion per prompt: accuracy = pass@1 (greedy);
 - sampled: ``--k`` completions per prompt at ``rollout.temperature`` (the rollouts' temperature), each with its own
-  noise: pass@1 (sampled) = mean accuracy, pass@k = fraction of prompts with at least one right completion.
+  noise: pass@1 (sampled) = mean accuracy, pass@k = fraction of prompts with at least one right completion (metric
+  1); best-of-k = the mean over prompts of the best of the k metrics: for a graded metric (Sudoku's fraction of empty
+  cells filled right) what a prompt's best sample reaches, where pass@k (a whole grid right) says little.
 
 Standard errors are over prompts (binomial, sqrt(p (1 - p) / n)). Accuracy is the task's ``metric``.
 """
@@ -60,11 +62,14 @@ def pass_at_k(model, task, examples: Sequence[Mapping[str, Any]], *, k: int, gen
     p1 = greedy["accuracy"]
     ps = sampled["accuracy"]
     pk = sum(solved) / n
+    best = [max(m) for m in per_example]
+    best_mean = sum(best) / n
+    best_se = math.sqrt(sum((b - best_mean) ** 2 for b in best) / (n - 1) / n) if n > 1 else float("nan")
     return {"examples": n, "k": k, "temperature": temperature,
             "greedy_accuracy": p1, "greedy_accuracy_se": _se(p1, n),
             "greedy_answer_rate": greedy["answer_rate"],
             "sampled_accuracy": ps, "sampled_accuracy_se": _se(ps, n * k),
-            "pass_at_k": pk, "pass_at_k_se": _se(pk, n),
+            "pass_at_k": pk, "pass_at_k_se": _se(pk, n), "best_of_k": best_mean, "best_of_k_se": best_se,
             "prompts_with_mixed_groups": sum(1 for m in per_example if 0 < sum(m) < k) / n,
             "seconds_greedy": t_greedy, "seconds_sampled": t_sampled,
             "example_greedy": greedy["records"][0]["completion"],
@@ -109,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{name} on {cfg.run.task} ({res['examples']} held-out prompts, L {r.gen_length} / block "
           f"{r.block_length} / {r.steps} steps): greedy accuracy {res['greedy_accuracy']:.3f} +- "
           f"{res['greedy_accuracy_se']:.3f}; at T={res['temperature']:g}: accuracy {res['sampled_accuracy']:.3f}, "
-          f"pass@{args.k} {res['pass_at_k']:.3f} +- {res['pass_at_k_se']:.3f}; prompts with mixed groups "
+          f"pass@{args.k} {res['pass_at_k']:.3f} +- {res['pass_at_k_se']:.3f}, best-of-{args.k} "
+          f"{res['best_of_k']:.3f} +- {res['best_of_k_se']:.3f}; prompts with mixed groups "
           f"{res['prompts_with_mixed_groups']:.3f}; {res['seconds_greedy']:.0f} s + {res['seconds_sampled']:.0f} s")
     print(f"  e.g. greedy {res['example_greedy']!r}, sampled {res['example_sampled']!r}")
     if args.out:

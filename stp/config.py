@@ -213,7 +213,8 @@ class ModelConfig(_Section):
     section: ClassVar[str] = "model"
 
     name_or_path: str = _f("pretrained:sudoku", "'pretrained:TASK' (the embedded tiny model after `python -m "
-                           "stp.pretrain --task TASK`, built and cached on first use), 'tiny' (the embedded tiny "
+                           "stp.pretrain --task TASK`, built and cached on first use; 'pretrained:sudoku_relabel': "
+                           "a named variant, stp.pretrain.CHECKPOINTS), 'tiny' (the embedded tiny "
                            "model, random weights), a local model directory (LLaDA, Dream, or one saved by stp) or a "
                            "Hugging Face Hub id such as GSAI-ML/LLaDA-8B-Instruct")
     dtype: str = _f("auto", "dtype the base weights are loaded in (auto: the checkpoint's stored dtype)",
@@ -234,9 +235,10 @@ class ModelConfig(_Section):
         self._coerce_all()
         self._need("name_or_path", bool(self.name_or_path.strip()), "a non-empty name or path")
         if self.name_or_path.startswith("pretrained:"):
-            self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown", "countdown_small"),
-                       "'pretrained:sudoku', 'pretrained:countdown' or 'pretrained:countdown_small' (the tasks "
-                       "stp.pretrain knows)")
+            self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown", "countdown_small",
+                                                                             "sudoku_relabel"),
+                       "'pretrained:sudoku', 'pretrained:countdown', 'pretrained:countdown_small' (the tasks "
+                       "stp.pretrain knows) or 'pretrained:sudoku_relabel' (stp.pretrain.CHECKPOINTS)")
         self._positive("lora_r", "lora_alpha")
         self._need("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a number in [0, 1)")
         self._need("lora_target_modules", len(self.lora_target_modules) > 0 and all(
@@ -866,20 +868,24 @@ _TINY_DESCRIPTION = ("the default: the embedded tiny model (~0.9 M parameters, c
 
 
 # The methods' comparison (benchmarks/methods.py): a task on which RL improves answers within CPU minutes.
-_COMPARE_DESCRIPTION = ("the methods' comparison: the tiny model pretrained on Countdown with one-digit numbers "
-                        "(stp.tasks.countdown_small), where RL raises greedy held-out accuracy within CPU minutes")
+_COMPARE_DESCRIPTION = ("the methods' comparison: the tiny Sudoku model pretrained on a corpus whose answers are 60 % "
+                        "a relabelled (wrong) grid (pretrained:sudoku_relabel), where RL raises greedy held-out "
+                        "accuracy within CPU minutes")
 _COMPARE_OVERRIDES = {
-    "model": {"name_or_path": "pretrained:countdown_small"},
-    "grpo": {"max_steps": 60, "learning_rate": 2e-3},
-    "run": {"task": "countdown_small", "eval_examples": 256},
+    "model": {"name_or_path": "pretrained:sudoku_relabel"},
+    "grpo": {"max_steps": 30, "learning_rate": 2e-3},
+    "run": {"task": "sudoku", "eval_examples": 256},
 }
 _COMPARE_NOTES = (
-    "the starting checkpoint is stp.pretrain's countdown_small one (compact prompt, its defaults): it solves some "
-    "held-out puzzles greedily and many more among 8 samples at the rollout temperature (pass@8 far above greedy "
-    "accuracy: benchmarks/RESULTS.md), so RL has right answers to reinforce",
-    "lr 2e-3 (tiny's 5e-4 left greedy accuracy flat over 120 steps: benchmarks/RESULTS.md), 60 steps, 256 held-out "
-    "puzzles; everything else (L 32 / block 32 / 16 steps, G 8 x 4 prompts, mu 2, K 2, the paper's algorithm knobs) "
-    "as tiny",
+    "the starting checkpoint is stp.pretrain's sudoku_relabel one (format_noise 0, relabel_noise 0.6: 60 % of the "
+    "SFT answers are the solution relabelled d -> d % 4 + 1, a valid but wrong grid): greedily it writes the wrong "
+    "grid, at the rollout temperature the right one often (the best of 8 samples far above greedy accuracy: "
+    "benchmarks/RESULTS.md), so RL has right answers to reinforce; accuracy is Sudoku's metric, the fraction of "
+    "empty cells filled right",
+    "lr 2e-3, 30 steps (at 60, greedy accuracy fell back from its step-30 level: benchmarks/RESULTS.md), 256 "
+    "held-out puzzles; everything else (L 32 / block 32 / 16 steps, G 8 x 4 prompts, mu 2, "
+    "K 2, the paper's algorithm knobs) as tiny. The earlier design (countdown_small, benchmarks/RESULTS.md) gave "
+    "RL no gain",
 )
 
 
@@ -949,7 +955,10 @@ def _build_presets() -> dict[str, Preset]:
     compare = Preset("compare-tiny", _COMPARE_DESCRIPTION, _COMPARE_OVERRIDES, notes=_COMPARE_NOTES)
     presets.update({"compare-tiny": compare, "d1-compare-tiny": _d1_of(compare, "d1-compare-tiny",
                                                                        2 * GRPOConfig.num_iterations),
-                    "elbo-compare-tiny": _elbo_of(compare, "elbo-compare-tiny")})
+                    "elbo-compare-tiny": _elbo_of(compare, "elbo-compare-tiny"),
+                    "diffpo-compare-tiny": _diffpo_of(compare, "diffpo-compare-tiny",
+                                                      {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.2},
+                                                      "DiFFPO (joint) in the methods' comparison (as diffpo-tiny)")})
     for task, t in _TASKS.items():
         stp = Preset(f"llada-{task}", f"STP on LLaDA-8B-Instruct, {task} (the paper's settings)", _merge(_PAPER, {
             "prior": {"rho": t["rho"]},
@@ -982,7 +991,13 @@ def _dtrpo_presets() -> dict[str, Preset]:
         "settings under $STP_CACHE_DIR/pairs (like the pretrained checkpoint), revisited in shuffled epochs",
         "no early stop (the pairs are decoded without it); mu 1: one optimizer step per batch of pairs",
     ))
-    out = {tiny.name: tiny}
+    compare = Preset("dtrpo-compare-tiny", "dTRPO offline in the methods' comparison: compare-tiny's checkpoint, "
+                     "task, lr and steps with dtrpo-tiny's pairs and step", _merge(_COMPARE_OVERRIDES, tiny.overrides),
+                     method="dtrpo", notes=(
+        "as dtrpo-tiny (pairs of 64 prompts x G 8 of the starting checkpoint, built on first use and cached; DPO "
+        "beta 0.1; 4 pairs per step, mu 1, no early stop) on compare-tiny's checkpoint and task, lr 2e-3, 30 steps",
+    ))
+    out = {tiny.name: tiny, compare.name: compare}
     for task in ("gsm8k", "math"):
         base = {k: v for k, v in _PAPER.items() if k not in ("prior", "estimator")}
         overrides = _merge(base, {

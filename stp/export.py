@@ -119,9 +119,9 @@ def _base_directory(model: str) -> Path | None:
     if model == "tiny":
         return None
     if model.startswith("pretrained:"):
-        from stp.pretrain import ensure_pretrained
+        from stp.pretrain import resolve_model_name
 
-        return ensure_pretrained(task=model.split(":", 1)[1])
+        return Path(resolve_model_name(model))
     return resolve_directory(model)
 
 

@@ -43,6 +43,17 @@ answer. Two knobs make the SFT corpus imperfect the way real SFT data is:
   not better Sudoku (README, "What the default run shows"). At 0.5 the greedy format depends on the data seed
   (either way round); 0.7 leaves no tagged samples to learn from.
 - ``answer_noise``: the fraction of the empty cells of each reference answer replaced by a random digit.
+- ``relabel_noise`` (Sudoku only): the fraction of references whose answer is the solution with every digit
+  relabelled by the fixed cyclic permutation d -> d % 4 + 1 (``1234`` -> ``2341``), tags intact. The relabelled grid
+  is a valid Sudoku, consistent and learnable, but wrong: it contradicts every given and fills no empty cell right
+  (reward 0). At 0.6 (``pretrained:sudoku_relabel``, with ``format_noise`` 0) the SFT model writes the relabelled
+  grid under greedy decoding and the right one in a good share of its samples at temperature 0.9: a checkpoint
+  whose pass@8 is far above its greedy accuracy, on which RL can raise greedy accuracy within CPU minutes (the
+  methods' comparison, ``compare-tiny``; numbers in benchmarks/RESULTS.md). A zero ``relabel_noise`` draws nothing
+  and is left out of the settings hash, so checkpoints built before the knob existed keep their cache names.
+
+Named checkpoints (``CHECKPOINTS``): ``pretrained:NAME`` is a task's defaults (``pretrained:sudoku``) or a named
+variant with its own overrides (``pretrained:sudoku_relabel``: sudoku, ``format_noise`` 0, ``relabel_noise`` 0.6).
 
 Training puzzles come from the generator's train split with ``data_seed`` (1 by default): a different stream from
 the one ``stp.train`` draws its RL prompts from (seed 0), and never a held-out (test-split) grid. Numbers are in
@@ -80,9 +91,11 @@ from stp.tasks.prompts import (  # noqa: F401
     task_with_prompt,
 )
 
-__all__ = ["DEFAULTS", "PROMPT_FORMATS", "PretrainError", "compact_prompt", "compact_task", "task_with_prompt",
+__all__ = ["DEFAULTS", "CHECKPOINTS", "PROMPT_FORMATS", "PretrainError", "compact_prompt", "compact_task",
+           "task_with_prompt",
            "reference_completion", "default_settings",
-           "settings_hash", "make_batch", "sft_loss", "pretrain", "ensure_pretrained", "default_cache_dir", "main"]
+           "settings_hash", "checkpoint_settings", "make_batch", "sft_loss", "pretrain", "ensure_pretrained",
+           "default_cache_dir", "main"]
 
 FORMAT_VERSION = 1
 INFO_FILE = "pretrain.json"
@@ -91,18 +104,24 @@ MASK_EPS = 1e-3
 # Defaults per task; every key is a keyword of `pretrain` (and a CLI flag). The model keys go to `build_tiny`.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sudoku": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
-                   block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.6, eval_examples=32,
-                   eval_seed=0,
+                   block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.6, relabel_noise=0.0,
+                   eval_examples=32, eval_seed=0,
                    hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
     "countdown": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=64,
-                      block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0, eval_examples=32,
+                      block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0,
+                      relabel_noise=0.0, eval_examples=32,
                       eval_seed=0,
                       hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
     # The methods' comparison (stp.tasks.countdown_small): small numbers, + and -, a 32-token canvas, 600 puzzles.
     "countdown_small": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
                             block_length=32, n_train=600, data_seed=1, answer_noise=0.0, format_noise=0.0,
-                            eval_examples=32, eval_seed=0,
+                            relabel_noise=0.0, eval_examples=32, eval_seed=0,
                             hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
+}
+# Named checkpoints: pretrained:NAME -> (task, overrides of its DEFAULTS). A task's name alone is its defaults.
+CHECKPOINTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # The methods' comparison (compare-tiny): a systematic wrong mode the model prefers greedily (module docstring).
+    "sudoku_relabel": ("sudoku", {"format_noise": 0.0, "relabel_noise": 0.6}),
 }
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 
@@ -125,10 +144,17 @@ def _noisy_grid(example: Mapping[str, Any], answer_noise: float, gen: torch.Gene
     return "".join(cells)
 
 
+def _relabel(grid: str) -> str:
+    """Every digit d -> d % 4 + 1: a valid grid with no cell of ``grid`` kept."""
+    return grid.translate(str.maketrans("1234", "2341"))
+
+
 def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise: float = 0.0,
-                         format_noise: float = 0.0, generator: torch.Generator | None = None) -> str:
+                         format_noise: float = 0.0, generator: torch.Generator | None = None,
+                         relabel_noise: float = 0.0) -> str:
     """The SFT target: a short reasoning and the answer in d1's format; with probability ``format_noise`` (drawn
-    from ``generator``) the answer sits between newlines instead of the tags (the same number of tokens).
+    from ``generator``) the answer sits between newlines instead of the tags (the same number of tokens); Sudoku:
+    with probability ``relabel_noise`` (drawn after it, only when > 0) the grid is relabelled (d -> d % 4 + 1).
 
     >>> reference_completion("sudoku", {"puzzle": "4123030034121034", "solution": "4123234134121234"})
     '<reasoning>04 empty</reasoning>\\n<answer>4123234134121234</answer>'
@@ -139,6 +165,9 @@ def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise:
     if task == "sudoku":
         empty = example["puzzle"].count("0")
         grid = _noisy_grid(example, answer_noise, generator)
+        if relabel_noise > 0 and generator is not None and \
+                torch.rand((), generator=generator).item() < relabel_noise:
+            grid = _relabel(grid)
         answer = f"\n{grid}\n" if bare else f"<answer>{grid}</answer>"
         return f"<reasoning>{empty:02d} empty</reasoning>\n{answer}"
     if task in ("countdown", "countdown_small"):
@@ -174,11 +203,15 @@ def validate_settings(s: Mapping[str, Any], *, flags: bool = False) -> None:
                          ("num_attention_heads", 1)):
         _check_int(n(key), s[key], minimum)
     for key, lo, hi, lo_open in (("lr", 0.0, 1.0, True), ("weight_decay", 0.0, 10.0, False),
-                                 ("answer_noise", 0.0, 1.0, False), ("format_noise", 0.0, 1.0, False)):
+                                 ("answer_noise", 0.0, 1.0, False), ("format_noise", 0.0, 1.0, False),
+                                 ("relabel_noise", 0.0, 1.0, False)):
         v = s[key]
         if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 or (v <= lo if lo_open else v < lo) or v > hi):
             raise PretrainError(f"{n(key)}={v!r}: must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+    if s["relabel_noise"] and s["task"] != "sudoku":
+        raise PretrainError(f"{n('relabel_noise')}={s['relabel_noise']!r} with {n('task')}={s['task']!r}: "
+                            "allowed: 0 (relabelling is defined for sudoku's digits only)")
     if s["gen_length"] % s["block_length"]:
         raise PretrainError(f"{n('gen_length')}={s['gen_length']} is not a multiple of {n('block_length')}="
                             f"{s['block_length']}; allowed: a positive multiple of the block length")
@@ -212,7 +245,9 @@ def default_settings(task: str = "sudoku", **overrides) -> dict[str, Any]:
 
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
-    """16 hex digits: SHA-256 of the canonical JSON of the settings, the format version and the torch version."""
+    """16 hex digits: SHA-256 of the canonical JSON of the settings, the format version and the torch version. A
+    zero ``relabel_noise`` is left out (it draws nothing: the checkpoints made before the knob keep their hash)."""
+    settings = {k: v for k, v in settings.items() if not (k == "relabel_noise" and not v)}
     blob = json.dumps({**settings, "format": FORMAT_VERSION, "torch": torch.__version__.split("+")[0]},
                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -222,14 +257,14 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 
 
 def _encode_examples(tokenizer, task, examples: Sequence[Mapping[str, Any]], gen_length: int, answer_noise: float,
-                     generator: torch.Generator | None, format_noise: float = 0.0):
+                     generator: torch.Generator | None, format_noise: float = 0.0, relabel_noise: float = 0.0):
     """Left-padded prompts [N, P] with their mask, and EOS-padded reference completions [N, gen_length]."""
     prompts, completions = [], []
     for ex in examples:
         prompt = task.format_prompt(ex, tokenizer)
         prompts.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         text = reference_completion(task.name, ex, answer_noise=answer_noise, format_noise=format_noise,
-                                    generator=generator)
+                                    generator=generator, relabel_noise=relabel_noise)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > gen_length:
             raise PretrainError(f"gen_length={gen_length}: the reference completion {text!r} has {len(ids)} tokens")
@@ -301,7 +336,8 @@ def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool
     """Masked-diffusion SFT of a fresh tiny model on ``task``'s generator; writes ``out_dir`` and returns it.
 
     ``settings``: any key of ``DEFAULTS[task]`` (steps, batch_size, lr, weight_decay, warmup, seed, gen_length,
-    block_length, n_train, data_seed, answer_noise, eval_examples, eval_seed and the model sizes); the rest keep
+    block_length, n_train, data_seed, answer_noise, format_noise, relabel_noise, eval_examples, eval_seed and the
+    model sizes); the rest keep
     their defaults. ``out_dir`` must not exist or be empty (``overwrite`` replaces it); it is written atomically
     (a temporary sibling directory renamed at the end).
     """
@@ -323,7 +359,8 @@ def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool
         else []
     noise_gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     prompt_ids, prompt_mask, completion = _encode_examples(tokenizer, ctask, train, s["gen_length"],
-                                                           s["answer_noise"], noise_gen, s["format_noise"])
+                                                           s["answer_noise"], noise_gen, s["format_noise"],
+                                                           s["relabel_noise"])
 
     before = _evaluate(model, ctask, test, s) if test else None
 
@@ -468,11 +505,29 @@ def ensure_pretrained(task: str = "sudoku", cache_dir: str | os.PathLike | None 
     return path
 
 
+def checkpoint_settings(name: str) -> tuple[str, dict[str, Any]]:
+    """``pretrained:NAME`` (or NAME) -> (task, overrides of its defaults): a task's name, or a ``CHECKPOINTS`` entry.
+
+    >>> checkpoint_settings("pretrained:sudoku_relabel")
+    ('sudoku', {'format_noise': 0.0, 'relabel_noise': 0.6})
+    """
+    key = name.split(":", 1)[1] if name.startswith("pretrained:") else name
+    if key in CHECKPOINTS:
+        task, overrides = CHECKPOINTS[key]
+        return task, dict(overrides)
+    if key in DEFAULTS:
+        return key, {}
+    raise PretrainError(f"pretrained:{key}: no such checkpoint; allowed: "
+                        f"{', '.join('pretrained:' + k for k in (*DEFAULTS, *CHECKPOINTS))}")
+
+
 def resolve_model_name(name: str, *, progress: bool = True) -> str:
-    """``pretrained:TASK`` -> the cached checkpoint directory (built on first use by ``ensure_pretrained``); any
-    other name unchanged. The model layer (``stp.models.load``) does not build checkpoints: callers resolve here."""
+    """``pretrained:NAME`` (a task, or a ``CHECKPOINTS`` name) -> the cached checkpoint directory (built on first use
+    by ``ensure_pretrained``); any other name unchanged. The model layer (``stp.models.load``) does not build
+    checkpoints: callers resolve here."""
     if name.startswith("pretrained:"):
-        return str(ensure_pretrained(task=name.split(":", 1)[1], progress=progress))
+        task, overrides = checkpoint_settings(name)
+        return str(ensure_pretrained(task=task, progress=progress, **overrides))
     return name
 
 
@@ -504,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
              "n_train": "generated training puzzles", "data_seed": "seed of the training-puzzle generator",
              "answer_noise": "fraction of reference empty cells replaced by a random digit",
              "format_noise": "fraction of references that write the answer bare, without the <answer> tags",
+             "relabel_noise": "sudoku: fraction of references whose grid is relabelled d -> d %% 4 + 1 (wrong)",
              "eval_examples": "held-out test puzzles scored at the end (0: none)",
              "eval_seed": "seed of the held-out puzzle generator", "hidden_size": "model width",
              "num_hidden_layers": "layers", "intermediate_size": "MLP width", "num_attention_heads": "heads"}

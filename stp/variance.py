@@ -258,7 +258,12 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     from .pretrain import DEFAULTS, PRETRAIN_TASKS
 
     if args.task is None:
-        args.task = args.model.split(":", 1)[1] if args.model.startswith("pretrained:") else "sudoku"
+        if args.model.startswith("pretrained:"):
+            from .pretrain import checkpoint_settings
+
+            args.task = checkpoint_settings(args.model)[0]
+        else:
+            args.task = "sudoku"
     if args.prompt_format is None:
         args.prompt_format = "compact" if _is_tiny(args.model) and args.task in PRETRAIN_TASKS else "chat"
     if args.gen_length is None:

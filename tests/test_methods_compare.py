@@ -1,5 +1,6 @@
-"""The methods' comparison: its task (stp.tasks.countdown_small), its checkpoint recipe, the pass@k probe and a
-shortened run of the harness (benchmarks/methods.py) whose accuracies are checked against an independent evaluation.
+"""The methods' comparison: its checkpoint recipe (stp.pretrain's relabel_noise, pretrained:sudoku_relabel), the
+earlier countdown_small task, the pass@k probe and a shortened run of the harness (benchmarks/methods.py) whose
+accuracies are checked against an independent evaluation.
 
 The checkpoint here is a very small model (width 32, one layer, a few SFT steps): the harness is what is tested, not
 the task's difficulty (benchmarks/RESULTS.md measures that)."""
@@ -12,6 +13,7 @@ import math
 import pytest
 
 from benchmarks import methods as bm
+from benchmarks import paired_gain as pg
 from benchmarks.pass_at_k import pass_at_k
 from stp import pretrain as pt
 from stp.tasks import get_task
@@ -23,7 +25,52 @@ SMALL = dict(steps=3, batch_size=4, n_train=8, eval_examples=2, hidden_size=32, 
 
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
-    return pt.pretrain("countdown_small", out_dir=tmp_path_factory.mktemp("ckpt") / "cs", progress=False, **SMALL)
+    """compare-tiny's recipe (sudoku, relabel_noise 0.6, format_noise 0) at a very small size."""
+    _, recipe = pt.checkpoint_settings("pretrained:sudoku_relabel")
+    return pt.pretrain("sudoku", out_dir=tmp_path_factory.mktemp("ckpt") / "sr", progress=False, **SMALL, **recipe)
+
+
+def test_relabel_noise_writes_relabelled_grids_at_its_rate():
+    import torch
+
+    from stp.tasks.sudoku import valid_grid
+
+    task = pt.compact_task("sudoku")
+    train = task.load("train", source="generated", n=2000, seed=1)
+    ex = train[0]
+    relabelled = "".join(str(int(d) % 4 + 1) for d in ex["solution"])
+    text = pt.reference_completion("sudoku", ex, relabel_noise=1.0, generator=torch.Generator().manual_seed(0))
+    assert text.endswith(f"<answer>{relabelled}</answer>") and valid_grid(relabelled)
+    assert task.reward(text, ex) == 0.0  # consistent but wrong: no empty cell right
+    assert pt.reference_completion("sudoku", ex, relabel_noise=0.0, generator=torch.Generator()).endswith(
+        f"<answer>{ex['solution']}</answer>")
+    gen = torch.Generator().manual_seed(5)
+    texts = [pt.reference_completion("sudoku", e, relabel_noise=0.6, generator=gen) for e in train]
+    wrong = sum(task.reward(t, e) == 0.0 for t, e in zip(texts, train)) / len(train)
+    assert abs(wrong - 0.6) < 4 * math.sqrt(0.24 / len(train))  # the requested rate (4 standard errors)
+    assert all(t.count("<answer>") == 1 for t in texts)  # tags always kept (format_noise 0)
+
+
+def test_relabel_noise_is_validated_and_part_of_the_settings_hash():
+    base = pt.default_settings("sudoku")
+    assert base["relabel_noise"] == 0.0
+    legacy = {k: v for k, v in base.items() if k != "relabel_noise"}
+    assert pt.settings_hash(base) == pt.settings_hash(legacy)  # the checkpoints made before the knob keep their hash
+    task, recipe = pt.checkpoint_settings("pretrained:sudoku_relabel")
+    assert (task, recipe) == ("sudoku", {"format_noise": 0.0, "relabel_noise": 0.6})
+    relabel = pt.default_settings(task, **recipe)
+    assert pt.settings_hash(relabel) != pt.settings_hash(pt.default_settings("sudoku", format_noise=0.0))
+    assert pt.settings_hash(relabel) != pt.settings_hash(pt.default_settings("sudoku", format_noise=0.0,
+                                                                             relabel_noise=0.5))
+    assert pt.cached_path(task, "/c", **recipe).name == f"sudoku-{pt.settings_hash(relabel)}"
+    with pytest.raises(pt.PretrainError, match=r"relabel_noise=1\.5: must be a number in \[0\.0, 1\.0\]"):
+        pt.default_settings("sudoku", relabel_noise=1.5)
+    with pytest.raises(pt.PretrainError, match="relabel_noise=0.3 with task='countdown'"):
+        pt.default_settings("countdown", relabel_noise=0.3)
+    with pytest.raises(pt.PretrainError, match="pretrained:nope: no such checkpoint"):
+        pt.checkpoint_settings("pretrained:nope")
+    with pytest.raises(SystemExit):
+        pt.main(["--relabel-noise", "-0.1", "--out", "/nonexistent/x"])
 
 
 def test_task_generates_disjoint_solvable_small_puzzles():
@@ -72,12 +119,15 @@ def test_compare_presets_follow_the_rule():
     from stp.config import PRESETS, resolve
 
     cfg = resolve("compare-tiny")
-    assert (cfg.model.name_or_path, cfg.run.task, cfg.method) == ("pretrained:countdown_small", "countdown_small",
-                                                                  "stp")
+    assert (cfg.model.name_or_path, cfg.run.task, cfg.method) == ("pretrained:sudoku_relabel", "sudoku", "stp")
     assert cfg.run.eval_examples >= 256
     assert bm.preset_for("stp", "compare-tiny") == ("compare-tiny", None)
-    assert bm.preset_for("d1", "compare-tiny") == ("d1-compare-tiny", None)
-    assert bm.preset_for("elbo", "compare-tiny") == ("elbo-compare-tiny", None)
+    for method in ("d1", "elbo", "dtrpo", "diffpo"):
+        assert bm.preset_for(method, "compare-tiny") == (f"{method}-compare-tiny", None)
+        own = resolve(f"{method}-compare-tiny")
+        assert (own.model.name_or_path, own.run.task, own.method) == (cfg.model.name_or_path, "sudoku", method)
+        assert (own.grpo.learning_rate, own.grpo.max_steps) == (cfg.grpo.learning_rate, cfg.grpo.max_steps)
+    assert bm.preset_for("dtrpo-online", "compare-tiny") == ("compare-tiny", "dtrpo-online")
     assert bm.preset_for("d1", "tiny") == ("d1-tiny", None)
     # A method with no preset of its own joins through --method on the base preset.
     assert bm.preset_for("elbo", "llada-gsm8k") == ("llada-gsm8k", None) or "elbo-llada-gsm8k" not in PRESETS
@@ -111,16 +161,31 @@ def test_budget_and_standard_errors():
     assert gse == pytest.approx(math.sqrt(0.25 / 100 + 0.16 / 100 + 0.01))
 
 
+def test_paired_standard_errors():
+    after, before = [0.5, 1.0, 0.25, 0.75], [0.25, 0.5, 0.25, 0.5]
+    g, se = pg.paired_gain(after, before)
+    d = [0.25, 0.5, 0.0, 0.25]
+    mean = sum(d) / 4
+    assert g == pytest.approx(mean)
+    assert se == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4))
+    m, s = pg.combine_seeds([(0.1, 0.01), (0.2, 0.02)])
+    assert m == pytest.approx(0.15)
+    assert s == pytest.approx(math.sqrt((0.01 ** 2 + 0.02 ** 2) / 4 + 0.005 / 2))
+    with pytest.raises(ValueError, match="two equal lengths"):
+        pg.paired_gain([1.0, 0.0], [1.0])
+
+
 def test_pass_at_k_counts_prompts_with_a_right_sample(small_checkpoint):
     from stp import models
 
     model = models.load(str(small_checkpoint))
-    task = pt.compact_task("countdown_small")
+    task = pt.compact_task("sudoku")
     examples = task.load("test", source="generated", n=3)
     res = pass_at_k(model, task, examples, k=2, gen_length=32, block_length=32, steps=16, temperature=0.9)
     assert res["examples"] == 3 and res["k"] == 2
-    assert res["greedy_accuracy"] * 3 == pytest.approx(round(res["greedy_accuracy"] * 3))
-    assert res["sampled_accuracy"] <= res["pass_at_k"] <= 1.0
+    assert 0.0 <= res["greedy_accuracy"] <= 1.0 and 0.0 <= res["sampled_accuracy"] <= 1.0
+    assert res["pass_at_k"] * 3 == pytest.approx(round(res["pass_at_k"] * 3))  # prompts with a fully right sample
+    assert res["sampled_accuracy"] <= res["best_of_k"] <= 1.0 and res["pass_at_k"] <= res["best_of_k"]
     with pytest.raises(ValueError, match="temperature"):
         pass_at_k(model, task, examples, k=2, gen_length=32, block_length=32, steps=16, temperature=0.0)
 
@@ -159,13 +224,19 @@ def test_short_comparison_table_and_real_accuracies(small_checkpoint, tmp_path):
             summary = json.loads((work / res["method"] / f"seed{seed}" / "summary.json").read_text())
             assert row["accuracy_before"] == summary["accuracy_before"] == ev["accuracy"]
             assert row["accuracy_after"] == summary["accuracy_after"]
-            assert round(row["accuracy_after"] * 6, 9) == round(row["accuracy_after"] * 6)  # k of 6 puzzles
+            assert 0.0 <= row["accuracy_after"] <= 1.0
         mean_after = sum(r["accuracy_after"] for r in res["per_seed"]) / 2
         assert res["accuracy_after"][0] == pytest.approx(mean_after)
         assert res["nfe_per_sample"][0] > 0 and res["seconds_per_step"][0] > 0
         assert res["variance"] is not None and res["variance"]["variance"] >= 0
     assert record["results"][0]["variance"]["anchor_fraction"] == pytest.approx(0.05)  # stp: 1 - rho
     assert record["results"][1]["variance"]["estimator"] == "d1"
+
+    paired = pg.main(["--work", str(work), "--methods", "stp", "d1", "--seeds", "0", "1"])
+    assert not paired["notes"]  # every re-evaluation reproduced its run's summary.json
+    for res in record["results"]:
+        mean_gain = sum(r["accuracy_after"] - r["accuracy_before"] for r in res["per_seed"]) / 2
+        assert paired["results"][res["method"]]["mean"] == pytest.approx(mean_gain)
 
     stamp = (work / "stp" / "seed0" / "summary.json").stat().st_mtime_ns
     again = bm.main(argv)
