@@ -18,7 +18,7 @@ import torch
 from stp.models.tiny import build_tiny
 from stp.sampler import Prior, generate
 from stp.trajectory_ratio import block_steps, dpo_loss, trajectory_delta, trajectory_logprobs
-from tests.test_sampler import _prompts
+from tests._decoding import Recording, random_prompts, vocab_without_mask
 
 
 @pytest.fixture(autouse=True)
@@ -39,24 +39,9 @@ def theta_model():
     return build_tiny(seed=1, num_hidden_layers=2)
 
 
-class _Recording:
-    """The model with the canvas of every backbone call recorded (the states the decoder saw)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.calls: list[torch.Tensor] = []
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def backbone(self, x, attn=None):
-        self.calls.append(x.clone())
-        return self._model.backbone(x, attn)
-
-
 def _rollout(model, seed, *, gen_length=8, block_length=4, steps=6, **kw):
-    ids, mask = _prompts(model, [5, 3, 4], seed=seed)
-    rec = _Recording(model)
+    ids, mask = random_prompts(model, [5, 3, 4], seed=seed)
+    rec = Recording(model)
     out = generate(rec, ids, attention_mask=mask, gen_length=gen_length, block_length=block_length, steps=steps,
                    temperature=1.0, seed=seed, record_logprobs=True, **kw)
     return ids, mask, out, rec.calls
@@ -180,10 +165,10 @@ class _BlockCausal(torch.nn.Module):
 
 def test_packed_equals_exact_on_a_block_causal_model(seed):
     model = _BlockCausal(build_tiny(seed=2, num_hidden_layers=2), c_len=12, block_length=4)
-    ids, mask = _prompts(model.base, [6, 3, 5], seed=seed)
+    ids, mask = random_prompts(model.base, [6, 3, 5], seed=seed)
     # Never sample [MASK] itself (a random model may): such a position would be committed outside its block's window,
     # which 'packed' refuses.
-    vocab = torch.tensor([t for t in range(model.base.lm_head_weight.shape[0]) if t != model.base.mask_token_id])
+    vocab = vocab_without_mask(model.base)
     out = generate(model, ids, attention_mask=mask, gen_length=12, block_length=4, steps=6, temperature=1.0,
                    seed=seed, vocab=vocab)
     for it in range(2):
@@ -201,7 +186,7 @@ def test_packed_equals_exact_on_a_block_causal_model(seed):
 
 
 def test_backbone_4d_with_a_full_pattern_is_the_backbone(ref_model, seed):
-    ids, mask = _prompts(ref_model, [6, 3], seed=seed)
+    ids, mask = random_prompts(ref_model, [6, 3], seed=seed)
     ids = torch.cat([ids, torch.randint(10, 60, (2, 5))], 1)
     attn = torch.cat([mask, torch.ones(2, 5, dtype=torch.long)], 1)
     allowed = attn.bool()[:, None, :].expand(2, ids.shape[1], ids.shape[1]).contiguous()

@@ -29,30 +29,10 @@ from stp.models import build_tiny, load
 from stp.sampler import Prior, generate
 
 from ._compare import assert_close
+from ._decoding import random_prompts, vocab_without_mask
 from ._models_reference import DREAM_CONFIG, LLADA_CONFIG, dream_weights, llada_weights, write_checkpoint
 
 MODES = ("prefix", "dual")
-
-
-def _prompts(model, lengths, seed):
-    """Left-padded random prompts of the given lengths (no special tokens) and their padding mask."""
-    gen = torch.Generator().manual_seed(seed)
-    special = {model.mask_token_id, model.eos_token_id, model.pad_token_id}
-    allowed = torch.tensor([t for t in range(model.vocab_size) if t not in special])
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, width - n:] = allowed[torch.randint(0, allowed.numel(), (n,), generator=gen)]
-        mask[b, width - n:] = 1
-    return ids, mask
-
-
-def _without_mask(model):
-    """A vocabulary prior without [MASK], so that no committed x0 is [MASK] itself (an untrained model's corner case,
-    where the cached and uncached candidates differ by design: see ``stp.sampler._StepForward``)."""
-    ids = torch.arange(model.vocab_size)
-    return ids[ids != model.mask_token_id]
 
 
 def _prior(model, batch, gen_length, seed, fraction=0.2):
@@ -158,11 +138,11 @@ COMBINATIONS = {
 
 
 def _run(model, cache, opts, seed, *, gen_length=24, block_length=8, steps=12, lengths=(5, 9, 3)):
-    prompts, mask = _prompts(model, list(lengths), seed)
+    prompts, mask = random_prompts(model, list(lengths), seed)
     opts = dict(opts)
     prior = _prior(model, len(lengths), gen_length, seed) if opts.pop("anchors", False) else None
     return generate(model, prompts, attention_mask=mask, gen_length=gen_length, block_length=block_length,
-                    steps=steps, seed=seed, prior=prior, vocab=_without_mask(model), record_logprobs=True,
+                    steps=steps, seed=seed, prior=prior, vocab=vocab_without_mask(model), record_logprobs=True,
                     cache=cache, **opts)
 
 
@@ -200,7 +180,7 @@ def test_prefix_with_one_block_is_not_exact_for_deep_models(seed):
     one = build_tiny(seed=seed % 1000, num_hidden_layers=1)
     _assert_same_decode(_run(one, "prefix", {}, seed, **kw), _run(one, "none", {}, seed, **kw), "one layer")
     deep = build_tiny(seed=seed % 1000, num_hidden_layers=3)
-    prompts, mask = _prompts(deep, [6, 6], seed)
+    prompts, mask = random_prompts(deep, [6, 6], seed)
     with torch.no_grad():
         x = torch.cat([prompts, torch.full((2, 16), deep.mask_token_id)], 1)
         attn = torch.cat([mask, torch.ones(2, 16, dtype=torch.long)], 1)
@@ -281,7 +261,7 @@ def test_cached_steps_add_no_host_sync(opts):
 
 def test_bad_cache_arguments():
     model = build_tiny(seed=0, num_hidden_layers=1)
-    prompts, _ = _prompts(model, [4], 0)
+    prompts, _ = random_prompts(model, [4], 0)
     with pytest.raises(ValueError, match="cache='full'; allowed: 'none', 'prefix', 'dual'"):
         generate(model, prompts, gen_length=8, block_length=8, steps=4, cache="full")
 

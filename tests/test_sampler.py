@@ -16,6 +16,7 @@ import torch
 from stp.models import load
 from stp.sampler import ANCHOR, Prior, generate, transfer_schedule
 from stp_kernels.reference import counter_uniform, row_keys
+from tests._decoding import random_prompts, vocab_without_mask
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +24,6 @@ def model():
     m = load("tiny")
     m.eval()
     return m
-
-
-def _prompts(model, lengths, seed=0):
-    """Left-padded random prompts of the given lengths (token ids that are not special)."""
-    gen = torch.Generator().manual_seed(seed)
-    special = {model.mask_token_id, model.eos_token_id, model.pad_token_id}
-    allowed = torch.tensor([t for t in range(model.vocab_size) if t not in special])
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), model.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, width - n:] = allowed[torch.randint(0, allowed.numel(), (n,), generator=gen)]
-        mask[b, width - n:] = 1
-    return ids, mask
-
-
-def _without_mask(model):
-    """A vocabulary prior without [MASK]: an untrained model may sample [MASK] itself, which (as in LLaDA's
-    algorithm) leaves the position masked and re-decoded later; counting tests exclude that case."""
-    ids = torch.arange(model.vocab_size)
-    return ids[ids != model.mask_token_id]
 
 
 def llada_reference(model, prompt, *, steps, gen_length, block_length, temperature, seed, sample_id=0):
@@ -88,7 +68,7 @@ def llada_reference(model, prompt, *, steps, gen_length, block_length, temperatu
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_equals_llada_reference(model, temperature):
-    prompts, _ = _prompts(model, [7, 7], seed=1)
+    prompts, _ = random_prompts(model, [7, 7], seed=1)
     kw = dict(steps=16, gen_length=32, block_length=8, temperature=temperature)
     out = generate(model, prompts, seed=11, **kw)
     for b in range(prompts.shape[0]):
@@ -98,9 +78,9 @@ def test_equals_llada_reference(model, temperature):
 
 
 def test_trace_follows_the_schedule(model):
-    prompts, _ = _prompts(model, [5, 5, 5], seed=2)
+    prompts, _ = random_prompts(model, [5, 5, 5], seed=2)
     out = generate(model, prompts, steps=12, gen_length=24, block_length=8, seed=3, temperature=0.7,
-                   vocab=_without_mask(model))
+                   vocab=vocab_without_mask(model))
     per_step = torch.stack([(out.trace == s).sum(1) for s in range(12)], 1)  # [B, steps]
     expected = transfer_schedule(torch.full((3,), 8), 4).repeat(1, 3)  # 3 blocks x 4 steps
     assert torch.equal(per_step, expected)
@@ -110,13 +90,13 @@ def test_trace_follows_the_schedule(model):
 
 
 def test_anchors_are_kept_and_excluded_from_transfers(model):
-    prompts, _ = _prompts(model, [6, 6], seed=4)
+    prompts, _ = random_prompts(model, [6, 6], seed=4)
     gen = torch.Generator().manual_seed(5)
     lp = 20  # the prior covers the first 20 of 32 canvas positions
     tokens = torch.randint(10, model.vocab_size - 10, (2, lp), generator=gen)
     mask = torch.rand(2, lp, generator=gen) < 0.5
     out = generate(model, prompts, steps=16, gen_length=32, block_length=8, seed=6, temperature=0.8,
-                   prior=Prior(tokens=tokens, mask=mask), vocab=_without_mask(model))
+                   prior=Prior(tokens=tokens, mask=mask), vocab=vocab_without_mask(model))
     comp = out.completions
     assert torch.equal(comp[:, :lp][mask], tokens[mask]), "an anchor changed"
     assert torch.equal(out.trace[:, :lp] == ANCHOR, mask)
@@ -134,9 +114,9 @@ def test_early_stop_saves_the_expected_forward_passes(model):
     """L=256, block 32, 128 steps, tau=0.95: 2 tokens per step, budget floor(0.95*256) = 243 filled positions.
     After 121 steps 242 are filled; step 122 transfers 1 (reaching 243) and the sample is done; one more forward
     fills the remaining 13 positions. NFE = 122 + 1 = 123 instead of 128."""
-    prompts, _ = _prompts(model, [4, 4], seed=7)
+    prompts, _ = random_prompts(model, [4, 4], seed=7)
     out = generate(model, prompts, steps=128, gen_length=256, block_length=32, early_stop=0.95, seed=8,
-                   temperature=0.5, vocab=_without_mask(model))
+                   temperature=0.5, vocab=vocab_without_mask(model))
     assert out.nfe.tolist() == [123, 123] and out.forward_passes == 123
     assert out.num_one_shot.tolist() == [13, 13]
     assert torch.equal(out.one_shot, out.trace == 122)
@@ -149,9 +129,9 @@ def test_early_stop_landing_exactly_on_the_budget_stops_there(model):
     at step 29 with its whole k: the sample stops there, NFE = 30 + the fill = 31. (The STP authors' code marks a
     sample done only when its count would pass the budget: it would run step 30, commit nothing there, and count
     32.)"""
-    prompts, _ = _prompts(model, [4], seed=3)
+    prompts, _ = random_prompts(model, [4], seed=3)
     out = generate(model, prompts, steps=32, gen_length=64, block_length=16, early_stop=0.95, seed=2,
-                   vocab=_without_mask(model))
+                   vocab=vocab_without_mask(model))
     assert out.nfe.tolist() == [31] and out.forward_passes == 31
     assert (out.trace == 29).sum().item() == 2 and torch.equal(out.one_shot, out.trace == 30)
     assert ((out.trace >= 0) & ~out.one_shot).sum().item() == 60
@@ -159,12 +139,12 @@ def test_early_stop_landing_exactly_on_the_budget_stops_there(model):
 
 @pytest.mark.slow
 def test_early_stop_with_anchors_counts_them_in_the_budget(model):
-    prompts, _ = _prompts(model, [4], seed=9)
+    prompts, _ = random_prompts(model, [4], seed=9)
     mask = torch.zeros(1, 64, dtype=torch.bool)
     mask[0, :40:2] = True  # 20 anchors
     tokens = torch.full((1, 64), 12)
     out = generate(model, prompts, steps=32, gen_length=64, block_length=16, early_stop=0.75, seed=1,
-                   prior=Prior(tokens=tokens, mask=mask), vocab=_without_mask(model))
+                   prior=Prior(tokens=tokens, mask=mask), vocab=vocab_without_mask(model))
     budget = math.floor(0.75 * 64)
     decoded = ((out.trace >= 0) & ~out.one_shot).sum().item()
     assert decoded + 20 == budget
@@ -175,7 +155,7 @@ def test_early_stop_with_anchors_counts_them_in_the_budget(model):
 @pytest.mark.slow
 def test_mixed_prompt_lengths_equal_one_by_one(model):
     lengths = [3, 9, 6]
-    prompts, mask = _prompts(model, lengths, seed=10)
+    prompts, mask = random_prompts(model, lengths, seed=10)
     kw = dict(steps=8, gen_length=16, block_length=8, seed=21, temperature=0.8)
     batch = generate(model, prompts, attention_mask=mask, **kw)
     for b, n in enumerate(lengths):
@@ -185,12 +165,12 @@ def test_mixed_prompt_lengths_equal_one_by_one(model):
 
 @pytest.mark.slow
 def test_random_remasking_and_threshold_decoding(model):
-    prompts, _ = _prompts(model, [5, 5], seed=12)
+    prompts, _ = random_prompts(model, [5, 5], seed=12)
     rnd = generate(model, prompts, steps=16, gen_length=32, block_length=8, seed=2, remasking="random",
-                   vocab=_without_mask(model))
+                   vocab=vocab_without_mask(model))
     assert (rnd.completions != model.mask_token_id).all()
     thr = generate(model, prompts, steps=16, gen_length=32, block_length=8, seed=2, confidence_threshold=0.02,
-                   vocab=_without_mask(model))
+                   vocab=vocab_without_mask(model))
     assert (thr.completions != model.mask_token_id).all()
     assert (thr.nfe <= 16).all() and thr.forward_passes <= 16
     per_step = torch.stack([(thr.trace == s).sum(1) for s in range(thr.forward_passes)], 1)
@@ -211,6 +191,6 @@ def test_random_remasking_and_threshold_decoding(model):
     ],
 )
 def test_bad_arguments(model, kwargs, message):
-    prompts, _ = _prompts(model, [4], seed=0)
+    prompts, _ = random_prompts(model, [4], seed=0)
     with pytest.raises(ValueError, match=message):
         generate(model, prompts, **kwargs)

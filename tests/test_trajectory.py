@@ -12,7 +12,7 @@ import torch
 
 from stp.models import load
 from stp.sampler import Prior, generate
-from tests.test_sampler import _prompts, _without_mask
+from tests._decoding import Recording, random_prompts, vocab_without_mask
 
 
 @pytest.fixture(scope="module")
@@ -20,21 +20,6 @@ def model():
     m = load("tiny")
     m.eval()
     return m
-
-
-class _Recording:
-    """The model with its backbone calls recorded: (canvas [B, P + L], attention mask) per forward pass."""
-
-    def __init__(self, model):
-        self._model = model
-        self.calls: list[torch.Tensor] = []
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def backbone(self, x, attn=None):
-        self.calls.append(x.clone())
-        return self._model.backbone(x, attn)
 
 
 def _anchors(batch: int, length: int, seed: int, vocab_size: int, forbidden: set[int]) -> Prior:
@@ -58,13 +43,13 @@ SETTINGS = [
 def test_replaying_the_record_rebuilds_every_canvas(model, settings):
     settings = dict(settings)
     use_anchors = settings.pop("anchors", False)
-    ids, attn = _prompts(model, [5, 3, 7], seed=1)
+    ids, attn = random_prompts(model, [5, 3, 7], seed=1)
     L = settings["gen_length"]
     prior = None
     if use_anchors:
         prior = _anchors(3, L, 2, model.vocab_size, {model.mask_token_id, model.eos_token_id, model.pad_token_id})
-    vocab = _without_mask(model)
-    rec = _Recording(model)
+    vocab = vocab_without_mask(model)
+    rec = Recording(model)
     out = generate(rec, ids, attention_mask=attn, prior=prior, seed=11, vocab=vocab, record_logprobs=True,
                    **settings)
     plain = generate(model, ids, attention_mask=attn, prior=prior, seed=11, vocab=vocab, **settings)
