@@ -159,29 +159,44 @@ def generate(
     >>> [p["nums"] + [p["target"]] for p in generate(2, "test", seed=0)] == [p["nums"] + [p["target"]] for p in generate(2, "test", seed=0)]
     True
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(f"countdown:{split}:{seed}")
-    seen: set[tuple] = set()
-    out: list[dict] = []
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 200 * n + 1000:
-            raise RuntimeError(f"could not make {n} distinct {split} puzzles; widen num_range/target_range")
+    def draw(rng: random.Random):
         nums = [rng.randint(*num_range) for _ in range(3)]
         reachable = _combos(tuple(nums))
         targets = sorted(
             int(v) for v in reachable if v.denominator == 1 and target_range[0] <= v <= target_range[1]
         )
         if not targets:
-            continue
+            return None
         target = rng.choice(targets)
+        return nums, target, reachable[Fraction(target)]
+
+    return distinct_puzzles(n, split, f"countdown:{split}:{seed}", draw, test_fraction,
+                            "widen num_range/target_range")
+
+
+def distinct_puzzles(n: int, split: str, rng_name: str, draw, test_fraction: float, hint: str) -> list[dict]:
+    """``n`` distinct puzzles of ``split`` from ``draw(rng) -> (nums, target, solution) | None`` (None: no puzzle
+    from this draw), with ``random.Random(rng_name)``. A draw is kept when its key (sorted numbers, target) is new
+    and :func:`split_of` puts it in ``split``; ``hint`` ends the error when too few distinct puzzles exist."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(rng_name)
+    seen: set[tuple] = set()
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 200 * n + 1000:
+            raise RuntimeError(f"could not make {n} distinct {split} puzzles; {hint}")
+        drawn = draw(rng)
+        if drawn is None:
+            continue
+        nums, target, solution = drawn
         key = (tuple(sorted(nums)), target)
         if key in seen or split_of(nums, target, test_fraction) != split:
             continue
         seen.add(key)
-        out.append({"nums": nums, "target": target, "solution": reachable[Fraction(target)]})
+        out.append({"nums": nums, "target": target, "solution": solution})
     return out
 
 

@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .countdown import Countdown, split_of
+from .countdown import Countdown, distinct_puzzles
 
 __all__ = ["SmallCountdown", "generate", "NUM_RANGE", "TEST_FRACTION"]
 
@@ -42,16 +42,7 @@ def generate(n: int, split: str, seed: int = 0) -> list[dict]:
     >>> [e["solution"] for e in generate(2, "test")] == [e["solution"] for e in generate(2, "test")]
     True
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(f"countdown_small:{split}:{seed}")
-    seen: set[tuple] = set()
-    out: list[dict] = []
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 200 * n + 1000:
-            raise RuntimeError(f"could not make {n} distinct {split} puzzles (about 1,260 exist, 30 % of them test)")
+    def draw(rng: random.Random):
         a, b, c = (rng.randint(*NUM_RANGE) for _ in range(3))
         reach: dict[int, str] = {}
         for sb in "+-":
@@ -60,14 +51,12 @@ def generate(n: int, split: str, seed: int = 0) -> list[dict]:
                 if value >= 1:
                     reach.setdefault(value, f"{a:02d}{sb}{b:02d}{sc}{c:02d}")
         if not reach:
-            continue
+            return None
         target = rng.choice(sorted(reach))
-        key = (tuple(sorted((a, b, c))), target)
-        if key in seen or split_of([a, b, c], target, TEST_FRACTION) != split:
-            continue
-        seen.add(key)
-        out.append({"nums": [a, b, c], "target": target, "solution": reach[target]})
-    return out
+        return [a, b, c], target, reach[target]
+
+    return distinct_puzzles(n, split, f"countdown_small:{split}:{seed}", draw, TEST_FRACTION,
+                            "about 1,260 exist, 30 % of them test")
 
 
 @dataclass(frozen=True)
