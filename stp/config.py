@@ -1,33 +1,26 @@
-"""Training configuration: the sections assembled into :class:`TrainConfig`, presets as recipe files, the layering
-of values and the command line generated from the sections.
+"""Training configuration: the sections assembled into :class:`TrainConfig`, the presets (recipe files), the layering
+of values and the command line generated from the sections. Reading it does not import torch.
 
-Where the settings live (each field carries its help text; ``stp.settings`` says what a section is made of)::
+Where the settings live (every field with its help text; ``stp.settings`` says what a section is made of)::
 
     stp/sections.py          the sections every method shares: model, rollout, prior, estimator, grpo, run
-    stp/methods/<name>.py    a method's own section beside the method, registered with it (``Method.sections``):
-                             diffpo (stp.methods.diffpo), dtrpo (stp.methods.dtrpo); a new method adds its
-                             section there and nothing here changes
-    stp/recipes/<name>.yaml  the presets: config files a user can copy; a variant names the recipe it extends
-                             under ``preset`` and states only what differs (``python -m stp.config --preset NAME
-                             --print`` shows one resolved)
+    stp/methods/<name>.py    a method's own section, registered with it (``Method.sections``): diffpo, dtrpo
+    stp/recipes/<name>.yaml  the presets: config files to copy; a variant names the recipe it extends (``preset``)
 
 Values are resolved in layers, each overriding the one before::
 
     dataclass defaults (= the ``tiny`` preset)  <  --preset NAME  <  --config FILE.yaml  <  --section.field flags
 
-Every value is checked in its section's ``__post_init__`` (cross-section rules in ``TrainConfig._check`` and the
-method's ``check``) before any model loads. A bad value raises :class:`ConfigError`, which names the dotted field,
-the value and what is allowed, and where the value came from (``cfg.yaml, line 7``, ``command line
---grpo.epsilon``, ``preset 'llada-gsm8k'``)::
+Every value is checked before any model loads (each section's ``__post_init__``, then ``TrainConfig._check`` and
+the method's ``check``); a bad one raises :class:`ConfigError` naming the dotted field, the value, what is allowed
+and where it came from (``cfg.yaml, line 7``, ``command line --grpo.epsilon``, ``preset 'llada-gsm8k'``)::
 
     >>> parse_args(["--preset", "llada-gsm8k", "--grpo.learning_rate", "1e-6"]).grpo.learning_rate
     1e-06
 
-Command line: ``python -m stp.train [--preset NAME] [--config FILE.yaml] [--section.field VALUE ...]``; booleans
-also as ``--run.resume`` / ``--no-run.resume``; optional values take ``none``; lists are comma-separated.
-``python -m stp.config --preset llada-gsm8k --print`` prints the resolved configuration as YAML (the same form
-``to_dict`` saves with a run, which ``--config`` reads back); ``--presets-table`` prints the README's table.
-Reading this module does not import torch.
+Command line: ``python -m stp.train [--preset NAME] [--config FILE.yaml] [--section.field VALUE ...]``;
+``python -m stp.config ... --print`` prints the resolved configuration as YAML (the form a run saves, which
+``--config`` reads back), ``--presets-table`` the README's table of the presets.
 """
 
 from __future__ import annotations
@@ -37,24 +30,23 @@ import dataclasses
 import sys
 import typing
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stp.recipes import FOLDER as RECIPES  # the presets' files
+from stp.recipes import Preset, read_recipes
 from stp.sections import (ATTN_IMPLEMENTATIONS, CACHE_MODES, ESTIMATORS, FREE_RULES, MASK_SCHEMES,  # noqa: F401
                           REPORT_TO, SCORE_MODES, SHARED, STRATEGIES, EstimatorConfig, GRPOConfig, ModelConfig,
-                          PriorConfig, RolloutConfig, RunConfig)
+                          PriorConfig, RolloutConfig, RunConfig, check_shared)
 from stp.settings import ConfigError, Section, _split_type, load_yaml
 
 __all__ = ["ConfigError", "ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig",
            "TrainConfig", "Preset", "PRESETS", "RECIPES", "DEFAULT_PRESET", "DEFAULT_METHOD", "SECTIONS",
-           "visible_fields", "resolve", "load_yaml", "load_recipes", "build_parser", "parse_args", "presets_table",
-           "main"]
+           "visible_fields", "resolve", "load_yaml", "build_parser", "parse_args", "presets_table", "main"]
 
 REPEATABLE = ("run.reward",)  # flags that may be given more than once
 DEFAULT_PRESET = "tiny"
 DEFAULT_METHOD = "stp"
-RECIPES = Path(__file__).resolve().parent / "recipes"
 DOC_KEYS = ("description", "notes")  # a recipe's documentation: read from recipes, ignored in --config files
 
 
@@ -65,7 +57,7 @@ def _methods() -> dict:
     return METHODS
 
 
-class Sections(Mapping):
+class _Sections(Mapping):
     """{name: section class}: the shared sections (``stp.sections``), then each registered method's own in the order
     of ``stp.methods.METHODS``; read afresh on every use, so a method registered later brings its sections."""
 
@@ -87,7 +79,7 @@ class Sections(Mapping):
         return len(self._now())
 
 
-SECTIONS: Mapping[str, type[Section]] = Sections()
+SECTIONS: Mapping[str, type[Section]] = _Sections()
 
 
 class TrainConfig:
@@ -105,24 +97,18 @@ class TrainConfig:
     def __init__(self, *, preset: str = DEFAULT_PRESET, method: str = DEFAULT_METHOD, **sections: Any):
         self.preset, self.method = preset, method
         known = dict(SECTIONS)
-        for name in sections:
-            if name not in known:
-                raise TypeError(f"TrainConfig: unknown section {name!r}; sections: {', '.join(known)}")
+        if unknown := [name for name in sections if name not in known]:
+            raise TypeError(f"TrainConfig: unknown section {unknown[0]!r}; sections: {', '.join(known)}")
         for name, cls in known.items():
-            value = sections.get(name, None)
-            if value is None:
-                value = cls()
-            elif isinstance(value, Mapping):
-                value = _section_from_mapping(cls, value)
-            elif not isinstance(value, cls):
+            value = sections.get(name, cls())
+            value = _section_from_mapping(cls, value) if isinstance(value, Mapping) else value
+            if not isinstance(value, cls):
                 raise ConfigError.bad_value(name, value, f"a {cls.__name__} or a mapping of its fields")
             setattr(self, name, value)
         self._check()
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and vars(self) == vars(other)
-
-    __hash__ = None  # mutable, like the sections
 
     def __repr__(self) -> str:
         return f"TrainConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -152,30 +138,7 @@ class TrainConfig:
             for f in dataclasses.fields(cls):
                 if f.name not in visible[name]:
                     setattr(section, f.name, getattr(fresh, f.name))
-        est, prior, rollout = self.estimator, self.prior, self.rollout
-        if prior.enabled and not method.rollout.anchors:
-            takers = ", ".join(repr(n) for n, m in methods.items() if m.rollout.anchors)
-            raise ConfigError.bad_value("prior.enabled", True, f"false with method {self.method!r} (only the {takers} "
-                                        "estimator takes anchors)")
-        if est.score == "elbo" and (self.method == "d1" or est.mask_scheme != "random_count"):
-            raise ConfigError.bad_value("estimator.score", "elbo", "'all' or 'masked' unless the method is 'stp' or "
-                                        "'elbo' with estimator.mask_scheme 'random_count' (the l/n weights assume "
-                                        "random-count masks)")
-        if prior.enabled and est.score == "elbo":
-            raise ConfigError.bad_value("estimator.score", "elbo", "'all' or 'masked' while prior.enabled is true "
-                                        "(the anchor-aware 'elbo' weights explode at high anchor fractions: "
-                                        "benchmarks/RESULTS.md)")
-        block = prior.build_block_length or rollout.block_length
-        if rollout.gen_length % block:
-            raise ConfigError.bad_value("prior.build_block_length", prior.build_block_length,
-                                        f"a divisor of rollout.gen_length={rollout.gen_length}, or none")
-        blocks = rollout.gen_length // block
-        if (prior.build_steps or rollout.gen_length) % blocks:
-            raise ConfigError.bad_value("prior.build_steps", prior.build_steps, f"a multiple of the number of prior "
-                                        f"blocks ({blocks} = rollout.gen_length / block length), or none")
-        if self.grpo.beta > 0 and not self.model.use_lora:
-            raise ConfigError.bad_value("grpo.beta", self.grpo.beta, "0 while model.use_lora is false (the KL "
-                                        "reference is the base model with the LoRA adapter disabled)")
+        check_shared(self, self.method, [n for n, m in methods.items() if m.rollout.anchors])
         method.check(self)
 
     @property
@@ -225,11 +188,12 @@ class TrainConfig:
 
 def visible_fields(method: str) -> dict[str, tuple[str, ...]]:
     """{section: field names} the command line, YAML files and ``to_dict`` show for ``method``: every field of the
-    shared sections, and of a method-owned section (one some method lists in its ``settings``) only the fields this
-    method lists."""
+    shared sections, and of a method-owned section (one some method lists in its ``settings`` or registers in its
+    ``sections``) only the fields this method lists (all of a section it registers and does not list)."""
     methods = _methods()
-    owned = {sec for m in methods.values() for sec in m.settings}
-    mine = methods[method].settings if method in methods else {}
+    owned = {sec for m in methods.values() for sec in [*m.settings, *(c.section for c in m.sections)]}
+    m = methods.get(method)
+    mine = {**{c.section: None for c in m.sections}, **m.settings} if m else {}
     out = {}
     for name, cls in SECTIONS.items():
         names = tuple(f.name for f in dataclasses.fields(cls))
@@ -305,73 +269,9 @@ def _check_keys(data: Any, origin: str | None, lines: Mapping[str, int] | None =
 # ------------------------------------------------------------------------------------------------------- presets
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named recipe, ``stp/recipes/NAME.yaml``: ``overrides`` = {section: {field: value}} on the dataclass
-    defaults, its own values on those of the recipe it ``extends`` (its ``preset`` key); ``notes``: how it deviates
-    from that recipe and why."""
-
-    name: str
-    description: str
-    overrides: Mapping[str, Mapping[str, Any]]
-    notes: tuple[str, ...] = ()
-    method: str = DEFAULT_METHOD
-    extends: str | None = None
-    path: Path | None = None
-
-
-def _merge(base: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
-    out = {k: dict(v) for k, v in base.items()}
-    for k, v in extra.items():
-        out.setdefault(k, {}).update(v)
-    return out
-
-
-def load_recipes(folder: str | Path = RECIPES) -> dict[str, Preset]:
-    """The recipes of ``folder`` (every ``NAME.yaml``) as presets, in the order ``index.txt`` lists them (the others
-    after them, alphabetically). A recipe is a config file that ``--config`` reads as it is, plus a ``description``
-    and ``notes``; its ``preset`` key names the recipe it extends (the method too, unless it names its own)."""
-    folder = Path(folder)
-    files = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-    raw = {name: load_yaml(path) for name, path in files.items()}
-    out: dict[str, Preset] = {}
-
-    def build(name: str, chain: tuple[str, ...]) -> Preset:
-        if name in out:
-            return out[name]
-        (data, lines), path = raw[name], files[name]
-        where = (lambda key: f"{path}, line {lines[key]}" if key in lines else str(path))
-        parent = data.get("preset")
-        if parent is not None and (parent not in files or parent in chain):
-            raise ConfigError.bad_value("preset", parent, f"another recipe of {folder} (not one that extends this)",
-                                        origin=where("preset"))
-        base = build(parent, (*chain, name)) if parent is not None else None
-        method = data.get("method", base.method if base else DEFAULT_METHOD)
-        _check_keys(data, str(path), lines, str(path), method=method)
-        description, notes = data.get("description"), data.get("notes", [])
-        if not isinstance(description, str) or not description.strip():
-            raise ConfigError.bad_value("description", description, "one line saying what the recipe is",
-                                        origin=where("description"))
-        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-            raise ConfigError.bad_value("notes", notes, "a list of strings", origin=where("notes"))
-        own = {k: {f: tuple(x) if isinstance(x, list) else x for f, x in (v or {}).items()}
-               for k, v in data.items() if k in SECTIONS}
-        out[name] = Preset(name, description.strip(), _merge(base.overrides if base else {}, own), tuple(notes),
-                           method, parent, path)
-        return out[name]
-
-    for name in files:
-        build(name, ())
-    index = folder / "index.txt"
-    listed = [n for line in index.read_text(encoding="utf-8").splitlines() if (n := line.split("#")[0].strip())
-              ] if index.exists() else []
-    for name in listed:
-        if name not in files:
-            raise ConfigError.bad_value("preset", name, f"the name of a recipe file in {folder}", origin=str(index))
-    return {n: out[n] for n in [*listed, *sorted(set(files) - set(listed))]}
-
-
-PRESETS: dict[str, Preset] = load_recipes()
+PRESETS: dict[str, Preset] = read_recipes(RECIPES, DEFAULT_METHOD)
+for _recipe in PRESETS.values():  # a recipe's keys are checked as a --config file's are
+    _check_keys(_recipe.own, str(_recipe.path), _recipe.lines, str(_recipe.path), method=_recipe.method)
 
 
 def presets_table() -> str:
@@ -464,6 +364,7 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
     name, values, origins = _layers(preset, config_file, overrides, override_origin="override {}", method=method)
     return _build(name, values, origins)
 
+
 # ----------------------------------------------------------------------------------------------------------- CLI
 
 
@@ -552,9 +453,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m stp.tra
     through argparse (status 2). ``tool``: as ``build_parser``'s."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog=prog)
-    pre.add_argument("--preset", default=None)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("--method", default=None)
+    for flag in ("--preset", "--config", "--method"):
+        pre.add_argument(flag, default=None)
     known, _ = pre.parse_known_args(argv)
     name, values, origins = _layers(known.preset, known.config, method=known.method)
     parsed, unknown = build_parser(values, origins, prog=prog, tool=tool).parse_known_args(argv)
@@ -571,8 +471,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m stp.tra
         close = difflib.get_close_matches(bad.split("=")[0], flags, n=3)
         raise ConfigError(f"unknown argument {bad!r}" + (f"; did you mean {', '.join(close)}?" if close else
                           "; see --help for the flags"), field=bad, value=bad, allowed=", ".join(close) or "--help")
-    args = vars(parsed)
-    overrides = {k: v for k, v in args.items() if "." in k}
+    overrides = {k: v for k, v in vars(parsed).items() if "." in k}  # --section.field flags given
     name, values, origins = _layers(known.preset, known.config, overrides, method=known.method)
     return _build(name, values, origins)
 

@@ -22,15 +22,16 @@ Reading this module does not import torch.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from stp.settings import ConfigError, Section
 from stp.settings import is_number as _is_number
 from stp.settings import setting as _f  # _f(default, help, choices=...): a field with its help text
 
-__all__ = ["ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig", "SHARED"]
+__all__ = ["ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig", "SHARED", "check_shared"]
 
 # The choices of the modules that consume these settings, repeated here so that reading a config never imports torch
 # (tests/test_config.py checks they equal stp.likelihood / stp.prior / stp.models.base).
@@ -357,6 +358,35 @@ class RunConfig(Section):
         out = Path(self.output_dir or ".").expanduser()
         if out.exists() and not out.is_dir():
             raise ConfigError.bad_value("run.output_dir", self.output_dir, "a directory path (this is a file)")
+
+
+def check_shared(cfg: Any, method: str, anchor_methods: Sequence[str]) -> None:
+    """Rules across the shared sections of ``cfg`` (a ``stp.config.TrainConfig`` of method ``method``;
+    ``anchor_methods``: the methods whose rollouts and estimator take anchors)."""
+    est, prior, rollout = cfg.estimator, cfg.prior, cfg.rollout
+    if prior.enabled and method not in anchor_methods:
+        takers = ", ".join(map(repr, anchor_methods))
+        raise ConfigError.bad_value("prior.enabled", True, f"false with method {method!r} (only the {takers} "
+                                    "estimator takes anchors)")
+    if est.score == "elbo" and (method == "d1" or est.mask_scheme != "random_count"):
+        raise ConfigError.bad_value("estimator.score", "elbo", "'all' or 'masked' unless the method is 'stp' or "
+                                    "'elbo' with estimator.mask_scheme 'random_count' (the l/n weights assume "
+                                    "random-count masks)")
+    if prior.enabled and est.score == "elbo":
+        raise ConfigError.bad_value("estimator.score", "elbo", "'all' or 'masked' while prior.enabled is true "
+                                    "(the anchor-aware 'elbo' weights explode at high anchor fractions: "
+                                    "benchmarks/RESULTS.md)")
+    block = prior.build_block_length or rollout.block_length
+    if rollout.gen_length % block:
+        raise ConfigError.bad_value("prior.build_block_length", prior.build_block_length,
+                                    f"a divisor of rollout.gen_length={rollout.gen_length}, or none")
+    blocks = rollout.gen_length // block
+    if (prior.build_steps or rollout.gen_length) % blocks:
+        raise ConfigError.bad_value("prior.build_steps", prior.build_steps, f"a multiple of the number of prior "
+                                    f"blocks ({blocks} = rollout.gen_length / block length), or none")
+    if cfg.grpo.beta > 0 and not cfg.model.use_lora:
+        raise ConfigError.bad_value("grpo.beta", cfg.grpo.beta, "0 while model.use_lora is false (the KL "
+                                    "reference is the base model with the LoRA adapter disabled)")
 
 
 SHARED: tuple[type[Section], ...] = (ModelConfig, RolloutConfig, PriorConfig, EstimatorConfig, GRPOConfig, RunConfig)
