@@ -139,6 +139,11 @@ class Section:
 
     section: ClassVar[str]
 
+    def __post_init__(self) -> None:
+        """Every value as its field's type, within its choices. A section with rules of its own overrides this and
+        calls ``self._coerce_all()`` first."""
+        self._coerce_all()
+
     def _coerce_all(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
