@@ -31,7 +31,8 @@ from stp.settings import ConfigError, Section
 from stp.settings import is_number as _is_number
 from stp.settings import setting as _f  # _f(default, help, choices=...): a field with its help text
 
-__all__ = ["ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig", "SHARED", "check_shared"]
+__all__ = ["ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig", "SHARED",
+           "check_shared"]
 
 # The choices of the modules that consume these settings, repeated here so that reading a config never imports torch
 # (tests/test_config.py checks they equal stp.likelihood / stp.prior / stp.models.base).
