@@ -1,4 +1,5 @@
-"""stp.config: presets, layering (defaults < preset < YAML < flags), YAML round trip, validation messages, CLI."""
+"""stp.config: presets (recipe files), layering (defaults < preset < YAML < flags), YAML round trip, validation
+messages, CLI, the sections found with the methods (a new method's own section by adding only its module)."""
 
 import dataclasses
 import textwrap
