@@ -100,7 +100,7 @@ class TrainConfig:
         if unknown := [name for name in sections if name not in known]:
             raise TypeError(f"TrainConfig: unknown section {unknown[0]!r}; sections: {', '.join(known)}")
         for name, cls in known.items():
-            value = sections.get(name, cls())
+            value = sections[name] if name in sections else cls()
             value = _section_from_mapping(cls, value) if isinstance(value, Mapping) else value
             if not isinstance(value, cls):
                 raise ConfigError.bad_value(name, value, f"a {cls.__name__} or a mapping of its fields")
