@@ -238,13 +238,13 @@ def build_into(path: Path, model, todo: Sequence[tuple[str, Mapping[str, Any]]],
 
 
 def ensure_pairs(model, cfg, prompts: Sequence[str], accelerator) -> tuple[Path, list[dict]]:
-    """The trainer's pairs (``dtrpo`` method): the file ``cfg.dtrpo_pairs_path``, built first with the reference
+    """The trainer's pairs (``dtrpo`` method): the file ``cfg.dtrpo.pairs_file(cfg)``, built first with the reference
     model (``model``: the base, before the adapter) for the run's prompts (the first ``dtrpo.pair_prompts``
     distinct ones) on the main process, then loaded and checked against the run's rollout settings everywhere."""
     from stp.data_order import load_data, task_for
     from stp.tasks import get_task
 
-    path = Path(cfg.dtrpo_pairs_path)
+    path = Path(cfg.dtrpo.pairs_file(cfg))
     settings = pair_settings(cfg)
     wanted = list(dict.fromkeys(prompts))
     if cfg.dtrpo.pair_prompts is not None:

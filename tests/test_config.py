@@ -1,4 +1,5 @@
-"""stp.config: presets, layering (defaults < preset < YAML < flags), YAML round trip, validation messages, CLI."""
+"""stp.config: presets (recipe files), layering (defaults < preset < YAML < flags), YAML round trip, validation
+messages, CLI, the sections found with the methods (a new method's own section by adding only its module)."""
 
 import dataclasses
 import textwrap
@@ -388,3 +389,145 @@ def test_check_environment(tmp_path):
     out.write_text("")
     with pytest.raises(ConfigError, match="run.output_dir"):
         parse_args(["--run.output_dir", str(out)]).check_environment()
+
+
+# ------------------------------------------------------------------------------ sections found with the methods
+
+
+def test_each_methods_section_is_in_its_module_and_after_the_shared_ones():
+    from stp.methods import diffpo, dtrpo
+
+    assert list(SECTIONS) == ["model", "rollout", "prior", "estimator", "grpo", "run", "diffpo", "dtrpo"]
+    assert SECTIONS["diffpo"] is diffpo.DiffpoConfig and SECTIONS["dtrpo"] is dtrpo.DTRPOConfig
+    assert diffpo.DiFFPO.sections == (diffpo.DiffpoConfig,) and dtrpo.DTRPO.sections == (dtrpo.DTRPOConfig,)
+    assert resolve("diffpo-tiny").diffpo == diffpo.DiffpoConfig(mode="joint", gamma=0.5, nfe_penalty=0.2)
+
+
+def _documented_method() -> str:
+    """The smallest complete method of docs/architecture.md, with its own section, as a module's text."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    return re.search(r"```python\n# stp/methods/reinforce_d1.py\n(.*?)```", text, re.S).group(1)
+
+
+@pytest.fixture
+def documented_method(tmp_path, monkeypatch):
+    """The documented method added the way a user adds one: its module file in stp.methods' search path, found by
+    the registry; nothing else changes."""
+    import sys
+
+    import stp.methods as registry
+
+    (tmp_path / "reinforce_d1.py").write_text(_documented_method(), encoding="utf-8")
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "METHODS", registry._discover())
+    yield registry.METHODS["reinforce-d1"]
+    sys.modules.pop("stp.methods.reinforce_d1", None)
+
+
+def test_a_new_methods_settings_appear_by_adding_only_its_module(documented_method, tmp_path, capsys):
+    assert list(SECTIONS)[-1] == "reinforce" and SECTIONS["reinforce"] is documented_method.sections[0]
+    with pytest.raises(SystemExit):
+        parse_args(["--method", "reinforce-d1", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "reinforce: REINFORCE on d1's log-probs (method reinforce-d1)" in out
+    assert "--reinforce.length_normalize [BOOL] divide each completion's log-prob by its number of tokens " \
+           "(default: true)" in out
+    assert "reinforce-d1 REINFORCE with group advantages" in out  # the methods list
+    assert "--reinforce." not in C.build_parser().format_help()  # another method's help does not show it
+    cfg = parse_args(["--method", "reinforce-d1", "--no-reinforce.length_normalize"])
+    assert cfg.reinforce.length_normalize is False and cfg.to_dict()["reinforce"] == {"length_normalize": False}
+    assert "reinforce" not in resolve().to_dict()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # config.yaml of a run reads back
+    path = tmp_path / "saved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert parse_args(["--config", str(path)]) == cfg
+    # Validation names the field, the value, what is allowed and where the value came from.
+    path.write_text("method: reinforce-d1\nreinforce:\n  length_normalize: maybe\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line 3: reinforce.length_normalize='maybe' is not allowed; "
+                                          "allowed: true or false$"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match=r"^command line --reinforce.length_normalize: reinforce.length_normalize is "
+                                          r"a setting of method 'reinforce-d1' only; this run's method is 'stp'$"):
+        parse_args(["--reinforce.length_normalize", "false"])
+
+
+# ------------------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_copied_recipe_given_with_config_resolves_as_the_preset(name, tmp_path):
+    path = tmp_path / f"my-{name}.yaml"
+    path.write_text(PRESETS[name].path.read_text(encoding="utf-8"), encoding="utf-8")
+    copied, preset = parse_args(["--config", str(path)]), resolve(name)
+    assert copied.preset == (PRESETS[name].extends or C.DEFAULT_PRESET)  # the values are layered on its parent
+    copied.run.output_dir = preset.run.output_dir
+    assert copied.to_dict() == {**preset.to_dict(), "preset": copied.preset}
+    assert all(getattr(copied, s) == getattr(preset, s) for s in SECTIONS)
+
+
+def _recipes(tmp_path, files: dict[str, str]):
+    from stp.recipes import read_recipes
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(textwrap.dedent(text), encoding="utf-8")
+    return lambda: read_recipes(tmp_path)
+
+
+def test_recipes_extend_in_order_and_their_errors_name_the_file_and_line(tmp_path):
+    read = _recipes(tmp_path, {
+        "base.yaml": "description: the base\ngrpo:\n  beta: 0.0\n  epsilon: 0.3\n",
+        "child.yaml": "description: a child\npreset: base\nmethod: d1\nnotes: [why]\ngrpo:\n  beta: 0.1\n",
+        "index.txt": "# order\nchild\n",
+    })
+    got = read()
+    assert list(got) == ["child", "base"]  # index.txt first, then the others alphabetically
+    assert got["child"].overrides == {"grpo": {"beta": 0.1, "epsilon": 0.3}} and got["child"].method == "d1"
+    assert (got["child"].extends, got["child"].notes, got["base"].method) == ("base", ("why",), "stp")
+    (tmp_path / "child.yaml").write_text("description: a child\n\npreset: nowhere\n")
+    with pytest.raises(ConfigError, match=r"child.yaml, line 3: preset='nowhere' is not allowed; allowed: another "
+                                          "recipe of"):
+        read()
+    (tmp_path / "child.yaml").write_text("description: a child\npreset: base\n")
+    (tmp_path / "base.yaml").write_text("description: the base\npreset: child\n")
+    with pytest.raises(ConfigError, match=r"line 2: preset='(base|child)' is not allowed; allowed: another recipe of "
+                                          r".* \(not one that extends this\)"):
+        read()
+    (tmp_path / "base.yaml").write_text("grpo:\n  beta: 0.0\n")
+    with pytest.raises(ConfigError, match=r"base.yaml: description=None is not allowed; allowed: one line"):
+        read()
+    (tmp_path / "base.yaml").write_text("description: the base\n")
+    (tmp_path / "index.txt").write_text("child\ngone\n")
+    with pytest.raises(ConfigError, match=r"index.txt: preset='gone' is not allowed; allowed: the name of a recipe"):
+        read()
+
+
+def test_the_recipes_are_package_data():
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["stp.recipes"]
+    files = [p.name for p in C.RECIPES.iterdir() if p.is_file() and p.suffix != ".py"]
+    assert len(files) == len(PRESETS) + 1  # the recipes and index.txt
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+
+
+def test_config_tools_help_documents_print_and_presets_table(capsys):
+    with pytest.raises(SystemExit) as info:
+        C.main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m stp.config [-h] [--preset NAME] [--config FILE.yaml] [--section.field "
+                          "VALUE ...] [--print | --presets-table]")
+    assert "--print print the resolved configuration as YAML" in out
+    assert "--presets-table print the presets as a Markdown table" in out
+    assert "Check a training configuration" in out and "--grpo.epsilon" in out
+    assert C.main(["--presets-table"]) == 0 and capsys.readouterr().out == C.presets_table()
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    train_help = capsys.readouterr().out
+    assert "--print" not in train_help and train_help.startswith("usage: python -m stp.train")

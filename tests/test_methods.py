@@ -40,7 +40,7 @@ def _example_module() -> types.ModuleType:
     code = re.search(r"```python\n# stp/methods/reinforce_d1.py\n(.*?)```", text, re.S).group(1)
     module = types.ModuleType("stp.methods.reinforce_d1")
     module.__package__ = "stp.methods"
-    exec(compile(code, "docs/architecture.md", "exec"), module.__dict__)
+    exec(compile(code, "docs/architecture.md", "exec", dont_inherit=True), module.__dict__)  # no __future__ of ours
     return module
 
 

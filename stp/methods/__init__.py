@@ -1,6 +1,7 @@
 """RL methods, one module each, found by name: every module of this package that defines ``METHOD`` (a subclass of
 ``stp.methods.base.Method``) registers it under ``METHOD.name``. Adding a method = adding its module (plus its
-presets and tests); nothing else lists methods. Importing this package does not import torch."""
+recipes in stp/recipes and its tests); nothing else lists methods, and its own configuration section lives in the
+module too (``Method.sections``). Importing this package does not import torch, nor ``stp.config``."""
 
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ docs/architecture.md for the smallest complete example):
 - ``name``: the value of ``--method`` (and of a preset's ``method``).
 - ``settings``: the configuration fields only this method reads, ``{section: (field, ...) or None (all)}``; the
   command line, YAML files and ``config.yaml`` show them only when this method is chosen.
+- ``sections``: the configuration sections this method defines (dataclasses of ``stp.settings.Section``, in its own
+  module, e.g. ``DiffpoConfig`` in ``stp.methods.diffpo``); ``stp.config`` adds them after the shared ones
+  (``stp.sections``), so ``--help``, YAML files and ``config.yaml`` know them with no other file touched.
 - ``rollout``: a :class:`RolloutSettings` (anchors from static priors? behaviour log-probs in the record?).
 - ``loss_metrics``: the names of the 0-d metric tensors ``loss`` returns, logged per step in this order.
 - ``prepare`` (once, with the base model, before any adapter), ``prior`` and ``sampler_kwargs`` (per rollout),
@@ -25,8 +28,9 @@ docs/architecture.md for the smallest complete example):
 - ``supplies_batches`` / ``next_batch``: an offline method (e.g. ``dtrpo`` on preference pairs) supplies batch r
   itself; the trainer then skips sampling and rewards for it and goes on with ``score`` and ``loss`` as usual.
 
-Importing a method module must not import torch (the configuration reads ``settings`` without it): heavy imports go
-inside the methods.
+Importing a method module must not import torch (the configuration reads ``settings`` and ``sections`` without it):
+heavy imports go inside the methods. Nor may it import ``stp.config`` (which imports the methods): sections are built
+from ``stp.settings``, and the configuration a method receives is typed :data:`Config`.
 """
 
 from __future__ import annotations
@@ -39,11 +43,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-    from stp.config import TrainConfig
     from stp.loss import RolloutBatch
     from stp.sampler import Prior
+    from stp.settings import Section
 
-__all__ = ["Method", "RolloutSettings"]
+__all__ = ["Config", "Method", "RolloutSettings"]
+
+#: The run's configuration, an ``stp.config.TrainConfig`` (not imported: stp.config imports this package).
+Config = Any
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     settings: ClassVar[Mapping[str, tuple[str, ...] | None]] = {}
+    sections: ClassVar[tuple[type[Section], ...]] = ()
     rollout: ClassVar[RolloutSettings] = RolloutSettings()
     loss_metrics: ClassVar[tuple[str, ...]] = ()
     #: ``loss`` is a mean over the micro-batch's loss tokens (``stp.likelihood.valid_lengths``): the trainer weights
@@ -72,12 +80,12 @@ class Method:
     token_level_loss: bool = True
     supplies_batches: ClassVar[bool] = False
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: Config):
         self.config = config
 
     @classmethod
-    def check(cls, config: TrainConfig) -> None:
-        """Rules this method sets on the configuration (raise ``stp.config.ConfigError``); default: none."""
+    def check(cls, config: Config) -> None:
+        """Rules this method sets on the configuration (raise ``stp.settings.ConfigError``); default: none."""
 
     def prepare(self, model, prompts: Sequence[str], accelerator) -> None:
         """Called once with the base model (before LoRA), the prompt texts of the whole run, on every process."""

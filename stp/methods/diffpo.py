@@ -25,12 +25,63 @@ schedule with ``diffpo.sampler = schedule``); mode ``sampler`` only the controll
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from stp.settings import ConfigError, Section
+from stp.settings import setting as _f  # _f(default, help, choices=...): a field with its help text
 
 from .base import Method, RolloutSettings
 
-__all__ = ["DiFFPO", "METHOD"]
+__all__ = ["DiFFPO", "DiffpoConfig", "METHOD"]
+
+DIFFPO_MODES = ("model", "sampler", "joint")
+DIFFPO_SAMPLERS = ("eb", "schedule")
+DIFFPO_TAUS = ("uniform", "zero")
+
+
+@dataclass
+class DiffpoConfig(Section):
+    """DiFFPO (``stp.methods.diffpo``, docs/method.md section 8): the 2-MF surrogate with truncated importance
+    weights, the entropy-bounded sampler and its learned threshold controller."""
+
+    section: ClassVar[str] = "diffpo"
+
+    mode: str = _f("joint", "what is trained: model (the policy, fixed gamma), sampler (the threshold controller "
+                   "only), joint (both)", choices=DIFFPO_MODES)
+    sampler: str = _f("eb", "rollout sampler: eb (entropy-bounded, threshold gamma) or schedule (LLaDA's fixed "
+                      "steps; mode model only)", choices=DIFFPO_SAMPLERS)
+    gamma: float = _f(1.0, "entropy bound of the EB sampler in mode model, and the controller's initial median "
+                      "gamma otherwise (> 0)")
+    gamma_sigma: float = _f(0.5, "initial standard deviation of the controller's log gamma (> 0)")
+    controller_width: int = _f(64, "hidden width of the controller head on the pooled prompt hidden state")
+    controller_lr: float = _f(1e-2, "AdamW learning rate of the controller (its own parameter group, no weight "
+                              "decay, the run's schedule)")
+    nfe_penalty: float = _f(0.1, "lambda: the reward adds -lambda * NFE / NFE_max (NFE_max = rollout.gen_length "
+                            "with eb, rollout.steps + 1 with schedule); 0 = off")
+    tau_sampling: str = _f("uniform", "split time tau of the 2-MF surrogate: uniform in [0, T) per sample and inner "
+                           "iteration, or zero (every token under the fully masked context: d1 without prompt "
+                           "masking)", choices=DIFFPO_TAUS)
+    importance_weights: bool = _f(True, "multiply each token's term by min(C, pi_old_surrogate / pi_behaviour) "
+                                  "(detached); false = weights 1")
+    importance_cap: float = _f(2.0, "C, the truncation of the importance weights (>= 1; the paper states none)")
+    normalize: str = _f("sequence", "sequence: 1/|o| per completion, then the mean over completions (the paper's); "
+                        "token: one mean over every token of the batch (GRPO's, d1's)", choices=("sequence", "token"))
+
+    def __post_init__(self):
+        self._coerce_all()
+        self._need("gamma", math.isfinite(self.gamma) and self.gamma > 0, "a finite number > 0")
+        self._need("gamma_sigma", math.isfinite(self.gamma_sigma) and self.gamma_sigma > 0, "a finite number > 0")
+        self._positive("controller_width")
+        self._need("controller_lr", 0 < self.controller_lr < 1, "a number in (0, 1)")
+        self._need("nfe_penalty", math.isfinite(self.nfe_penalty) and self.nfe_penalty >= 0, "a number >= 0")
+        self._need("importance_cap", math.isfinite(self.importance_cap) and self.importance_cap >= 1,
+                   "a finite number >= 1")
+        self._need("sampler", self.sampler == "eb" or self.mode == "model",
+                   f"'eb' with diffpo.mode={self.mode!r} (the controller sets the EB sampler's threshold)")
+
 
 
 class DiFFPO(Method):
@@ -38,6 +89,7 @@ class DiFFPO(Method):
     description = ("DiFFPO: 2-MF surrogate with truncated importance weights, EB sampler, learned per-prompt "
                    "threshold")
     settings = {"estimator": ("memory_budget",), "diffpo": None}
+    sections = (DiffpoConfig,)
     rollout = RolloutSettings(behaviour_logprobs=True)
     loss_metrics = ("kl", "clip_fraction", "ratio", "weight", "gamma", "controller_loss")
 
@@ -51,8 +103,6 @@ class DiFFPO(Method):
 
     @classmethod
     def check(cls, config) -> None:
-        from stp.config import ConfigError
-
         r, d = config.rollout, config.diffpo
         if r.temperature <= 0:
             raise ConfigError.bad_value("rollout.temperature", r.temperature, "a number > 0 with method 'diffpo' "

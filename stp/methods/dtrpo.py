@@ -22,13 +22,73 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
+
+from stp.settings import ConfigError, Section
+from stp.settings import setting as _f  # _f(default, help, choices=...): a field with its help text
 
 from .base import Method
 
-__all__ = ["DTRPO", "METHOD", "TRAJECTORY_SETTINGS", "trajectory_kwargs"]
+__all__ = ["DTRPO", "DTRPOConfig", "METHOD", "TRAJECTORY_SETTINGS", "trajectory_kwargs"]
 
 TRAJECTORY_SETTINGS = ("mode", "block_mean")
+TRAJECTORY_MODES = ("exact", "packed")
+
+
+@dataclass
+class DTRPOConfig(Section):
+    """dTRPO (``stp.trajectory_ratio``, docs/method.md 7): trajectory log-ratios from one drawn step per block, in a
+    DPO objective over offline pairs (method dtrpo) or inside the GRPO loss (method dtrpo-online)."""
+
+    section: ClassVar[str] = "dtrpo"
+
+    mode: str = _f("exact", "how the drawn states are evaluated: exact (one sequence per block state) or packed (one "
+                   "[prompt ; noisy ; clean] sequence with a block-diffusion mask: exact for block-causal models, an "
+                   "approximation for LLaDA)", choices=TRAJECTORY_MODES)
+    block_mean: bool = _f(False, "weight each block's drawn step by 1 (the block mean) instead of T_B (the unbiased "
+                          "trajectory sum)")
+    beta: float = _f(0.1, "DPO inverse temperature: loss = -log sigmoid(beta * (Delta_chosen - Delta_rejected))")
+    length_normalize: bool = _f(False, "divide each trajectory log-ratio by its number of decoded (non-anchor) "
+                                "tokens")
+    pairs_path: str | None = _f(None, "JSONL of `python -m stp.pairs`; built there first with the base model when "
+                                "prompts are missing; none = <run.output_dir>/pairs.jsonl; 'cache' = a file named "
+                                "by the pair settings in the stp cache ($STP_CACHE_DIR/pairs, like pretrained "
+                                "checkpoints)")
+    pair_prompts: int | None = _f(None, "build pairs for the first N distinct prompts of the run only (the pairs "
+                                  "are then revisited in shuffled epochs); none = every prompt the run would see")
+    build_batch_size: int = _f(4, "prompts per batch when building pairs (grpo.num_generations samples each)")
+
+    def __post_init__(self):
+        self._coerce_all()
+        self._need("beta", self.beta > 0, "a number > 0")
+        self._need("pair_prompts", self.pair_prompts is None or self.pair_prompts >= 1, "an integer >= 1, or none")
+        self._positive("build_batch_size")
+
+
+    def pairs_file(self, config) -> str:
+        """The pairs file of run ``config``: ``pairs_path``; none = <run.output_dir>/pairs.jsonl; 'cache' = a file
+        named by the pair settings under ``$STP_CACHE_DIR/pairs`` (else ``$XDG_CACHE_HOME/stp/pairs``, else
+        ``~/.cache/stp/pairs``), shared by every run with those settings."""
+        if self.pairs_path is None:
+            return str(Path(config.run.output_dir or ".") / "pairs.jsonl")
+        if self.pairs_path != "cache":
+            return self.pairs_path
+        import hashlib
+        import json
+        import os
+
+        r = config.rollout
+        key = json.dumps([config.model.name_or_path, config.run.task, config.run.prompt_format, config.run.data_source,
+                          config.run.data_path, config.run.train_examples, r.gen_length, r.block_length, r.steps,
+                          r.temperature, r.remasking, config.grpo.num_generations, config.run.seed])
+        if os.environ.get("STP_CACHE_DIR"):
+            root = Path(os.environ["STP_CACHE_DIR"]).expanduser()
+        else:
+            base = os.environ.get("XDG_CACHE_HOME")
+            root = (Path(base).expanduser() if base else Path.home() / ".cache") / "stp"
+        return str(root / "pairs" / f"{config.run.task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl")
 
 
 def trajectory_kwargs(config) -> dict:
@@ -42,6 +102,7 @@ class DTRPO(Method):
     name = "dtrpo"
     description = "dTRPO offline: DPO on one-step-per-block trajectory log-ratios over best-vs-worst pairs"
     settings: ClassVar = {"dtrpo": None, "estimator": ("temperature", "memory_budget")}
+    sections = (DTRPOConfig,)
     loss_metrics = ("accuracy", "margin", "delta_chosen", "delta_rejected")
     supplies_batches = True
     token_level_loss = False  # the DPO loss is a mean over pairs
@@ -54,8 +115,6 @@ class DTRPO(Method):
 
     @classmethod
     def check(cls, config) -> None:
-        from stp.config import ConfigError
-
         g = config.grpo
         if g.num_iterations != 1:
             raise ConfigError.bad_value("grpo.num_iterations", g.num_iterations, "1 with method 'dtrpo' (each batch "

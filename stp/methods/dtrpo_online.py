@@ -30,7 +30,7 @@ class DTRPOOnline(Method):
 
     @classmethod
     def check(cls, config) -> None:
-        from stp.config import ConfigError
+        from stp.settings import ConfigError
 
         if config.dtrpo.mode == "packed" and config.rollout.early_stop is not None:
             raise ConfigError.bad_value("rollout.early_stop", config.rollout.early_stop, "none with dtrpo.mode "

@@ -47,7 +47,7 @@ class GRPOWithSTP(GRPOMethod):
 def ensure_priors(lm, cfg, texts: Sequence[str], accelerator) -> dict[str, dict]:
     """The prior records of ``texts`` (by prompt id), building the missing ones with the base model into the prior
     file (``python -m stp.prior``'s format; lines appended and fsync'ed per batch) on the main process."""
-    from stp.config import ConfigError
+    from stp.settings import ConfigError
     from stp.prior import build_priors, load_priors, prompt_id, recorded_setting
 
     path = Path(cfg.prior_path)
