@@ -37,7 +37,9 @@ def int_vector(fn: str, arg: str, value: torch.Tensor, device: torch.device) -> 
         raise TypeError(f"{fn}: {arg} must hold integers (int64), got dtype {value.dtype}")
     if value.device != device:
         raise ValueError(f"{fn}: {arg} is on {value.device} but hidden is on {device}")
-    return value.long()
+    # Contiguous: kernels index integer arguments as flat arrays (a strided view read as contiguous picks the
+    # wrong elements). A copy only for views; int64 contiguous input passes through untouched.
+    return value.long().contiguous()
 
 
 def head_inputs(fn: str, hidden, weight) -> tuple[torch.Tensor, int]:
