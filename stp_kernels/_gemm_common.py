@@ -206,16 +206,18 @@ def fold_chunks(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None
     lhs = operand(h)
     bufs = Buffers(h.shape[0], parts[0][1], h.device, torch.float32, 2 if pipe.on else 1)
     free = [None, None]  # per buffer: the epilogue that last read it has finished
-    for c, (start, stop) in enumerate(parts):
-        z = bufs.get(c, stop - start)
-        pipe.wait(free[c % 2])
-        mm_f32(lhs, weight_chunk(w, vocab_ids, start, stop).T, z)
-        ready = pipe.mark()
-        with pipe.side():
-            pipe.wait(ready, on_side=True)
-            fold(z, start)
-            free[c % 2] = pipe.mark(on_side=True)
-    pipe.join()
+    try:
+        for c, (start, stop) in enumerate(parts):
+            z = bufs.get(c, stop - start)
+            pipe.wait(free[c % 2])
+            mm_f32(lhs, weight_chunk(w, vocab_ids, start, stop).T, z)
+            ready = pipe.mark()
+            with pipe.side():
+                pipe.wait(ready, on_side=True)
+                fold(z, start)
+                free[c % 2] = pipe.mark(on_side=True)
+    finally:  # also when a chunk raises: the buffers are freed only after the side stream's work on them
+        pipe.join()
 
 
 def _slabs(rows: int, width: int):

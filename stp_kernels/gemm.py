@@ -114,26 +114,28 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
         dz_free[c % 2] = pipe.mark()
 
     pending = None
-    for c, (start, stop) in enumerate(parts):
-        width = stop - start
-        z, dz = zbufs.get(c, width), dzbufs.get(c, width)
-        w_c = G.weight_chunk(w, vocab_ids, start, stop)
-        pipe.wait(z_free[c % 2])
-        G.mm_f32(lhs, w_c.T, z)
-        ready = pipe.mark()
-        with pipe.side():
-            pipe.wait(ready, on_side=True)
-            pipe.wait(dz_free[c % 2], on_side=True)  # the products of chunk c - 2 have read this dz buffer
-            grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz)
-            z_free[c % 2] = pipe.mark(on_side=True)
-            dz_ready = pipe.mark(on_side=True)
-        if not pipe.on:  # one stream: the products follow at once, while the chunk is still in cache
-            consume(c, start, stop, w_c, dz, dz_ready)
-            continue
-        if pending is not None:  # chunk c - 1's products on the caller's stream while chunk c's epilogue runs
+    try:
+        for c, (start, stop) in enumerate(parts):
+            width = stop - start
+            z, dz = zbufs.get(c, width), dzbufs.get(c, width)
+            w_c = G.weight_chunk(w, vocab_ids, start, stop)
+            pipe.wait(z_free[c % 2])
+            G.mm_f32(lhs, w_c.T, z)
+            ready = pipe.mark()
+            with pipe.side():
+                pipe.wait(ready, on_side=True)
+                pipe.wait(dz_free[c % 2], on_side=True)  # the products of chunk c - 2 have read this dz buffer
+                grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz)
+                z_free[c % 2] = pipe.mark(on_side=True)
+                dz_ready = pipe.mark(on_side=True)
+            if not pipe.on:  # one stream: the products follow at once, while the chunk is still in cache
+                consume(c, start, stop, w_c, dz, dz_ready)
+                continue
+            if pending is not None:  # chunk c - 1's products on the caller's stream while chunk c's epilogue runs
+                consume(*pending)
+            pending = (c, start, stop, w_c, dz, dz_ready)
+        if pending is not None:
             consume(*pending)
-        pending = (c, start, stop, w_c, dz, dz_ready)
-    if pending is not None:
-        consume(*pending)
-    pipe.join()
+    finally:  # also when a chunk raises: the buffers are freed only after the side stream's work on them
+        pipe.join()
     return dh, dw

@@ -14,6 +14,7 @@ import torch
 
 from . import _backends
 from . import _validate as V
+from ._fp32 import exact_fp32
 from .reference import masked_logprob_reference
 
 __all__ = ["masked_logprob"]
@@ -27,7 +28,8 @@ __all__ = ["masked_logprob"]
 @torch.library.custom_op("stp::masked_logprob_fwd", mutates_args=())
 def _fwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,
             want_mean: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse, tgt_logit, mean = _impl(backend, h).forward(h, w, vocab_ids, tgt, inv_temp, want_mean)
+    with exact_fp32():  # float32 inputs give float32 results whatever the process's TF32 setting
+        lse, tgt_logit, mean = _impl(backend, h).forward(h, w, vocab_ids, tgt, inv_temp, want_mean)
     # Always copied: backends may return views of one buffer, which custom-op outputs must not be (R floats each).
     return lse.clone(), tgt_logit.clone(), (mean.clone() if want_mean else lse.new_empty(0))
 
@@ -43,7 +45,8 @@ def _(h, w, vocab_ids, tgt, inv_temp, want_mean, backend):
 def _bwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,
             lse: torch.Tensor, g_tgt: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, need_dh: bool,
             need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dh, dw = _impl(backend, h).backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw)
+    with exact_fp32():
+        dh, dw = _impl(backend, h).backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw)
     # Backends may return dw in float32 or already in w's dtype (triton, cuda, torch_chunked): then .to() below is
     # a no-op and no float32 [V, H] buffer ever exists.
     dh = _own(dh.to(h.dtype)) if need_dh else h.new_empty(0)
@@ -133,10 +136,12 @@ def masked_logprob(
         to ``hidden`` and ``weight`` for any upstream gradient.
     """
     h, w, tgt, rows, vocab, temperature = _validate(hidden, weight, targets, rows, vocab, temperature)
-    name, _ = _backends.resolve("masked_logprob", backend, h.device)
+    name, _ = _backends.resolve("masked_logprob", backend, h.device, h.dtype)
     if name == "torch":
-        return masked_logprob_reference(hidden, weight, targets, rows=rows, vocab=vocab, temperature=temperature,
-                                        upcast=torch.float32, return_lse=return_lse, return_entropy=return_entropy)
+        with exact_fp32():
+            return masked_logprob_reference(hidden, weight, targets, rows=rows, vocab=vocab, temperature=temperature,
+                                            upcast=torch.float32, return_lse=return_lse,
+                                            return_entropy=return_entropy)
     if rows is not None:
         h = h.index_select(0, rows)
     slots = tgt if vocab is None else torch.searchsorted(vocab, tgt)

@@ -15,6 +15,7 @@ import torch
 
 from . import _backends
 from . import _validate as V
+from ._fp32 import exact_fp32
 from .reference import row_keys, sample_step_reference
 
 __all__ = ["sample_step"]
@@ -77,19 +78,21 @@ def sample_step(
     if row_ids is None:
         row_ids = rows if rows is not None else torch.arange(num_rows, device=hidden.device)
 
-    name, impl = _backends.resolve("sample_step", backend, h.device)
+    name, impl = _backends.resolve("sample_step", backend, h.device, h.dtype)
     if name == "torch":
-        out = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
-                                    temperature=temperature, vocab=vocab, upcast=torch.float32,
-                                    return_entropy=return_entropy)
+        with exact_fp32():
+            out = sample_step_reference(hidden, weight, seed=seed, step=step, rows=rows, row_ids=row_ids,
+                                        temperature=temperature, vocab=vocab, upcast=torch.float32,
+                                        return_entropy=return_entropy)
         x0, conf = out[0], out[1]
         return (x0, conf) + ((conf.log(),) if return_logp else ()) + (out[2:] if return_entropy else ())
     if rows is not None:
         h = h.index_select(0, rows)
     keys = row_keys(seed, step, row_ids)
     greedy = temperature == 0.0
-    slot, z_sel, lse, mean = impl.forward(h.contiguous(), weight.contiguous(), vocab, keys,
-                                          0.0 if greedy else 1.0 / temperature, greedy, return_entropy)
+    with exact_fp32():  # float32 inputs give float32 results whatever the process's TF32 setting
+        slot, z_sel, lse, mean = impl.forward(h.contiguous(), weight.contiguous(), vocab, keys,
+                                              0.0 if greedy else 1.0 / temperature, greedy, return_entropy)
     x0 = slot if vocab is None else vocab[slot]
     logp = z_sel - lse
     return (x0, logp.exp()) + ((logp,) if return_logp else ()) + ((lse - mean,) if return_entropy else ())
