@@ -79,6 +79,8 @@ def epilogue_module(device: torch.device) -> ModuleType | None:
         if choice == "triton":
             raise RuntimeError(f"stp_kernels gemm: settings.epilogue = 'triton' but Triton cannot run on "
                                f"{device.type}: {type(exc).__name__}: {exc}") from exc
+        _backends.report_fallback("gemm", device.type, f"torch epilogues instead of the fused Triton ones (several "
+                                  f"passes over each chunk) because Triton cannot run: {type(exc).__name__}: {exc}")
         return None  # auto: torch epilogue
     return epilogue
 
@@ -86,24 +88,36 @@ def epilogue_module(device: torch.device) -> ModuleType | None:
 # ------------------------------------------------------------------------------------------------ matmuls
 
 _fp32_out: dict[tuple[str, torch.dtype], bool] = {}
+# Device types whose library is expected to multiply 16-bit operands into a float32 output (torch >= 2.8 on CUDA:
+# the ``out_dtype`` overloads of mm / addmm). Elsewhere (CPU) 16-bit operands are multiplied in float32 by design.
+_LIBRARY_DEVICES = ("cuda",)
 
 
 def _library_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(..., out_dtype=float32) works for 16-bit operands on this device (CUDA builds of recent
-    torch: cuBLAS accumulates in float32 and writes float32). Probed once on tiny operands, checked for value."""
+    """Whether torch.mm(..., out_dtype=float32) works for 16-bit operands on this device (CUDA builds of torch >=
+    2.8: cuBLAS accumulates in float32 and writes float32). Probed once on tiny operands, checked for value; when it
+    fails the slower path (operands upcast to float32) is reported once (``_backends.report_fallback``)."""
     key = (str(device), dtype)
     if key not in _fp32_out:
-        ok = False
-        if device.type == "cuda":
+        ok, why = False, None
+        if device.type in _LIBRARY_DEVICES:
             try:
                 a = torch.randn(8, 16, device=device).to(dtype)
                 b = torch.randn(16, 8, device=device).to(dtype)
                 out = torch.empty(8, 8, device=device)
                 torch.mm(a, b, out_dtype=torch.float32, out=out)
                 ok = bool(torch.allclose(out, a.float() @ b.float(), rtol=1e-3, atol=1e-3))
-            except (RuntimeError, TypeError):
-                ok = False
+                why = None if ok else "its result differs from the float32 product (16-bit accumulation?)"
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         _fp32_out[key] = ok
+        if why is not None:
+            from . import _backends
+
+            _backends.report_fallback(
+                "gemm", device.type, f"{dtype} operands are upcast to float32 for every chunk matmul (no tensor-core "
+                f"16-bit product; ~15x slower on an H100) because torch.mm(out_dtype=float32) failed: {why}. "
+                f"Needs torch >= 2.8 (this is {torch.__version__})")
     return _fp32_out[key]
 
 

@@ -55,7 +55,7 @@ _inplace_acc: dict[tuple[str, torch.dtype], bool] = {}
 def _acc_inplace_ok(device: torch.device, dtype: torch.dtype) -> bool:
     key = (str(device), dtype)
     if key not in _inplace_acc:
-        ok = False
+        ok, why = False, None
         try:
             a = torch.randn(8, 16, device=device).to(dtype)
             b = torch.randn(16, 8, device=device).to(dtype)
@@ -63,9 +63,17 @@ def _acc_inplace_ok(device: torch.device, dtype: torch.dtype) -> bool:
             expected = acc + a.float() @ b.float()
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             ok = bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
-        except (RuntimeError, TypeError):
-            ok = False
+            why = None if ok else "its result differs from the float32 sum"
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         _inplace_acc[key] = ok
+        if why is not None:
+            from . import _backends
+
+            _backends.report_fallback(
+                "gemm", device.type, f"backward adds each {dtype} chunk product to dh through a float32 [R, H] "
+                f"scratch buffer (one more read and write of R x H floats per chunk) because "
+                f"torch.addmm(out_dtype=float32, out=acc) failed: {why}")
     return _inplace_acc[key]
 
 

@@ -263,3 +263,66 @@ def test_pipeline_joins_when_a_chunk_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="made-up failure"):
         gemm.backward(h, w, None, t, 1.0, lse, g, -g, None, True, True)
     assert _RecordingPipeline.joins == 2
+
+
+# ------------------------------------------------------------------------------------------------ item 3: fallbacks
+
+
+@pytest.fixture
+def no_fallbacks_yet(monkeypatch):
+    monkeypatch.setattr(_backends, "_fallbacks", {})
+    monkeypatch.setattr(G, "_fp32_out", {})
+    monkeypatch.setattr(gemm, "_inplace_acc", {})
+
+
+def _fallback_warnings(record):
+    return [str(w.message) for w in record if "runs a slower path" in str(w.message)]
+
+
+def test_missing_fp32_output_overload_is_reported_once(no_fallbacks_yet, monkeypatch):
+    """A torch without mm(out_dtype=float32) for 16-bit operands (simulated: the CPU build has no such kernel, and
+    the probe is made to expect one here) makes gemm upcast every chunk: one warning, and backend_status says so."""
+    monkeypatch.setattr(G, "_LIBRARY_DEVICES", ("cuda", "cpu"))
+    h, w, t = _problem(dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        first = masked_logprob(h, w, t, backend="gemm")
+        again = masked_logprob(h, w, t, backend="gemm")
+    messages = _fallback_warnings(record)
+    assert len(messages) == 1 and "upcast to float32" in messages[0] and "torch >= 2.8" in messages[0], messages
+    assert torch.equal(first, again)
+    status = backend_status("cpu")["gemm"]
+    assert status.startswith("available (fallback: ") and "out_dtype=float32" in status, status
+
+
+def test_scratch_accumulation_is_reported_once(no_fallbacks_yet):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert gemm._acc_inplace_ok(CPU, torch.bfloat16) is False  # the CPU build has no addmm(out_dtype)
+        assert gemm._acc_inplace_ok(CPU, torch.bfloat16) is False
+    messages = _fallback_warnings(record)
+    assert len(messages) == 1 and "scratch buffer" in messages[0], messages
+    assert "scratch buffer" in backend_status("cpu")["gemm"]
+
+
+def test_missing_triton_epilogue_is_reported_once(no_fallbacks_yet, monkeypatch):
+    """On CUDA, epilogue 'auto' falls back to the torch epilogues when Triton cannot run: reported."""
+    monkeypatch.setattr(_backends, "_triton_env_ok", lambda dev: "triton is not installed (made up for the test)")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert G.epilogue_module(torch.device("cuda")) is None
+        assert G.epilogue_module(torch.device("cuda")) is None
+    messages = _fallback_warnings(record)
+    assert len(messages) == 1 and "torch epilogues" in messages[0], messages
+    assert "torch epilogues" in _backends._fallbacks[("gemm", "cuda")]
+
+
+def test_torch_floor_matches_the_fast_path():
+    """pyproject's torch floor is the first torch with the out_dtype overloads the gemm fast path calls."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"torch>=(\d+)\.(\d+)"', text)
+    assert floor and (int(floor[1]), int(floor[2])) >= (2, 8), floor
+    assert "out_dtype" in torch.mm.__doc__ or "out_dtype" in str(torch.ops.aten.mm.dtype._schema)
