@@ -279,7 +279,7 @@ def torch_logit_grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz) -> None:
         dz[r] = grad.mul_(inv_temp)
 
 
-def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz) -> None:
+def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz, st=None) -> None:
     width = z.shape[1]
     tokens = None
     if not greedy:
@@ -297,4 +297,8 @@ def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z
         best[r] = torch.where(better, cmax, best[r])
         slot[r] = torch.where(better, carg + start, slot[r])
         z_sel[r] = torch.where(better, zr.gather(1, carg[:, None])[:, 0], z_sel[r])
+        if st is not None:  # tempered sum exp((z - m) * inv_temp), on the running max of z before this chunk
+            m_new = torch.maximum(m[r], zr.amax(1))
+            st[r] = st[r] * torch.exp((m[r] - m_new) * inv_temp) + torch.sub(zr, m_new[:, None]).mul_(
+                inv_temp).exp_().sum(1)
         _online_lse(zr, r, m, s, sz)

@@ -100,6 +100,10 @@ def check_sample_step(module: ModuleType, device: str, dtype: torch.dtype) -> No
         _compare(f"z_sel at T={temperature} ({dtype})", z_sel, z.gather(1, slot[:, None])[:, 0], 1e-4)
         _compare(f"lse at T={temperature} ({dtype})", lse, ref_lse, 1e-4)
         _compare(f"mean logit at T={temperature} ({dtype})", mean, ref_mean, 1e-4)
+        if not greedy:  # the tempered log-sum-exp of the same pass (sample_step's return_tempered_logp)
+            out = module.forward(h, w, vocab, keys, 1 / temperature, greedy, False, want_tlse=True)
+            _compare(f"tempered lse at T={temperature} ({dtype})", out[4], torch.logsumexp(z / temperature, -1),
+                     1e-4)
 
 
 # The gemm backends' chunk during the check: the problem's 199 vocabulary slots make 4 chunks (64, 64, 64 and a

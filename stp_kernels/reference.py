@@ -165,11 +165,14 @@ def sample_step_reference(
     vocab: torch.Tensor | None = None,
     upcast: torch.dtype = torch.float64,
     return_entropy: bool = False,
+    return_tempered_logp: bool = False,
 ):
     """Materialise logits and noise: x0 = argmax_v (z_v / T + gumbel_v) (argmax z when T == 0), ties to the lowest
     id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])
     and, with ``return_entropy``, the predictive entropy float32 [R] of softmax(z) (untempered, over the vocabulary
-    prior when one is given): lse(z) - sum_v softmax(z)_v z_v, computed in ``upcast``."""
+    prior when one is given): lse(z) - sum_v softmax(z)_v z_v, computed in ``upcast``. With
+    ``return_tempered_logp``, last: log softmax(z / T)[x0] float32 [R], the log-prob of the draw under the distribution
+    it was drawn from (0 at T = 0: the greedy draw is deterministic)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if rows is not None:
         h = h.index_select(0, rows)
@@ -185,7 +188,12 @@ def sample_step_reference(
     slot = score.argmax(dim=-1)
     p = torch.softmax(z, dim=-1)
     conf = p.gather(1, slot[:, None])[:, 0]
-    if not return_entropy:
-        return ids[slot], conf.float()
-    entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
-    return ids[slot], conf.float(), entropy.float()
+    out = (ids[slot], conf.float())
+    if return_entropy:
+        out += ((torch.logsumexp(z, dim=-1) - (p * z).sum(-1)).float(),)
+    if return_tempered_logp:
+        if temperature > 0:
+            out += (torch.log_softmax(z / temperature, dim=-1).gather(1, slot[:, None])[:, 0].float(),)
+        else:
+            out += (torch.zeros(slot.shape, dtype=torch.float32, device=z.device),)
+    return out

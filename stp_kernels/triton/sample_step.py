@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER_CONFIG, Config, interpreting, logits_tile, online_lse, precision, slot_tokens, split
+from ._common import (INTERPRETER_CONFIG, Config, interpreting, logits_tile, online_lse, precision, slot_tokens, split,
+                      tempered_sum)
 
 __all__ = ["check", "forward"]
 
@@ -77,11 +78,11 @@ def _gumbel(keys, toks):
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
-                best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr,
+                best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, st_ptr,
                 R, Vs, H, inv_temp, V_PER_SPLIT,
                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                HAS_VOCAB: tl.constexpr, GREEDY: tl.constexpr, WANT_MEAN: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                PRECISION: tl.constexpr):
+                HAS_VOCAB: tl.constexpr, GREEDY: tl.constexpr, WANT_MEAN: tl.constexpr, WANT_T: tl.constexpr,
+                UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr):
     pid_r = tl.program_id(0)  # row tiles vary fastest, so concurrent programs share the split's weight tiles in L2
     pid_s = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -95,6 +96,7 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
     sz = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    st = tl.zeros((BLOCK_R,), dtype=tl.float32)
     v_start = pid_s * V_PER_SPLIT
     v_stop = tl.minimum(v_start + V_PER_SPLIT, Vs)
     for v0 in range(v_start, v_stop, BLOCK_V):
@@ -118,6 +120,8 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
         slot = tl.where(better, v0 + targ.to(tl.int64), slot)
         zsel = tl.where(better, tz, zsel)
 
+        if WANT_T:
+            st = tempered_sum(z, m, st, inv_temp)
         m, s, sz = online_lse(z, mask_v, m, s, sz, WANT_MEAN)  # every tile has a column inside the split
 
     out = pid_s.to(tl.int64) * R + offs_r
@@ -128,11 +132,14 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
     tl.store(s_ptr + out, s, mask=mask_r)
     if WANT_MEAN:
         tl.store(sz_ptr + out, sz, mask=mask_r)
+    if WANT_T:
+        tl.store(st_ptr + out, st, mask=mask_r)
 
 
 @triton.jit
-def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, slot_out, zsel_out, lse_out, mean_out, R,
-                  SPLITS, BLOCK: tl.constexpr, WANT_MEAN: tl.constexpr):
+def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, st_ptr, slot_out, zsel_out, lse_out, mean_out,
+                  tlse_out, R, SPLITS, inv_temp, BLOCK: tl.constexpr, WANT_MEAN: tl.constexpr,
+                  WANT_T: tl.constexpr):
     """Combine per-split partials [SPLITS, R] in split order (fixed order: deterministic; ties to the lower split)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < R
@@ -149,16 +156,22 @@ def _merge_kernel(best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, slot_out, 
         big_m = tl.maximum(big_m, tl.load(m_ptr + i * R + offs, mask=mask, other=0.0))
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     sz = tl.zeros((BLOCK,), dtype=tl.float32)
+    st = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, SPLITS):
-        scale = tl.exp(tl.load(m_ptr + i * R + offs, mask=mask, other=0.0) - big_m)
+        m_i = tl.load(m_ptr + i * R + offs, mask=mask, other=0.0)
+        scale = tl.exp(m_i - big_m)
         s += tl.load(s_ptr + i * R + offs, mask=mask, other=1.0) * scale  # 1.0: no log(0) in masked lanes
         if WANT_MEAN:
             sz += tl.load(sz_ptr + i * R + offs, mask=mask, other=0.0) * scale
+        if WANT_T:
+            st += tl.load(st_ptr + i * R + offs, mask=mask, other=1.0) * tl.exp((m_i - big_m) * inv_temp)
     tl.store(slot_out + offs, slot, mask=mask)
     tl.store(zsel_out + offs, zsel, mask=mask)
     tl.store(lse_out + offs, big_m + tl.log(s), mask=mask)
     if WANT_MEAN:
         tl.store(mean_out + offs, sz / s, mask=mask)
+    if WANT_T:
+        tl.store(tlse_out + offs, big_m * inv_temp + tl.log(st), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,36 +191,38 @@ def _config(dtype: torch.dtype, device: torch.device) -> Config:
 
 
 def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, want_mean: bool,
-                    splits: int | None = None):
+                    splits: int | None = None, want_tlse: bool = False):
     num_rows, hidden = h.shape
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
     dev = h.device
     slot = torch.empty(num_rows, dtype=torch.int64, device=dev)
-    out = torch.empty(3, num_rows, dtype=torch.float32, device=dev)  # z_sel, lse, mean
+    out = torch.empty(4, num_rows, dtype=torch.float32, device=dev)  # z_sel, lse, mean, tlse
     mean = out[2] if want_mean else None
+    tail = (out[3],) if want_tlse else ()
     if num_rows == 0:
-        return slot, out[0], out[1], mean
+        return (slot, out[0], out[1], mean) + tail
     cfg = _config(h.dtype, dev)
     row_tiles = triton.cdiv(num_rows, cfg.block_r)
     # The cap is the program target itself: one row tile alone may take every split it needs to fill the GPU.
     splits, v_per_split = split(row_tiles, vocab_size, cfg.block_v, cfg.programs, splits, cfg.programs)
-    part_f = torch.empty(5, splits, num_rows, dtype=torch.float32, device=dev)  # best, z_sel, m, s, sz
+    part_f = torch.empty(6, splits, num_rows, dtype=torch.float32, device=dev)  # best, z_sel, m, s, sz, st
     part_slot = torch.empty(splits, num_rows, dtype=torch.int64, device=dev)
     _fwd_kernel[(row_tiles, splits)](
         h, w, vocab_ids if vocab_ids is not None else keys, keys,
-        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], part_f[4],
+        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], part_f[4], part_f[5],
         num_rows, vocab_size, hidden, float(inv_temp), v_per_split,
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), WANT_MEAN=bool(want_mean), UPCAST_DOT=interpreting(),
+        HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), WANT_MEAN=bool(want_mean), WANT_T=bool(want_tlse),
+        UPCAST_DOT=interpreting(),
         PRECISION=precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block = 32 if interpreting() else 1024
     _merge_kernel[(triton.cdiv(num_rows, block),)](
-        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], part_f[4], slot, out[0], out[1], out[2], num_rows,
-        splits, BLOCK=block, WANT_MEAN=bool(want_mean),
+        part_f[0], part_slot, part_f[1], part_f[2], part_f[3], part_f[4], part_f[5], slot, out[0], out[1], out[2],
+        out[3], num_rows, splits, float(inv_temp), BLOCK=block, WANT_MEAN=bool(want_mean), WANT_T=bool(want_tlse),
     )
-    return slot, out[0], out[1], mean
+    return (slot, out[0], out[1], mean) + tail
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,9 +231,9 @@ def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, want_m
 
 
 def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
-            greedy: bool, want_mean: bool
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(slot int64 [R], z_sel, lse, mean | None float32 [R]); see ``stp_kernels.torch_chunked_sample_step``."""
+            greedy: bool, want_mean: bool, want_tlse: bool = False):
+    """(slot int64 [R], z_sel, lse, mean | None float32 [R]) [+ (tlse,) with ``want_tlse``, not greedy]; see
+    ``stp_kernels.torch_chunked_sample_step``."""
     vocab_ids = vocab_ids.contiguous() if vocab_ids is not None else None
     return _launch_forward(h.contiguous(), w.contiguous(), vocab_ids, keys.long().contiguous(), float(inv_temp),
-                           bool(greedy), bool(want_mean))
+                           bool(greedy), bool(want_mean), want_tlse=bool(want_tlse) and not greedy)
