@@ -23,7 +23,7 @@ import torch
 from .reference import counter_uniform
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name)
     if value is None:
         return default
@@ -40,9 +40,12 @@ def _env_int(name: str, default: int) -> int:
 class GemmSettings:
     """Settings of the ``gemm`` backends (module-level ``settings``; also read from the environment at import)."""
 
-    chunk: int = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK", 4096), metadata={
-        "help": "vocabulary slots per matmul ($STP_GEMM_CHUNK). 4096 at R = 2048 rows makes a 32 MiB float32 "
-                "chunk, which stays in an H100/H200's 50 MB L2 between the matmul and the epilogue."})
+    chunk: int | None = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK", None), metadata={
+        "help": "vocabulary slots per matmul ($STP_GEMM_CHUNK); None (default) scales with the rows R: "
+                "chunk_elements / R slots, at least 4096, rounded up to a multiple of 256 (see chunk_size)."})
+    chunk_elements: int = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK_ELEMENTS", 1 << 24), metadata={
+        "help": "float32 logits per chunk buffer when the chunk scales with R ($STP_GEMM_CHUNK_ELEMENTS; 2**24 = "
+                "64 MiB): 8192 slots at R = 2048, 32768 at R = 512; R > 4096 rows get 4096 slots."})
     epilogue: str = field(default_factory=lambda: os.environ.get("STP_GEMM_EPILOGUE", "auto"), metadata={
         "help": "'auto' (Triton on CUDA, torch on CPU: Triton's CPU interpreter is for tests), 'triton' or "
                 "'torch' ($STP_GEMM_EPILOGUE)."})
@@ -54,10 +57,25 @@ settings = GemmSettings()
 EPILOGUES = ("auto", "triton", "torch")
 
 
-def chunk_size() -> int:
-    if not isinstance(settings.chunk, int) or settings.chunk < 1:
-        raise ValueError(f"stp_kernels gemm: settings.chunk = {settings.chunk!r}; it must be an int >= 1")
-    return settings.chunk
+MIN_CHUNK = 4096
+
+
+def chunk_size(rows: int) -> int:
+    """Vocabulary slots per chunk for R = ``rows``: ``settings.chunk`` when set, else chunk_elements / R (at least
+    4096, a multiple of 256). Fewer, wider chunks at small R: fewer matmul and epilogue launches and host steps.
+
+    Memory bound (extra, beyond the outputs): forward 2 float32 [R, chunk] buffers (one on a single stream) =
+    8 * max(chunk_elements, 4096 R) bytes: 128 MiB for R <= 4096 at the default; backward adds 2 dz buffers in the
+    input dtype and the float32 [R, H] dh: at most 8 * max(...) + 2 * itemsize * max(...) + 4 R H bytes
+    (R = 2048, H = 4096, bf16: 128 + 64 + 32 = 224 MiB)."""
+    if settings.chunk is not None:
+        if not isinstance(settings.chunk, int) or settings.chunk < 1:
+            raise ValueError(f"stp_kernels gemm: settings.chunk = {settings.chunk!r}; it must be None or an int >= 1")
+        return settings.chunk
+    budget = settings.chunk_elements
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"stp_kernels gemm: settings.chunk_elements = {budget!r}; it must be an int >= 1")
+    return max(MIN_CHUNK, -(-(budget // max(rows, 1)) // 256) * 256)
 
 
 def epilogue_module(device: torch.device) -> ModuleType | None:
@@ -185,8 +203,8 @@ class Pipeline:
             self.main.wait_stream(self.side_stream)
 
 
-def chunks(vocab_size: int) -> list[tuple[int, int]]:
-    step = chunk_size()
+def chunks(vocab_size: int, rows: int) -> list[tuple[int, int]]:
+    step = chunk_size(rows)
     return [(start, min(start + step, vocab_size)) for start in range(0, vocab_size, step)]
 
 
@@ -216,7 +234,7 @@ def fold_chunks(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None
     the side stream while chunk c+1 multiplies into the other buffer; a buffer is reused only after the epilogue
     that last read it has finished."""
     pipe = Pipeline(h.device)
-    parts = chunks(vocab_size)
+    parts = chunks(vocab_size, h.shape[0])
     lhs = operand(h)
     bufs = Buffers(h.shape[0], parts[0][1], h.device, torch.float32, 2 if pipe.on else 1)
     free = [None, None]  # per buffer: the epilogue that last read it has finished

@@ -89,7 +89,7 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
     epi = G.epilogue_module(dev)
     grad = epi.logit_grad if epi is not None else G.torch_logit_grad
     pipe = G.Pipeline(dev)
-    parts = G.chunks(vocab_size)
+    parts = G.chunks(vocab_size, rows)
     lhs = G.operand(h)  # h itself, or h in float32 where the library cannot take 16-bit operands to float32
     native = lhs.dtype == h.dtype  # dz and W[chunk] enter the gradient products in their own dtype
     count = 2 if pipe.on else 1

@@ -116,6 +116,7 @@ def masked_logprob(
     backend: str | None = None,
     return_lse: bool = False,
     return_entropy: bool = False,
+    check_inputs: bool | None = None,
 ):
     """log p(target | row) under softmax(hidden @ weight.T / temperature), without materialising [R, V].
 
@@ -130,13 +131,31 @@ def masked_logprob(
         backend: "torch", "torch_chunked", "cpu", "triton", "cuda", "gemm"; None picks ``$STP_KERNEL_BACKEND`` or the
             fastest available (``stp_kernels.available_backends()``).
         return_lse / return_entropy: also return the log-sum-exp / the entropy of each row's distribution.
+        check_inputs: True: raise a ValueError naming any target, row or vocab id out of range (one host sync per
+            call); False: no host sync: out-of-range indices are clamped before any kernel reads them and the rows
+            they affect come back NaN (every row for an unsorted or out-of-range prior); None (default): True on CPU
+            tensors, False on CUDA tensors.
 
     Returns:
         float32 [R] log-probabilities (plus [R] lse and/or entropy when asked), differentiable with respect
         to ``hidden`` and ``weight`` for any upstream gradient.
     """
-    h, w, tgt, rows, vocab, temperature = _validate(hidden, weight, targets, rows, vocab, temperature)
+    h, w, tgt, rows, vocab, temperature, poison = _validate(hidden, weight, targets, rows, vocab, temperature,
+                                                            check_inputs)
     name, _ = _backends.resolve("masked_logprob", backend, h.device, h.dtype)
+    if poison is not None:
+        out = _dispatch(name, hidden, h, w, tgt, rows, vocab, temperature, return_lse, return_entropy, clamp=True)
+        nan = torch.full((), float("nan"), device=h.device)
+        if isinstance(out, tuple):
+            return tuple(torch.where(poison, nan, o) for o in out)
+        return torch.where(poison, nan, out)
+    return _dispatch(name, hidden, h, w, tgt, rows, vocab, temperature, return_lse, return_entropy)
+
+
+def _dispatch(name, hidden, h, w, tgt, rows, vocab, temperature, return_lse, return_entropy, clamp=False):
+    if clamp and vocab is not None:  # a target missing from the prior (its row is NaN): any member stands in
+        tgt = vocab[torch.searchsorted(vocab, tgt).clamp_(max=vocab.numel() - 1)]
+    weight, targets = w, tgt
     if name == "torch":
         with exact_fp32():
             return masked_logprob_reference(hidden, weight, targets, rows=rows, vocab=vocab, temperature=temperature,
@@ -152,7 +171,7 @@ def masked_logprob(
     return (logp, *extras) if extras else logp
 
 
-def _validate(hidden, weight, targets, rows, vocab, temperature):
+def _validate(hidden, weight, targets, rows, vocab, temperature, check_inputs):
     fn = "stp_kernels.masked_logprob"
     h, num_hidden_rows = V.head_inputs(fn, hidden, weight)
     temperature = V.temperature_arg(fn, temperature, allow_zero=False)
@@ -170,6 +189,10 @@ def _validate(hidden, weight, targets, rows, vocab, temperature):
                          "pass rows= to score a subset")
     if tgt.numel() == 0:
         raise ValueError(f"{fn}: no rows to score (targets is empty)")
+    if not V.check_mode(fn, check_inputs, hidden.device):
+        vocab = V.vocab_arg(fn, vocab, vocab_size, hidden.device, V.Checks(fn))  # type and shape checks only
+        tgt, rows, vocab, poison = V.poison_mask(num_hidden_rows, vocab_size, tgt, rows, vocab, tgt.numel())
+        return h, weight, tgt, rows, vocab, temperature, poison
     checks.add(f"targets must lie in [0, {vocab_size}) (weight has {vocab_size} rows)",
                (tgt < 0).any() | (tgt >= vocab_size).any())
     vocab = V.vocab_arg(fn, vocab, vocab_size, hidden.device, checks)
@@ -177,4 +200,4 @@ def _validate(hidden, weight, targets, rows, vocab, temperature):
         slot = torch.searchsorted(vocab, tgt).clamp_(max=vocab.numel() - 1)
         checks.add("every target must be in vocab", (vocab[slot] != tgt).any())
     checks.run()
-    return h, weight, tgt, rows, vocab, temperature
+    return h, weight, tgt, rows, vocab, temperature, None

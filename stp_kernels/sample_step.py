@@ -36,7 +36,7 @@ def sample_step(
     return_logp: bool = False,
     return_entropy: bool = False,
     return_tempered_logp: bool = False,
-    check_inputs: bool = True,
+    check_inputs: bool | None = None,
 ):
     """Sample x0 and its confidence at the scored rows of one denoising step.
 
@@ -55,8 +55,11 @@ def sample_step(
         return_tempered_logp: also return log softmax(z / T)[x0], the log-prob of x0 under the distribution it was
             drawn from (temperature and vocabulary prior applied; 0 at T = 0, where the draw is deterministic): the
             behaviour log-prob of RL, from the same pass (backends add one exp per logit; no second pass).
-        check_inputs: run the range checks of rows and vocab (one host sync); a caller that calls once per denoising
-            step validates them once itself and passes False.
+        check_inputs: True: raise a ValueError naming rows or vocab ids out of range (one host sync per call);
+            False: no host sync: indices are clamped before any kernel reads them and the rows they affect come back
+            as x0 = -1 with NaN scores (every row for an unsorted or out-of-range prior); None (default): True on
+            CPU tensors, False on CUDA tensors. A caller that calls once per denoising step can validate once
+            itself and pass False.
 
     Returns: (x0 int64 [R] token ids, confidence float32 [R]) + (log-confidence float32 [R],) if ``return_logp``
     + (entropy float32 [R],) if ``return_entropy`` + (tempered log-prob float32 [R],) if ``return_tempered_logp``,
@@ -78,8 +81,11 @@ def sample_step(
         row_ids = V.int_vector(fn, "row_ids", row_ids, hidden.device)
         if row_ids.numel() != num_scored:
             raise ValueError(f"{fn}: row_ids has {row_ids.numel()} entries but {num_scored} rows are sampled")
-    if check_inputs:
+    poison = None
+    if V.check_mode(fn, check_inputs, hidden.device):
         checks.run()
+    else:
+        _, rows, vocab, poison = V.poison_mask(num_rows, weight.shape[0], None, rows, vocab, num_scored)
     if row_ids is None:
         row_ids = rows if rows is not None else torch.arange(num_rows, device=hidden.device)
 
@@ -90,7 +96,7 @@ def sample_step(
                                         temperature=temperature, vocab=vocab, upcast=torch.float32,
                                         return_entropy=return_entropy, return_tempered_logp=return_tempered_logp)
         x0, conf = out[0], out[1]
-        return (x0, conf) + ((conf.log(),) if return_logp else ()) + out[2:]
+        return _poisoned((x0, conf) + ((conf.log(),) if return_logp else ()) + out[2:], poison)
     if rows is not None:
         h = h.index_select(0, rows)
     keys = row_keys(seed, step, row_ids)
@@ -105,4 +111,11 @@ def sample_step(
     out = (x0, logp.exp()) + ((logp,) if return_logp else ()) + ((lse - mean,) if return_entropy else ())
     if return_tempered_logp:
         out += ((z_sel * inv_temp - tlse[0]) if want_tlse else torch.zeros_like(z_sel),)
-    return out
+    return _poisoned(out, poison)
+
+
+def _poisoned(out: tuple, poison: torch.Tensor | None) -> tuple:
+    """x0 = -1 and NaN scores at the rows ``poison`` marks (no host sync)."""
+    if poison is None:
+        return out
+    return (torch.where(poison, -1, out[0]),) + tuple(torch.where(poison, float("nan"), o) for o in out[1:])

@@ -170,6 +170,7 @@ def test_self_check_runs_several_chunks_and_a_ragged_tail(fresh, monkeypatch):
         return real(a, b, out)
 
     monkeypatch.setattr(G, "mm_f32", record)
+    before = G.settings.chunk
     t0 = time.perf_counter()
     for op in ("masked_logprob", "sample_step"):
         widths.clear()
@@ -178,7 +179,7 @@ def test_self_check_runs_several_chunks_and_a_ragged_tail(fresh, monkeypatch):
         assert len(widths) >= 2 * 2 and len(set(widths)) == 2 and widths[-1] < widths[0], (op, widths)
     elapsed = time.perf_counter() - t0
     print(f"self-check of both ops, every CPU backend: {elapsed:.2f} s")
-    assert G.settings.chunk is not _selfcheck.CHECK_CHUNK or G.settings.chunk is None  # setting restored
+    assert G.settings.chunk == before  # the setting is restored
 
 
 def test_named_backend_is_still_checked_once(fresh, monkeypatch):
@@ -326,3 +327,58 @@ def test_torch_floor_matches_the_fast_path():
     floor = re.search(r'"torch>=(\d+)\.(\d+)"', text)
     assert floor and (int(floor[1]), int(floor[2])) >= (2, 8), floor
     assert "out_dtype" in torch.mm.__doc__ or "out_dtype" in str(torch.ops.aten.mm.dtype._schema)
+
+
+# ------------------------------------------------------------------------------------------------ item 6: no sync
+
+
+@contextlib.contextmanager
+def no_host_sync(monkeypatch):
+    """Every way torch reads a device value back to the host raises (the no-sync path must not use any)."""
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    with monkeypatch.context() as m:
+        for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
+            m.setattr(torch.Tensor, name, sync)
+        yield
+
+
+@pytest.mark.parametrize("backend", ["gemm", "torch_chunked", "torch"])
+def test_masked_logprob_without_host_sync_poisons_bad_rows(backend, monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    h, w = torch.randn(9, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    vocab = torch.arange(0, 50, 2)
+    t = vocab[torch.randint(0, 25, (6,), generator=gen)]
+    rows = torch.tensor([0, 2, 4, 6, 8, 1])
+    good = masked_logprob(h, w, t, rows=rows, vocab=vocab, backend=backend, return_entropy=True)
+    bad_t, bad_rows = t.clone(), rows.clone()
+    bad_t[1], bad_t[3], bad_rows[4] = 51, 3, 9  # outside [0, V), not in the prior, outside hidden
+    with no_host_sync(monkeypatch):
+        lp, ent = masked_logprob(h, w, bad_t, rows=bad_rows, vocab=vocab, backend=backend, return_entropy=True,
+                                 check_inputs=False)
+        unsorted = masked_logprob(h, w, t, vocab=vocab.flip(0), rows=rows, backend=backend, check_inputs=False)
+    poisoned = torch.tensor([False, True, False, True, True, False])
+    for got, want in ((lp, good[0]), (ent, good[1])):
+        assert torch.isnan(got[poisoned]).all() and torch.equal(got[~poisoned], want[~poisoned])
+    assert torch.isnan(unsorted).all()
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 50\)"):  # CPU default: the raising checks
+        masked_logprob(h, w, bad_t, rows=rows, vocab=vocab, backend=backend)
+
+
+def test_sample_step_without_host_sync_poisons_bad_rows(monkeypatch):
+    from stp_kernels import sample_step
+
+    gen = torch.Generator().manual_seed(4)
+    h, w = torch.randn(9, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    rows = torch.tensor([0, 2, 4, 6, 8, 1])
+    good = sample_step(h, w, seed=1, step=0, rows=rows, temperature=0.7, backend="gemm", return_tempered_logp=True)
+    bad = rows.clone()
+    bad[2] = -1
+    with no_host_sync(monkeypatch):
+        got = sample_step(h, w, seed=1, step=0, rows=bad, row_ids=rows, temperature=0.7, backend="gemm",
+                          return_tempered_logp=True, check_inputs=False)
+    keep = torch.arange(6) != 2
+    assert got[0][2] == -1 and all(torch.isnan(g[2]) for g in got[1:])
+    assert all(torch.equal(g[keep], w_[keep]) for g, w_ in zip(got, good))
