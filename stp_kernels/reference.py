@@ -146,6 +146,21 @@ def counter_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
+def gumbel_fast(u: torch.Tensor, log2=torch.log2) -> torch.Tensor:
+    """The Triton kernels' Gumbel noise -log(-log(u)) in torch, for float32 u = (k + 0.5) 2**-23: only ``log2`` (the
+    GPU's fast approximate one there; pass a perturbed one to test its error) and a series for -log(u) near u = 1,
+    where an approximate log would lose every digit: w = 1 - u (exact), -log(u) = w + w^2/2 + ... + w^11/11 for
+    w <= 1/4, else -log2(u) ln 2. Within ~1e-6 of ``-log(-log(u))``; the bounds stay [-2.8116, 16.6356]."""
+    ln2 = 0.6931471805599453
+    w = 1.0 - u  # exact for u >= 1/2, where it is used
+    series = torch.full_like(u, 1.0 / 11.0)
+    for n in range(10, 0, -1):
+        series = series * w + 1.0 / n
+    series = series * w
+    e = torch.where(w <= 0.25, series, -log2(u) * ln2)
+    return -log2(e) * ln2
+
+
 def counter_gumbel(seed: int, step: int, row_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """The float32 Gumbel noise [R, T] that ``sample_step`` adds for these rows and tokens (a "fixed noise tensor"
     for reference samplers and tests)."""

@@ -101,7 +101,8 @@ def _dz_kernel(z_ptr, z_stride, dz_ptr, dz_stride, lse_ptr, g_tgt_ptr, a_ptr, b_
 @triton.jit
 def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, st_ptr,
                    R, width, start, inv_temp, GREEDY: tl.constexpr, HAS_VOCAB: tl.constexpr,
-                   WANT_MEAN: tl.constexpr, WANT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                   WANT_MEAN: tl.constexpr, WANT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   FAST_LOG: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     rows = offs_r.to(tl.int64) * z_stride
@@ -133,7 +134,8 @@ def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zse
                 toks = tl.load(vocab_ptr + slots, mask=mask_c, other=0)
             else:
                 toks = tl.where(mask_c, slots, 0)
-            score = tl.where(mask_c[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32)), float("-inf"))
+            score = tl.where(mask_c[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32), FAST_LOG),
+                             float("-inf"))
         tmax = tl.max(score, axis=1)
         targ = tl.min(tl.where(score == tmax[:, None], local[None, :], BLOCK_C), axis=1)  # first maximal column
         tz = tl.sum(tl.where(local[None, :] == targ[:, None], z, 0.0), axis=1)
@@ -188,4 +190,4 @@ def fold_sample(z: torch.Tensor, start: int, inv_temp: float, greedy: bool, keys
         z, z.stride(0), keys, keys if vocab_ids is None else vocab_ids, best, slot, z_sel, m, s,
         s if sz is None else sz, s if st is None else st, rows, width, start, float(inv_temp), GREEDY=greedy,
         HAS_VOCAB=vocab_ids is not None, WANT_MEAN=sz is not None, WANT_T=st is not None, BLOCK_R=block_r,
-        BLOCK_C=block_c, num_warps=warps)
+        BLOCK_C=block_c, FAST_LOG=not interpreting(), num_warps=warps)

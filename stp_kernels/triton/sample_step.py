@@ -20,8 +20,9 @@ Kernels:
 [R, Vs] is never written; no atomics, a fixed reduction order: two identical calls are bit-identical.
 
 Numerics: fp32 accumulation (bf16/fp16 operands accumulate in fp32 in ``tl.dot``; fp32 operands use
-``input_precision="ieee"``, not TF32). The noise bits are exact; ``tl.log`` may differ from torch's ``log`` by an
-ulp or so on GPU, which can only flip the argmax at near-ties (score gaps ~1e-6).
+``input_precision="ieee"``, not TF32). The noise bits are exact; the two logs of the Gumbel noise use the hardware's
+fast log2 (``_gumbel_from_u``), within ~1e-6 of torch's float32 noise, which can only flip the argmax at near-ties
+(score gaps ~1e-6).
 
 Interpreter (``TRITON_INTERPRET=1``): ``tl.dot`` on bf16/fp16 returns garbage there, so ``UPCAST_DOT`` converts
 operands to fp32 first; tiny blocks so test shapes cover several tiles, ragged edges and splits.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._common import (INTERPRETER_CONFIG, Config, interpreting, logits_tile, online_lse, precision, slot_tokens, split,
                       tempered_sum)
@@ -64,11 +66,47 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel(keys, toks):
+def _log2(x, FAST_LOG: tl.constexpr):
+    """log2 in float32: the hardware approximation (``lg2.approx.f32`` via ``__nv_fast_log2f``, a few instructions;
+    absolute error ~2**-22 near 1, relative ~2**-22 elsewhere) on a GPU; numpy's log2 in the interpreter, which
+    cannot run external functions."""
+    if FAST_LOG:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _gumbel_from_u(u, w, FAST_LOG: tl.constexpr):
+    """-log(-log(u)) for u in (0, 1) with w = 1 - u (exact), using only the fast log2 (``reference.gumbel_fast``
+    mirrors it in torch). The inner -log(u) near u = 1 (w <= 1/4) is the series w + w^2/2 + ... + w^11/11 (relative
+    truncation error < 2e-8), where an approximate log of a number near 1 would lose every digit (and could even
+    give 0 or a positive log, i.e. infinite noise); elsewhere -log2(u) ln 2. Error against exact float32 noise:
+    ~1e-6 at most (the outer log's absolute error), far below a bf16 logit's rounding."""
+    LN2: tl.constexpr = 0.6931471805599453
+    series = 1.0 / 11.0
+    series = series * w + 1.0 / 10.0
+    series = series * w + 1.0 / 9.0
+    series = series * w + 1.0 / 8.0
+    series = series * w + 1.0 / 7.0
+    series = series * w + 1.0 / 6.0
+    series = series * w + 1.0 / 5.0
+    series = series * w + 1.0 / 4.0
+    series = series * w + 1.0 / 3.0
+    series = series * w + 0.5
+    series = (series * w + 1.0) * w
+    e = tl.where(w <= 0.25, series, -_log2(u, FAST_LOG) * LN2)
+    return -_log2(e, FAST_LOG) * LN2
+
+
+@triton.jit
+def _gumbel(keys, toks, FAST_LOG: tl.constexpr):
     """float32 Gumbel noise [BLOCK_R, BLOCK_V] from uint32 row keys [BLOCK_R] and uint32 token ids [BLOCK_V]."""
     bits = _mix32(keys[:, None] ^ _mix32(toks)[None, :])
-    u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23: exact, strictly inside (0, 1)
-    return -tl.log(-tl.log(u))
+    k = (bits >> 9).to(tl.float32)  # 23 random bits, exact in float32
+    u = (k + 0.5) * 1.1920928955078125e-07  # 2**-23: exact, strictly inside (0, 1)
+    w = ((8388607.0 - k) + 0.5) * 1.1920928955078125e-07  # 1 - u, exact
+    return _gumbel_from_u(u, w, FAST_LOG)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,7 +120,7 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
                 R, Vs, H, inv_temp, V_PER_SPLIT,
                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 HAS_VOCAB: tl.constexpr, GREEDY: tl.constexpr, WANT_MEAN: tl.constexpr, WANT_T: tl.constexpr,
-                UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, FAST_LOG: tl.constexpr):
     pid_r = tl.program_id(0)  # row tiles vary fastest, so concurrent programs share the split's weight tiles in L2
     pid_s = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -109,7 +147,8 @@ def _fwd_kernel(h_ptr, w_ptr, vocab_ptr, keys_ptr,
         if GREEDY:
             score = z
         else:
-            score = tl.where(mask_v[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32)), float("-inf"))
+            score = tl.where(mask_v[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32), FAST_LOG),
+                             float("-inf"))
         # First maximal column of the tile (explicit, not relying on tl.argmax's tie rule).
         tmax = tl.max(score, axis=1)
         cols = tl.arange(0, BLOCK_V)
@@ -213,7 +252,7 @@ def _launch_forward(h, w, vocab_ids, keys, inv_temp: float, greedy: bool, want_m
         num_rows, vocab_size, hidden, float(inv_temp), v_per_split,
         BLOCK_R=cfg.block_r, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
         HAS_VOCAB=vocab_ids is not None, GREEDY=bool(greedy), WANT_MEAN=bool(want_mean), WANT_T=bool(want_tlse),
-        UPCAST_DOT=interpreting(),
+        UPCAST_DOT=interpreting(), FAST_LOG=not interpreting(),
         PRECISION=precision(h.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
