@@ -101,7 +101,9 @@ def poison_mask(num_hidden_rows: int, vocab_size: int, tgt: torch.Tensor | None,
     """The range checks without a host sync: every index is clamped into range (no kernel can read outside its
     tensor) and a bool [num_out] mask marks the rows whose result is meaningless (target outside [0, V) or not in the
     prior, row outside hidden; every row when the prior is unsorted, repeated or outside [0, V)); callers write NaN
-    there. Returns (tgt, rows, vocab, mask), all on the device."""
+    there. Returns (tgt, rows, vocab, mask), all on the device; mask is None when there is nothing to check."""
+    if tgt is None and rows is None and vocab is None:
+        return tgt, rows, vocab, None
     device = (tgt if tgt is not None else rows if rows is not None else vocab).device
     bad = torch.zeros(num_out, dtype=torch.bool, device=device)
     if tgt is not None:

@@ -382,3 +382,7 @@ def test_sample_step_without_host_sync_poisons_bad_rows(monkeypatch):
     keep = torch.arange(6) != 2
     assert got[0][2] == -1 and all(torch.isnan(g[2]) for g in got[1:])
     assert all(torch.equal(g[keep], w_[keep]) for g, w_ in zip(got, good))
+    # nothing to check (no rows, no prior): the plain call, no sync either
+    with no_host_sync(monkeypatch):
+        plain = sample_step(h, w, seed=1, step=0, temperature=0.7, backend="gemm", check_inputs=False)
+    assert torch.equal(plain[0], sample_step(h, w, seed=1, step=0, temperature=0.7, backend="gemm")[0])
