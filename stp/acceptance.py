@@ -1,8 +1,12 @@
 """The whole stack on one GPU in one command: one RL step of every online method on a random-weight model with
 LLaDA-8B's shapes, and the same forward at Dream-7B's shapes, as a markdown table with spreads and the device name.
 
-    python -m stp.acceptance --out stack.md          # one H100/H200, no network; the plan below (estimate ~5 min)
+    python -m stp.acceptance --out stack.md          # one H100/H200, no network: kernel tables, then the stack
     python -m stp.acceptance --smoke                 # the same code on CPU at tiny shapes (CI)
+
+Time on one H100, estimated (nothing here has run on a GPU yet): the kernel tables ~2-3 min (their own budget of
+~6 s of repeats per timed variant), the stack <= ~7 min from flops without KV caches (``estimate_gpu_seconds``; the
+prefix / dual rows are cheaper), so ~6-8 min in all; ``--no-kernels`` or ``--methods`` / ``--caches`` cut it.
 
 What runs (``python -m stp_kernels.acceptance`` is the kernel-level table; this one is the trainer's):
 1. For each method (stp, d1, elbo, diffpo, dtrpo-online) and each ``rollout.cache`` (none, prefix, dual): the
@@ -308,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the code path")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run python -m stp_kernels.acceptance first and put its tables first (default: on GPU "
+                         "yes, with --smoke no: tests/test_acceptance.py runs the kernels' smoke)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ", ".join(METHODS))
     ap.add_argument("--caches", default=None, help="comma-separated subset of " + ", ".join(CACHES))
     args = ap.parse_args(argv)
@@ -329,7 +336,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--caches: {bad} not in {list(CACHES)}")
         plan = replace(plan, caches=tuple(args.caches.split(",")))
     t0 = time.perf_counter()
+    kernels_text, kernels_ok = "", True
+    if args.kernels if args.kernels is not None else not args.smoke:
+        from stp_kernels import acceptance as kernels
+
+        _log("kernel acceptance (python -m stp_kernels.acceptance)")
+        kernels_text, kernels_ok = kernels.run(kernels.SMOKE_PLAN if args.smoke else kernels.GPU_PLAN, args.smoke)
+        kernels_text += "\n"
     text, ok = run(plan, args.smoke)
+    text, ok = kernels_text + text, ok and kernels_ok
     text += f" ({time.perf_counter() - t0:.0f} s)"
     print(text)
     if args.out:
