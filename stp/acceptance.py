@@ -270,8 +270,8 @@ def run(plan: Plan, smoke: bool) -> tuple[str, bool]:
     est = estimate_gpu_seconds()
     lines = [f"## stp whole-stack acceptance ({'smoke, CPU' if smoke else 'GPU'})", "",
              f"{datetime.date.today().isoformat()}, {device_name}, torch {torch.__version__}; model "
-             f"{'LLaDA-8B' if not smoke else 'tiny LLaDA-like'} shapes ({plan.llada.params() / 1e6:.1f} M parameters, random "
-             f"weights, bf16, LoRA r {plan.lora_r}); rollout gen {plan.gen} / block {plan.block} / {plan.steps} "
+             f"{'LLaDA-8B' if not smoke else 'tiny LLaDA-like'} shapes ({plan.llada.params() / 1e6:.1f} M parameters, "
+             f"random weights, bf16, LoRA r {plan.lora_r}); rollout gen {plan.gen} / block {plan.block} / {plan.steps} "
              f"steps, G {plan.group} x 1 prompt, mu 1; {plan.repeats} measured steps per variant (min / median / "
              "max; one warm-up step before the first variant). Quality is not measured (random weights).", "",
              f"Estimate of the GPU run from flops (not measured): {est['variants']} variants x "

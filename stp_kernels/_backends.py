@@ -5,10 +5,11 @@ available for the tensors' device (CUDA: gemm, cuda, triton, torch_chunked; CPU:
 machine without CUDA runs through Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is first
 imported unless the user set it): correct but about a thousand times slower, so it is never a CPU default.
 
-First-use self-check (``_selfcheck``): the first call of an op on a CUDA device runs every compiled backend once on a
-small problem against float64, per dtype; one that fails is disabled for the process for that dtype (one warning
+First-use self-check (``_selfcheck``): the first call of an op on a CUDA device runs every compiled backend once on
+a small problem against float64, per dtype; one that fails is disabled for the process for that dtype (one warning
 naming it, the dtype and the error; ``backend_status`` shows why) and dispatch moves to the next. A backend named by
-``backend=`` or ``$STP_KERNEL_BACKEND`` is checked the same way before its first use. ``$STP_KERNEL_SELFCHECK=1`` also runs it on CPU.
+``backend=`` or ``$STP_KERNEL_BACKEND`` is checked the same way before its first use. ``$STP_KERNEL_SELFCHECK=1``
+also runs it on CPU.
 """
 
 from __future__ import annotations

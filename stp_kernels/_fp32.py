@@ -10,7 +10,8 @@ either way).
 
 torch has two APIs for this setting and raises when a process mixes them (reading the legacy flag after the new one
 was set, or the reverse). ``exact_fp32`` therefore writes through the API the process already uses: the legacy flag
-(``torch.get_float32_matmul_precision``) when it can be read, else the new ``fp32_precision`` property; it never touches the setting when TF32 is off.
+(``torch.get_float32_matmul_precision``) when it can be read, else the new ``fp32_precision`` property; it never
+touches the setting when TF32 is off.
 """
 
 from __future__ import annotations

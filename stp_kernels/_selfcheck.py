@@ -2,10 +2,11 @@
 
 The first call of an op on a device type runs each compiled backend (``cuda``, ``triton``, ``gemm``; ``cpu`` too
 when forced on CPU) once on a small random problem with a vocabulary prior and a temperature, forward and backward
-(masked_logprob) or greedy and tempered sampling (sample_step), against float64 computed here from the same
-inputs, once per dtype (float32, bfloat16 and float16 on CUDA; float32 on CPU). A backend that raises or misses the
-tolerance is disabled for the process and that dtype by ``_backends`` with one warning naming it and the error, and dispatch moves to the next backend. Why: the kernels are compiled on the user's
-machine for the user's GPU; a miscompiled or mislaunched kernel must never silently train on wrong numbers.
+(masked_logprob) or greedy and tempered sampling (sample_step), against float64 computed here from the same inputs,
+once per dtype (float32, bfloat16 and float16 on CUDA; float32 on CPU). A backend that raises or misses the
+tolerance is disabled for the process and that dtype by ``_backends`` with one warning naming it and the error, and
+dispatch moves to the next backend. Why: the kernels are compiled on the user's machine for the user's GPU; a
+miscompiled or mislaunched kernel must never silently train on wrong numbers.
 
 ``$STP_KERNEL_SELFCHECK``: ``auto`` (default: CUDA devices only), ``1`` (also CPU; tests), ``0`` (never).
 The tolerances catch wrong kernels (errors of order one), not rounding: float32 accumulation of float32 or

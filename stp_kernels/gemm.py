@@ -1,7 +1,7 @@
 """``gemm`` backend of ``masked_logprob``: library matmuls over vocabulary chunks with fused epilogues.
 
-Interface: ``reference.backend_contract``. Structure and settings: ``_gemm_common`` (chunk of ~4096 slots, Triton
-epilogue on CUDA, torch epilogue on CPU, second CUDA stream for the epilogues).
+Interface: ``reference.backend_contract``. Structure and settings: ``_gemm_common`` (chunk of 2**24 / R slots, at
+least 4096, Triton epilogue on CUDA, torch epilogue on CPU, second CUDA stream for the epilogues).
 
 Forward, per chunk: z = h @ W[chunk].T (float32 output, float32 accumulation), then the epilogue folds z * inv_temp
 into each row's running max, sum exp and sum exp * z and picks the target logit. 2 N H V flops.

@@ -12,8 +12,10 @@ folds the chunk into the running argmax of the score (a later chunk replaces onl
 the online log-sum-exp and mean of the untempered z. 2 N H V flops; extra memory O(R * chunk). On CUDA the
 epilogue of chunk c overlaps the matmul of chunk c + 1 (second stream). Deterministic: fixed chunk order, no atomics.
 
-The noise is bit-exact everywhere; the Triton epilogue's ``log`` may differ from torch's by an ulp on GPU, which can
-only flip the argmax at near-ties.
+The torch epilogue's noise is bit-exact; the Triton epilogue draws it with the GPU's fast log2
+(``reference.gumbel_fast``, within 1e-6 + 3e-7 |g| of it), which can only flip the argmax at near-ties. With
+``want_tlse`` the epilogue also keeps sum exp((z - m) * inv_temp) on the running max m of z: the tempered
+log-sum-exp, one exp more per logit.
 
 Status: verified on CPU (torch epilogue, and the Triton epilogue through Triton's interpreter); the CUDA path has
 not run on a GPU yet: ``python -m stp_kernels.acceptance`` measures it.

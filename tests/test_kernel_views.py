@@ -50,7 +50,7 @@ def _ml_inputs(seed: int, dtype: torch.dtype, prior: bool):
     return dict(hidden=hidden, weight=weight, targets=targets, rows=rows, vocab=vocab if prior else None)
 
 
-def _ml_run(args: dict, backend: str, leaf: str | None):
+def _ml_run(args: dict, backend: str):
     """(logp, entropy, d hidden, d weight): the gradients land on the tensors the views were cut from."""
     args = dict(args)
     bases = {}
@@ -85,9 +85,9 @@ def test_masked_logprob_views(backend, epilogue, arg, kind, monkeypatch):
     prior = not arg.endswith("-no-prior")  # without a prior the targets reach the kernels as they are
     arg = arg.removesuffix("-no-prior")
     args = _ml_inputs(3, dtype, prior)
-    want = _ml_run(args, backend, None)
+    want = _ml_run(args, backend)
     args[arg] = _view(args[arg], kind)
-    got = _ml_run(args, backend, arg)
+    got = _ml_run(args, backend)
     for name, g, w in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
         assert torch.equal(g, w), f"{backend}: {arg} as a {kind} view changes {name}: max diff " \
                                   f"{(g.double() - w.double()).abs().max().item():.3e}"
