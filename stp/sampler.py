@@ -441,7 +441,8 @@ def generate(
             n = canvas_pos.numel()
             return x0.view(batch, n), conf.view(batch, n), (lp.view(batch, n) if record_logprobs else None)
         out = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature, vocab=vocab,
-                          backend=backend, check_inputs=False, return_entropy=eb)
+                          backend=backend, check_inputs=False, return_entropy=eb,
+                          return_tempered_logp=record_logprobs)
         x0, conf = out[0], out[1]
         if eb:  # the entropy rides in the confidence slot's place: EB ranks by it (see the loop)
             conf = out[2]
@@ -449,7 +450,7 @@ def generate(
             keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
             conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]
         n = canvas_pos.numel()
-        lp = behaviour_logprob(h, weight, x0, temperature, vocab).view(batch, n) if record_logprobs else None
+        lp = out[-1].view(batch, n) if record_logprobs else None  # from the sampling pass, no second one
         return x0.view(batch, n), conf.view(batch, n), lp
 
     data_dependent = confidence_threshold is not None or dream is not None  # counts follow the canvas: no table

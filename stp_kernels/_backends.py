@@ -5,9 +5,11 @@ available for the tensors' device (CUDA: gemm, cuda, triton, torch_chunked; CPU:
 machine without CUDA runs through Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton is first
 imported unless the user set it): correct but about a thousand times slower, so it is never a CPU default.
 
-First-use self-check (``_selfcheck``): the first call of an op on a CUDA device runs every compiled backend once on a
-small problem against float64; one that fails is disabled for the process (one warning naming it and the error;
-``backend_status`` shows why) and dispatch moves to the next. ``$STP_KERNEL_SELFCHECK=1`` also runs it on CPU.
+First-use self-check (``_selfcheck``): the first call of an op on a CUDA device runs every compiled backend once on
+a small problem against float64, per dtype; one that fails is disabled for the process for that dtype (one warning
+naming it, the dtype and the error; ``backend_status`` shows why) and dispatch moves to the next. A backend named by
+``backend=`` or ``$STP_KERNEL_BACKEND`` is checked the same way before its first use. ``$STP_KERNEL_SELFCHECK=1``
+also runs it on CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ _ENV = "STP_KERNEL_BACKEND"
 _modules: dict[tuple[str, str], ModuleType | None] = {}
 _errors: dict[tuple[str, str], str] = {}
 _announced: set[tuple[str, str, str]] = set()
-_disabled: dict[tuple[str, str, str], str] = {}  # (op, backend, device type) -> the self-check's error
+# (op, backend, device type) -> {dtype name: the self-check's error}: a backend fails per dtype (a float32 failure
+# leaves it in use for bfloat16).
+_disabled: dict[tuple[str, str, str], dict[str, str]] = {}
 _self_checked: dict[tuple[str, str], dict[str, str]] = {}  # (op, device type) -> verdict per checked backend
 
 
@@ -96,8 +100,21 @@ def _load(op: str, name: str, device: str) -> ModuleType | None:
     return module
 
 
-def backend_status(device: str | torch.device | None = None, op: str = "masked_logprob") -> dict[str, str]:
-    """Each backend's status on ``device`` ("cpu" or "cuda"): ``"available"`` or the reason it is not."""
+def _disabled_for(op: str, name: str, dev: str, dtype: torch.dtype | None) -> str | None:
+    """The self-check's error that disables ``name`` for ``dtype`` (any dtype when None), else None."""
+    failed = _disabled.get((op, name, dev))
+    if not failed:
+        return None
+    if dtype is None:
+        return "; ".join(f"{k}: {v}" for k, v in failed.items())
+    return failed.get(str(dtype).removeprefix("torch."))
+
+
+def backend_status(device: str | torch.device | None = None, op: str = "masked_logprob",
+                   dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Each backend's status on ``device`` ("cpu" or "cuda") for ``dtype`` (None: any dtype): ``"available"``,
+    ``"available (fallback: ...)"`` when it runs on a slower path than it was built for (reported once with a
+    warning too, see ``report_fallback``), or the reason it cannot run."""
     dev = _device_type(device)
     status = {}
     for name in BACKENDS:
@@ -110,11 +127,27 @@ def backend_status(device: str | torch.device | None = None, op: str = "masked_l
         module = _load(op, name, dev)
         if module is None:
             status[name] = _errors.get((op, name), "unavailable")
-        elif (op, name, dev) in _disabled:
-            status[name] = f"disabled: failed the first-use self-check ({_disabled[(op, name, dev)]})"
+        elif (error := _disabled_for(op, name, dev, dtype)) is not None:
+            status[name] = f"disabled: failed the first-use self-check ({error})"
         else:
-            status[name] = "available"
+            notes = [why for (n, d), why in _fallbacks.items() if n == name and d == dev]
+            status[name] = "available" + (f" (fallback: {'; '.join(notes)})" if notes else "")
     return status
+
+
+# (backend, device type) -> what runs slower than the backend's fast path, and why (reported once each).
+_fallbacks: dict[tuple[str, str], str] = {}
+
+
+def report_fallback(name: str, device: str, what: str) -> None:
+    """Record that backend ``name`` on ``device`` takes a slower path (``what`` says which and why): one warning per
+    process and path, and ``backend_status`` lists it."""
+    key = (name, device)
+    if what in _fallbacks.get(key, ""):
+        return
+    _fallbacks[key] = f"{_fallbacks[key]}; {what}" if key in _fallbacks else what
+    warnings.warn(f"stp_kernels: backend {name!r} on {device} runs a slower path: {what}", RuntimeWarning,
+                  stacklevel=3)
 
 
 def self_check(op: str, device: str | torch.device, *, force: bool = False) -> dict[str, str]:
@@ -132,14 +165,19 @@ def self_check(op: str, device: str | torch.device, *, force: bool = False) -> d
         module = _load(op, name, dev)
         if module is None:
             continue
-        error = _selfcheck.run(op, module, dev)
-        verdicts[name] = "passed" if error is None else error
-        if error is None:
+        errors = _selfcheck.run(op, module, dev)  # {dtype name: error or None}
+        failed = {k: v for k, v in errors.items() if v is not None}
+        verdicts[name] = "passed" if not failed else "; ".join(failed.values())
+        known = _disabled.get((op, name, dev), {})
+        if not failed:
             _disabled.pop((op, name, dev), None)
-        elif (op, name, dev) not in _disabled:
-            _disabled[(op, name, dev)] = error
+        elif failed.keys() != known.keys():
+            _disabled[(op, name, dev)] = failed
+            passed = [k for k, v in errors.items() if v is None]
             warnings.warn(f"stp_kernels: backend {name!r} failed its first-use self-check for {op} on {dev} and is "
-                          f"disabled for this process: {error}", RuntimeWarning, stacklevel=3)
+                          f"disabled for {', '.join(failed)} in this process"
+                          f"{' (passed: ' + ', '.join(passed) + ')' if passed else ''}: {verdicts[name]}",
+                          RuntimeWarning, stacklevel=3)
     return verdicts
 
 
@@ -149,15 +187,17 @@ def _reset_self_check() -> None:
     _self_checked.clear()
 
 
-def available_backends(device: str | torch.device | None = None, op: str = "masked_logprob") -> list[str]:
-    """Backends that can run ``op`` here. With no ``device``: the union over CPU and, if present, CUDA."""
+def available_backends(device: str | torch.device | None = None, op: str = "masked_logprob",
+                       dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that can run ``op`` here (for ``dtype``; None: every dtype). With no ``device``: the union over CPU
+    and, if present, CUDA."""
     if device is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         names: list[str] = []
         for d in devices:
-            names += [n for n in available_backends(d, op) if n not in names]
+            names += [n for n in available_backends(d, op, dtype) if n not in names]
         return [n for n in BACKENDS if n in names]
-    return [n for n, s in backend_status(device, op).items() if s == "available"]
+    return [n for n, s in backend_status(device, op, dtype).items() if s.startswith("available")]
 
 
 def _device_type(device) -> str:
@@ -169,8 +209,9 @@ def _device_type(device) -> str:
     return dev
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
-    """Pick the backend for a call; raise a clear error when a named one cannot run."""
+def resolve(op: str, backend: str | None, device: torch.device,
+            dtype: torch.dtype | None = None) -> tuple[str, ModuleType | None]:
+    """Pick the backend for a call on ``dtype`` inputs; raise a clear error when a named one cannot run."""
     dev = _device_type(device)
     if (op, dev) not in _self_checked and _selfcheck.enabled(dev):
         self_check(op, dev)
@@ -183,17 +224,17 @@ def resolve(op: str, backend: str | None, device: torch.device) -> tuple[str, Mo
         if requested == "torch":
             _announce(op, requested, dev)
             return requested, None
-        status = backend_status(dev, op)[requested]
-        if status != "available":
+        status = backend_status(dev, op, dtype)[requested]
+        if not status.startswith("available"):
             raise RuntimeError(
                 f"stp_kernels.{op}: {source}{requested!r} cannot run on {dev} tensors here: {status}. "
-                f"Available: {', '.join(available_backends(dev, op))}"
+                f"Available: {', '.join(available_backends(dev, op, dtype))}"
             )
         _announce(op, requested, dev)
         return requested, _load(op, requested, dev)
     for name in _DEFAULT_ORDER[dev]:
         module = _load(op, name, dev)
-        if module is not None and (op, name, dev) not in _disabled:
+        if module is not None and _disabled_for(op, name, dev, dtype) is None:
             _announce(op, name, dev)
             return name, module
     raise RuntimeError(f"stp_kernels.{op}: no backend can run on {dev}")  # unreachable: torch_chunked always loads

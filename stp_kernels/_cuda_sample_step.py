@@ -20,12 +20,24 @@ def check() -> None:
 
 
 def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
-            greedy: bool, want_mean: bool
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(slot int64 [R], z_sel, lse, mean | None float32 [R]); see ``stp_kernels.torch_chunked_sample_step``."""
+            greedy: bool, want_mean: bool, want_tlse: bool = False):
+    """(slot int64 [R], z_sel, lse, mean | None float32 [R]) [+ (tlse,) with ``want_tlse``]; see
+    ``stp_kernels.torch_chunked_sample_step``.
+
+    The tempered log-sum-exp is not computed inside these kernels yet: with ``want_tlse`` it comes from a second pass
+    over the head (the ``cuda`` masked_logprob forward at the same temperature, 2 N H V more flops), reported once
+    as a slower path. The ``gemm`` backend (the CUDA default) and ``triton`` compute it in the sampling pass."""
     vocab_ids = vocab_ids.contiguous() if vocab_ids is not None else None
     ext = extension("sample_step_forward")
     slot, z_sel, lse, mean = ext.sample_step_forward(h.contiguous(), w.contiguous(), vocab_ids,
                                                      keys.long().contiguous(), float(inv_temp), bool(greedy),
                                                      bool(want_mean))
-    return slot, z_sel, lse, mean
+    if not (want_tlse and not greedy):
+        return slot, z_sel, lse, mean
+    from . import _backends, _cuda
+
+    _backends.report_fallback("cuda", "cuda", "sample_step's tempered log-prob takes a second pass over the LM head "
+                              "(the cuda masked_logprob forward); the gemm and triton backends fold it into the "
+                              "sampling pass")
+    tlse, _, _ = _cuda.forward(h.contiguous(), w.contiguous(), vocab_ids, slot, float(inv_temp), False)
+    return slot, z_sel, lse, mean, tlse

@@ -23,7 +23,7 @@ import torch
 from .reference import counter_uniform
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name)
     if value is None:
         return default
@@ -40,9 +40,12 @@ def _env_int(name: str, default: int) -> int:
 class GemmSettings:
     """Settings of the ``gemm`` backends (module-level ``settings``; also read from the environment at import)."""
 
-    chunk: int = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK", 4096), metadata={
-        "help": "vocabulary slots per matmul ($STP_GEMM_CHUNK). 4096 at R = 2048 rows makes a 32 MiB float32 "
-                "chunk, which stays in an H100/H200's 50 MB L2 between the matmul and the epilogue."})
+    chunk: int | None = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK", None), metadata={
+        "help": "vocabulary slots per matmul ($STP_GEMM_CHUNK); None (default) scales with the rows R: "
+                "chunk_elements / R slots, at least 4096, rounded up to a multiple of 256 (see chunk_size)."})
+    chunk_elements: int = field(default_factory=lambda: _env_int("STP_GEMM_CHUNK_ELEMENTS", 1 << 24), metadata={
+        "help": "float32 logits per chunk buffer when the chunk scales with R ($STP_GEMM_CHUNK_ELEMENTS; 2**24 = "
+                "64 MiB): 8192 slots at R = 2048, 32768 at R = 512; R > 4096 rows get 4096 slots."})
     epilogue: str = field(default_factory=lambda: os.environ.get("STP_GEMM_EPILOGUE", "auto"), metadata={
         "help": "'auto' (Triton on CUDA, torch on CPU: Triton's CPU interpreter is for tests), 'triton' or "
                 "'torch' ($STP_GEMM_EPILOGUE)."})
@@ -54,10 +57,25 @@ settings = GemmSettings()
 EPILOGUES = ("auto", "triton", "torch")
 
 
-def chunk_size() -> int:
-    if not isinstance(settings.chunk, int) or settings.chunk < 1:
-        raise ValueError(f"stp_kernels gemm: settings.chunk = {settings.chunk!r}; it must be an int >= 1")
-    return settings.chunk
+MIN_CHUNK = 4096
+
+
+def chunk_size(rows: int) -> int:
+    """Vocabulary slots per chunk for R = ``rows``: ``settings.chunk`` when set, else chunk_elements / R (at least
+    4096, a multiple of 256). Fewer, wider chunks at small R: fewer matmul and epilogue launches and host steps.
+
+    Memory bound (extra, beyond the outputs): forward 2 float32 [R, chunk] buffers (one on a single stream) =
+    8 * max(chunk_elements, 4096 R) bytes: 128 MiB for R <= 4096 at the default; backward adds 2 dz buffers in the
+    input dtype and the float32 [R, H] dh: at most 8 * max(...) + 2 * itemsize * max(...) + 4 R H bytes
+    (R = 2048, H = 4096, bf16: 128 + 64 + 32 = 224 MiB)."""
+    if settings.chunk is not None:
+        if not isinstance(settings.chunk, int) or settings.chunk < 1:
+            raise ValueError(f"stp_kernels gemm: settings.chunk = {settings.chunk!r}; it must be None or an int >= 1")
+        return settings.chunk
+    budget = settings.chunk_elements
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"stp_kernels gemm: settings.chunk_elements = {budget!r}; it must be an int >= 1")
+    return max(MIN_CHUNK, -(-(budget // max(rows, 1)) // 256) * 256)
 
 
 def epilogue_module(device: torch.device) -> ModuleType | None:
@@ -79,6 +97,8 @@ def epilogue_module(device: torch.device) -> ModuleType | None:
         if choice == "triton":
             raise RuntimeError(f"stp_kernels gemm: settings.epilogue = 'triton' but Triton cannot run on "
                                f"{device.type}: {type(exc).__name__}: {exc}") from exc
+        _backends.report_fallback("gemm", device.type, f"torch epilogues instead of the fused Triton ones (several "
+                                  f"passes over each chunk) because Triton cannot run: {type(exc).__name__}: {exc}")
         return None  # auto: torch epilogue
     return epilogue
 
@@ -86,24 +106,36 @@ def epilogue_module(device: torch.device) -> ModuleType | None:
 # ------------------------------------------------------------------------------------------------ matmuls
 
 _fp32_out: dict[tuple[str, torch.dtype], bool] = {}
+# Device types whose library is expected to multiply 16-bit operands into a float32 output (torch >= 2.8 on CUDA:
+# the ``out_dtype`` overloads of mm / addmm). Elsewhere (CPU) 16-bit operands are multiplied in float32 by design.
+_LIBRARY_DEVICES = ("cuda",)
 
 
 def _library_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(..., out_dtype=float32) works for 16-bit operands on this device (CUDA builds of recent
-    torch: cuBLAS accumulates in float32 and writes float32). Probed once on tiny operands, checked for value."""
+    """Whether torch.mm(..., out_dtype=float32) works for 16-bit operands on this device (CUDA builds of torch >=
+    2.8: cuBLAS accumulates in float32 and writes float32). Probed once on tiny operands, checked for value; when it
+    fails the slower path (operands upcast to float32) is reported once (``_backends.report_fallback``)."""
     key = (str(device), dtype)
     if key not in _fp32_out:
-        ok = False
-        if device.type == "cuda":
+        ok, why = False, None
+        if device.type in _LIBRARY_DEVICES:
             try:
                 a = torch.randn(8, 16, device=device).to(dtype)
                 b = torch.randn(16, 8, device=device).to(dtype)
                 out = torch.empty(8, 8, device=device)
                 torch.mm(a, b, out_dtype=torch.float32, out=out)
                 ok = bool(torch.allclose(out, a.float() @ b.float(), rtol=1e-3, atol=1e-3))
-            except (RuntimeError, TypeError):
-                ok = False
+                why = None if ok else "its result differs from the float32 product (16-bit accumulation?)"
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         _fp32_out[key] = ok
+        if why is not None:
+            from . import _backends
+
+            _backends.report_fallback(
+                "gemm", device.type, f"{dtype} operands are upcast to float32 for every chunk matmul (no tensor-core "
+                f"16-bit product; ~15x slower on an H100) because torch.mm(out_dtype=float32) failed: {why}. "
+                f"Needs torch >= 2.8 (this is {torch.__version__})")
     return _fp32_out[key]
 
 
@@ -171,8 +203,8 @@ class Pipeline:
             self.main.wait_stream(self.side_stream)
 
 
-def chunks(vocab_size: int) -> list[tuple[int, int]]:
-    step = chunk_size()
+def chunks(vocab_size: int, rows: int) -> list[tuple[int, int]]:
+    step = chunk_size(rows)
     return [(start, min(start + step, vocab_size)) for start in range(0, vocab_size, step)]
 
 
@@ -202,20 +234,22 @@ def fold_chunks(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None
     the side stream while chunk c+1 multiplies into the other buffer; a buffer is reused only after the epilogue
     that last read it has finished."""
     pipe = Pipeline(h.device)
-    parts = chunks(vocab_size)
+    parts = chunks(vocab_size, h.shape[0])
     lhs = operand(h)
     bufs = Buffers(h.shape[0], parts[0][1], h.device, torch.float32, 2 if pipe.on else 1)
     free = [None, None]  # per buffer: the epilogue that last read it has finished
-    for c, (start, stop) in enumerate(parts):
-        z = bufs.get(c, stop - start)
-        pipe.wait(free[c % 2])
-        mm_f32(lhs, weight_chunk(w, vocab_ids, start, stop).T, z)
-        ready = pipe.mark()
-        with pipe.side():
-            pipe.wait(ready, on_side=True)
-            fold(z, start)
-            free[c % 2] = pipe.mark(on_side=True)
-    pipe.join()
+    try:
+        for c, (start, stop) in enumerate(parts):
+            z = bufs.get(c, stop - start)
+            pipe.wait(free[c % 2])
+            mm_f32(lhs, weight_chunk(w, vocab_ids, start, stop).T, z)
+            ready = pipe.mark()
+            with pipe.side():
+                pipe.wait(ready, on_side=True)
+                fold(z, start)
+                free[c % 2] = pipe.mark(on_side=True)
+    finally:  # also when a chunk raises: the buffers are freed only after the side stream's work on them
+        pipe.join()
 
 
 def _slabs(rows: int, width: int):
@@ -263,7 +297,7 @@ def torch_logit_grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz) -> None:
         dz[r] = grad.mul_(inv_temp)
 
 
-def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz) -> None:
+def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz, st=None) -> None:
     width = z.shape[1]
     tokens = None
     if not greedy:
@@ -281,4 +315,8 @@ def torch_fold_sample(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z
         best[r] = torch.where(better, cmax, best[r])
         slot[r] = torch.where(better, carg + start, slot[r])
         z_sel[r] = torch.where(better, zr.gather(1, carg[:, None])[:, 0], z_sel[r])
+        if st is not None:  # tempered sum exp((z - m) * inv_temp), on the running max of z before this chunk
+            m_new = torch.maximum(m[r], zr.amax(1))
+            st[r] = st[r] * torch.exp((m[r] - m_new) * inv_temp) + torch.sub(zr, m_new[:, None]).mul_(
+                inv_temp).exp_().sum(1)
         _online_lse(zr, r, m, s, sz)

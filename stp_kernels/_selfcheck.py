@@ -2,10 +2,11 @@
 
 The first call of an op on a device type runs each compiled backend (``cuda``, ``triton``, ``gemm``; ``cpu`` too
 when forced on CPU) once on a small random problem with a vocabulary prior and a temperature, forward and backward
-(masked_logprob) or greedy and tempered sampling (sample_step), against float64 computed here from the same
-inputs. A backend that raises or misses the tolerance is disabled for the process by ``_backends`` with one warning
-naming it and the error, and dispatch moves to the next backend. Why: the kernels are compiled on the user's
-machine for the user's GPU; a miscompiled or mislaunched kernel must never silently train on wrong numbers.
+(masked_logprob) or greedy and tempered sampling (sample_step), against float64 computed here from the same inputs,
+once per dtype (float32, bfloat16 and float16 on CUDA; float32 on CPU). A backend that raises or misses the
+tolerance is disabled for the process and that dtype by ``_backends`` with one warning naming it and the error, and
+dispatch moves to the next backend. Why: the kernels are compiled on the user's machine for the user's GPU; a
+miscompiled or mislaunched kernel must never silently train on wrong numbers.
 
 ``$STP_KERNEL_SELFCHECK``: ``auto`` (default: CUDA devices only), ``1`` (also CPU; tests), ``0`` (never).
 The tolerances catch wrong kernels (errors of order one), not rounding: float32 accumulation of float32 or
@@ -100,17 +101,41 @@ def check_sample_step(module: ModuleType, device: str, dtype: torch.dtype) -> No
         _compare(f"z_sel at T={temperature} ({dtype})", z_sel, z.gather(1, slot[:, None])[:, 0], 1e-4)
         _compare(f"lse at T={temperature} ({dtype})", lse, ref_lse, 1e-4)
         _compare(f"mean logit at T={temperature} ({dtype})", mean, ref_mean, 1e-4)
+        if not greedy:  # the tempered log-sum-exp of the same pass (sample_step's return_tempered_logp)
+            out = module.forward(h, w, vocab, keys, 1 / temperature, greedy, False, want_tlse=True)
+            _compare(f"tempered lse at T={temperature} ({dtype})", out[4], torch.logsumexp(z / temperature, -1),
+                     1e-4)
 
 
-def run(op: str, module: ModuleType, device_type: str) -> str | None:
-    """Check one backend module; None when it passes, else ``"ExceptionType: message"``."""
+# The gemm backends' chunk during the check: the problem's 199 vocabulary slots make 4 chunks (64, 64, 64 and a
+# ragged 7), so the double buffer, the events between the streams and the narrow last chunk all run at first use.
+CHECK_CHUNK = 64
+
+
+def dtypes_checked(device_type: str) -> tuple[torch.dtype, ...]:
+    return (torch.float32, torch.bfloat16, torch.float16) if device_type == "cuda" else (torch.float32,)
+
+
+def run(op: str, module: ModuleType, device_type: str) -> dict[str, str | None]:
+    """Check one backend module per dtype: {dtype name: None when it passes, else ``"ExceptionType: message"``}.
+
+    The check runs as the ops run the backend: float32 products exact whatever the TF32 setting (``_fp32``)."""
+    from . import _gemm_common as G
+    from ._fp32 import exact_fp32
+
     device = "cuda" if device_type == "cuda" else "cpu"
-    dtypes = (torch.float32, torch.bfloat16) if device_type == "cuda" else (torch.float32,)
     check = check_masked_logprob if op == "masked_logprob" else check_sample_step
+    verdicts: dict[str, str | None] = {}
+    chunk = G.settings.chunk
+    G.settings.chunk = CHECK_CHUNK
     try:
-        with torch.no_grad():
-            for dtype in dtypes:
-                check(module, device, dtype)
-    except Exception as exc:  # a kernel that raises is as unusable as one that returns wrong numbers
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        for dtype in dtypes_checked(device_type):
+            try:
+                with torch.no_grad(), exact_fp32():
+                    check(module, device, dtype)
+                verdicts[str(dtype).removeprefix("torch.")] = None
+            except Exception as exc:  # a kernel that raises is as unusable as one that returns wrong numbers
+                verdicts[str(dtype).removeprefix("torch.")] = f"{type(exc).__name__}: {exc}"
+    finally:
+        G.settings.chunk = chunk
+    return verdicts

@@ -37,7 +37,9 @@ def int_vector(fn: str, arg: str, value: torch.Tensor, device: torch.device) -> 
         raise TypeError(f"{fn}: {arg} must hold integers (int64), got dtype {value.dtype}")
     if value.device != device:
         raise ValueError(f"{fn}: {arg} is on {value.device} but hidden is on {device}")
-    return value.long()
+    # Contiguous: kernels index integer arguments as flat arrays (a strided view read as contiguous picks the
+    # wrong elements). A copy only for views; int64 contiguous input passes through untouched.
+    return value.long().contiguous()
 
 
 def head_inputs(fn: str, hidden, weight) -> tuple[torch.Tensor, int]:
@@ -82,6 +84,46 @@ def vocab_arg(fn: str, vocab, vocab_size: int, device, checks: Checks) -> torch.
     if vocab.numel() > 1:
         checks.add("vocab must be sorted strictly increasing (unique ids)", (vocab[1:] <= vocab[:-1]).any())
     return vocab
+
+
+def check_mode(fn: str, check_inputs, device: torch.device) -> bool:
+    """Whether a call runs its raising range checks (one host sync): ``check_inputs`` True / False, or None =
+    automatic: on CPU tensors (where there is no device to wait for) yes, on CUDA no (``poison_mask`` instead)."""
+    if check_inputs is None:
+        return device.type != "cuda"
+    if not isinstance(check_inputs, bool):
+        raise TypeError(f"{fn}: check_inputs must be True, False or None (automatic), got {check_inputs!r}")
+    return check_inputs
+
+
+def poison_mask(num_hidden_rows: int, vocab_size: int, tgt: torch.Tensor | None, rows: torch.Tensor | None,
+                vocab: torch.Tensor | None, num_out: int):
+    """The range checks without a host sync: every index is clamped into range (no kernel can read outside its
+    tensor) and a bool [num_out] mask marks the rows whose result is meaningless (target outside [0, V) or not in the
+    prior, row outside hidden; every row when the prior is unsorted, repeated or outside [0, V)); callers write NaN
+    there. Returns (tgt, rows, vocab, mask), all on the device; mask is None when there is nothing to check."""
+    if tgt is None and rows is None and vocab is None:
+        return tgt, rows, vocab, None
+    device = (tgt if tgt is not None else rows if rows is not None else vocab).device
+    bad = torch.zeros(num_out, dtype=torch.bool, device=device)
+    if tgt is not None:
+        bad |= (tgt < 0) | (tgt >= vocab_size)
+        tgt = tgt.clamp(0, vocab_size - 1)
+    if rows is not None:
+        bad |= (rows < 0) | (rows >= num_hidden_rows)
+        rows = rows.clamp(0, num_hidden_rows - 1)
+    if vocab is not None:
+        wrong = (vocab[0] < 0) | (vocab[-1] >= vocab_size)
+        if vocab.numel() > 1:
+            wrong = wrong | (vocab[1:] <= vocab[:-1]).any()
+        # A wrong prior is replaced by a sorted in-range one (every row is NaN anyway): no kernel or search misreads.
+        vocab = torch.where(wrong, torch.arange(vocab.numel(), device=device).clamp_(max=vocab_size - 1),
+                            vocab.clamp(0, vocab_size - 1))
+        bad |= wrong
+        if tgt is not None:
+            slot = torch.searchsorted(vocab, tgt).clamp_(max=vocab.numel() - 1)
+            bad |= vocab[slot] != tgt
+    return tgt, rows, vocab, bad
 
 
 def temperature_arg(fn: str, temperature, *, allow_zero: bool) -> float:

@@ -87,11 +87,27 @@ def _variants(plan: Plan) -> dict[str, Callable]:
         if name == "torch":
             continue
         out[f"stp {name}"] = (lambda b: lambda h, w, t: masked_logprob(h, w, t, backend=b))(name)
+        if name == "gemm":  # the fixed 4096-slot chunk of earlier versions, against the chunk scaled with the rows
+            out["stp gemm (chunk 4096)"] = _fixed_chunk(4096)
     if plan.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         out["liger-kernel"] = _liger
     if plan.device == "cuda" and importlib.util.find_spec("cut_cross_entropy") is not None:
         out["cut-cross-entropy"] = _cce
     return out
+
+
+def _fixed_chunk(chunk: int) -> Callable:
+    from . import _gemm_common as G
+
+    def fn(h, w, t):
+        before = G.settings.chunk
+        G.settings.chunk = chunk
+        try:
+            return masked_logprob(h, w, t, backend="gemm")
+        finally:
+            G.settings.chunk = before
+
+    return fn
 
 
 _liger_loss = None
@@ -332,6 +348,25 @@ def run(plan: Plan, smoke: bool) -> tuple[str, bool]:
         for name, verdict in _backends.self_check(op, plan.device, force=True).items():
             ok = ok and verdict == "passed"
             lines.append(f"| {op} | {name} | {verdict[:200]} |")
+
+    lines += ["", "### GPU risks: TF32, per-dtype status, slower paths", "",
+              "The self-check again with TF32 turned on for the process (`torch.set_float32_matmul_precision('high')`"
+              ", as training scripts do): the ops must stay exact float32. Then each backend's status per dtype, "
+              "with any slower path it reported (`backend_status`).", "", "| what | backend | result |",
+              "|---|---|---|"]
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        for op in ("masked_logprob", "sample_step"):
+            _log(f"self-check {op} with TF32 on")
+            for name, verdict in _backends.self_check(op, plan.device, force=True).items():
+                ok = ok and verdict == "passed"
+                lines.append(f"| {op} self-check, TF32 on | {name} | {verdict[:200]} |")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, status in _backends.backend_status(plan.device, dtype=dtype).items():
+            lines.append(f"| status, {str(dtype).replace('torch.', '')} | {name} | {status[:300]} |")
 
     lines += ["", "### masked_logprob correctness and determinism",
               "",

@@ -1,7 +1,7 @@
 """``gemm`` backend of ``masked_logprob``: library matmuls over vocabulary chunks with fused epilogues.
 
-Interface: ``reference.backend_contract``. Structure and settings: ``_gemm_common`` (chunk of ~4096 slots, Triton
-epilogue on CUDA, torch epilogue on CPU, second CUDA stream for the epilogues).
+Interface: ``reference.backend_contract``. Structure and settings: ``_gemm_common`` (chunk of 2**24 / R slots, at
+least 4096, Triton epilogue on CUDA, torch epilogue on CPU, second CUDA stream for the epilogues).
 
 Forward, per chunk: z = h @ W[chunk].T (float32 output, float32 accumulation), then the epilogue folds z * inv_temp
 into each row's running max, sum exp and sum exp * z and picks the target logit. 2 N H V flops.
@@ -55,7 +55,7 @@ _inplace_acc: dict[tuple[str, torch.dtype], bool] = {}
 def _acc_inplace_ok(device: torch.device, dtype: torch.dtype) -> bool:
     key = (str(device), dtype)
     if key not in _inplace_acc:
-        ok = False
+        ok, why = False, None
         try:
             a = torch.randn(8, 16, device=device).to(dtype)
             b = torch.randn(16, 8, device=device).to(dtype)
@@ -63,9 +63,17 @@ def _acc_inplace_ok(device: torch.device, dtype: torch.dtype) -> bool:
             expected = acc + a.float() @ b.float()
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             ok = bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
-        except (RuntimeError, TypeError):
-            ok = False
+            why = None if ok else "its result differs from the float32 sum"
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         _inplace_acc[key] = ok
+        if why is not None:
+            from . import _backends
+
+            _backends.report_fallback(
+                "gemm", device.type, f"backward adds each {dtype} chunk product to dh through a float32 [R, H] "
+                f"scratch buffer (one more read and write of R x H floats per chunk) because "
+                f"torch.addmm(out_dtype=float32, out=acc) failed: {why}")
     return _inplace_acc[key]
 
 
@@ -81,7 +89,7 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
     epi = G.epilogue_module(dev)
     grad = epi.logit_grad if epi is not None else G.torch_logit_grad
     pipe = G.Pipeline(dev)
-    parts = G.chunks(vocab_size)
+    parts = G.chunks(vocab_size, rows)
     lhs = G.operand(h)  # h itself, or h in float32 where the library cannot take 16-bit operands to float32
     native = lhs.dtype == h.dtype  # dz and W[chunk] enter the gradient products in their own dtype
     count = 2 if pipe.on else 1
@@ -114,26 +122,28 @@ def backward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, t
         dz_free[c % 2] = pipe.mark()
 
     pending = None
-    for c, (start, stop) in enumerate(parts):
-        width = stop - start
-        z, dz = zbufs.get(c, width), dzbufs.get(c, width)
-        w_c = G.weight_chunk(w, vocab_ids, start, stop)
-        pipe.wait(z_free[c % 2])
-        G.mm_f32(lhs, w_c.T, z)
-        ready = pipe.mark()
-        with pipe.side():
-            pipe.wait(ready, on_side=True)
-            pipe.wait(dz_free[c % 2], on_side=True)  # the products of chunk c - 2 have read this dz buffer
-            grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz)
-            z_free[c % 2] = pipe.mark(on_side=True)
-            dz_ready = pipe.mark(on_side=True)
-        if not pipe.on:  # one stream: the products follow at once, while the chunk is still in cache
-            consume(c, start, stop, w_c, dz, dz_ready)
-            continue
-        if pending is not None:  # chunk c - 1's products on the caller's stream while chunk c's epilogue runs
+    try:
+        for c, (start, stop) in enumerate(parts):
+            width = stop - start
+            z, dz = zbufs.get(c, width), dzbufs.get(c, width)
+            w_c = G.weight_chunk(w, vocab_ids, start, stop)
+            pipe.wait(z_free[c % 2])
+            G.mm_f32(lhs, w_c.T, z)
+            ready = pipe.mark()
+            with pipe.side():
+                pipe.wait(ready, on_side=True)
+                pipe.wait(dz_free[c % 2], on_side=True)  # the products of chunk c - 2 have read this dz buffer
+                grad(z, start, inv_temp, tgt, lse, g_tgt, a, b, dz)
+                z_free[c % 2] = pipe.mark(on_side=True)
+                dz_ready = pipe.mark(on_side=True)
+            if not pipe.on:  # one stream: the products follow at once, while the chunk is still in cache
+                consume(c, start, stop, w_c, dz, dz_ready)
+                continue
+            if pending is not None:  # chunk c - 1's products on the caller's stream while chunk c's epilogue runs
+                consume(*pending)
+            pending = (c, start, stop, w_c, dz, dz_ready)
+        if pending is not None:
             consume(*pending)
-        pending = (c, start, stop, w_c, dz, dz_ready)
-    if pending is not None:
-        consume(*pending)
-    pipe.join()
+    finally:  # also when a chunk raises: the buffers are freed only after the side stream's work on them
+        pipe.join()
     return dh, dw

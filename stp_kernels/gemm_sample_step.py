@@ -12,8 +12,10 @@ folds the chunk into the running argmax of the score (a later chunk replaces onl
 the online log-sum-exp and mean of the untempered z. 2 N H V flops; extra memory O(R * chunk). On CUDA the
 epilogue of chunk c overlaps the matmul of chunk c + 1 (second stream). Deterministic: fixed chunk order, no atomics.
 
-The noise is bit-exact everywhere; the Triton epilogue's ``log`` may differ from torch's by an ulp on GPU, which can
-only flip the argmax at near-ties.
+The torch epilogue's noise is bit-exact; the Triton epilogue draws it with the GPU's fast log2
+(``reference.gumbel_fast``, within 1e-6 + 3e-7 |g| of it), which can only flip the argmax at near-ties. With
+``want_tlse`` the epilogue also keeps sum exp((z - m) * inv_temp) on the running max m of z: the tempered
+log-sum-exp, one exp more per logit.
 
 Status: verified on CPU (torch epilogue, and the Triton epilogue through Triton's interpreter); the CUDA path has
 not run on a GPU yet: ``python -m stp_kernels.acceptance`` measures it.
@@ -29,8 +31,9 @@ __all__ = ["forward"]
 
 
 def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, keys: torch.Tensor, inv_temp: float,
-            greedy: bool, want_mean: bool):
-    """(slot int64 [R], z_sel float32 [R], lse float32 [R], mean float32 [R] | None); see the module docstring."""
+            greedy: bool, want_mean: bool, want_tlse: bool = False):
+    """(slot int64 [R], z_sel float32 [R], lse float32 [R], mean float32 [R] | None) and, with ``want_tlse``, the
+    tempered log-sum-exp logsumexp_v(z * inv_temp) float32 [R] (not with greedy); see the module docstring."""
     rows, dev = h.shape[0], h.device
     vocab_size = w.shape[0] if vocab_ids is None else vocab_ids.shape[0]
     keys = keys.long().contiguous()
@@ -40,10 +43,13 @@ def forward(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, ke
     m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
     s = torch.zeros(rows, dtype=torch.float32, device=dev)
     sz = torch.zeros(rows, dtype=torch.float32, device=dev) if want_mean else None
+    want_tlse = bool(want_tlse) and not greedy
+    st = torch.zeros(rows, dtype=torch.float32, device=dev) if want_tlse else None
     epi = G.epilogue_module(dev)
     fold = epi.fold_sample if epi is not None else G.torch_fold_sample
     inv_temp, greedy = float(inv_temp), bool(greedy)
     G.fold_chunks(h, w, vocab_ids, vocab_size,
-                  lambda z, start: fold(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz))
+                  lambda z, start: fold(z, start, inv_temp, greedy, keys, vocab_ids, best, slot, z_sel, m, s, sz, st))
     lse = m + torch.log(s)
-    return slot, z_sel, lse, (sz / s if sz is not None else None)
+    out = slot, z_sel, lse, (sz / s if sz is not None else None)
+    return out + (m * inv_temp + torch.log(st),) if want_tlse else out

@@ -14,6 +14,7 @@ import torch
 
 from . import _backends
 from . import _validate as V
+from ._fp32 import exact_fp32
 from .reference import masked_logprob_reference
 
 __all__ = ["masked_logprob"]
@@ -27,7 +28,8 @@ __all__ = ["masked_logprob"]
 @torch.library.custom_op("stp::masked_logprob_fwd", mutates_args=())
 def _fwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,
             want_mean: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse, tgt_logit, mean = _impl(backend, h).forward(h, w, vocab_ids, tgt, inv_temp, want_mean)
+    with exact_fp32():  # float32 inputs give float32 results whatever the process's TF32 setting
+        lse, tgt_logit, mean = _impl(backend, h).forward(h, w, vocab_ids, tgt, inv_temp, want_mean)
     # Always copied: backends may return views of one buffer, which custom-op outputs must not be (R floats each).
     return lse.clone(), tgt_logit.clone(), (mean.clone() if want_mean else lse.new_empty(0))
 
@@ -43,7 +45,8 @@ def _(h, w, vocab_ids, tgt, inv_temp, want_mean, backend):
 def _bwd_op(h: torch.Tensor, w: torch.Tensor, vocab_ids: torch.Tensor | None, tgt: torch.Tensor, inv_temp: float,
             lse: torch.Tensor, g_tgt: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, need_dh: bool,
             need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dh, dw = _impl(backend, h).backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw)
+    with exact_fp32():
+        dh, dw = _impl(backend, h).backward(h, w, vocab_ids, tgt, inv_temp, lse, g_tgt, a, b, need_dh, need_dw)
     # Backends may return dw in float32 or already in w's dtype (triton, cuda, torch_chunked): then .to() below is
     # a no-op and no float32 [V, H] buffer ever exists.
     dh = _own(dh.to(h.dtype)) if need_dh else h.new_empty(0)
@@ -113,6 +116,7 @@ def masked_logprob(
     backend: str | None = None,
     return_lse: bool = False,
     return_entropy: bool = False,
+    check_inputs: bool | None = None,
 ):
     """log p(target | row) under softmax(hidden @ weight.T / temperature), without materialising [R, V].
 
@@ -127,16 +131,36 @@ def masked_logprob(
         backend: "torch", "torch_chunked", "cpu", "triton", "cuda", "gemm"; None picks ``$STP_KERNEL_BACKEND`` or the
             fastest available (``stp_kernels.available_backends()``).
         return_lse / return_entropy: also return the log-sum-exp / the entropy of each row's distribution.
+        check_inputs: True: raise a ValueError naming any target, row or vocab id out of range (one host sync per
+            call); False: no host sync: out-of-range indices are clamped before any kernel reads them and the rows
+            they affect come back NaN (every row for an unsorted or out-of-range prior); None (default): True on CPU
+            tensors, False on CUDA tensors.
 
     Returns:
         float32 [R] log-probabilities (plus [R] lse and/or entropy when asked), differentiable with respect
         to ``hidden`` and ``weight`` for any upstream gradient.
     """
-    h, w, tgt, rows, vocab, temperature = _validate(hidden, weight, targets, rows, vocab, temperature)
-    name, _ = _backends.resolve("masked_logprob", backend, h.device)
+    h, w, tgt, rows, vocab, temperature, poison = _validate(hidden, weight, targets, rows, vocab, temperature,
+                                                            check_inputs)
+    name, _ = _backends.resolve("masked_logprob", backend, h.device, h.dtype)
+    if poison is not None:
+        out = _dispatch(name, hidden, h, w, tgt, rows, vocab, temperature, return_lse, return_entropy, clamp=True)
+        nan = torch.full((), float("nan"), device=h.device)
+        if isinstance(out, tuple):
+            return tuple(torch.where(poison, nan, o) for o in out)
+        return torch.where(poison, nan, out)
+    return _dispatch(name, hidden, h, w, tgt, rows, vocab, temperature, return_lse, return_entropy)
+
+
+def _dispatch(name, hidden, h, w, tgt, rows, vocab, temperature, return_lse, return_entropy, clamp=False):
+    if clamp and vocab is not None:  # a target missing from the prior (its row is NaN): any member stands in
+        tgt = vocab[torch.searchsorted(vocab, tgt).clamp_(max=vocab.numel() - 1)]
+    weight, targets = w, tgt
     if name == "torch":
-        return masked_logprob_reference(hidden, weight, targets, rows=rows, vocab=vocab, temperature=temperature,
-                                        upcast=torch.float32, return_lse=return_lse, return_entropy=return_entropy)
+        with exact_fp32():
+            return masked_logprob_reference(hidden, weight, targets, rows=rows, vocab=vocab, temperature=temperature,
+                                            upcast=torch.float32, return_lse=return_lse,
+                                            return_entropy=return_entropy)
     if rows is not None:
         h = h.index_select(0, rows)
     slots = tgt if vocab is None else torch.searchsorted(vocab, tgt)
@@ -147,7 +171,7 @@ def masked_logprob(
     return (logp, *extras) if extras else logp
 
 
-def _validate(hidden, weight, targets, rows, vocab, temperature):
+def _validate(hidden, weight, targets, rows, vocab, temperature, check_inputs):
     fn = "stp_kernels.masked_logprob"
     h, num_hidden_rows = V.head_inputs(fn, hidden, weight)
     temperature = V.temperature_arg(fn, temperature, allow_zero=False)
@@ -165,6 +189,10 @@ def _validate(hidden, weight, targets, rows, vocab, temperature):
                          "pass rows= to score a subset")
     if tgt.numel() == 0:
         raise ValueError(f"{fn}: no rows to score (targets is empty)")
+    if not V.check_mode(fn, check_inputs, hidden.device):
+        vocab = V.vocab_arg(fn, vocab, vocab_size, hidden.device, V.Checks(fn))  # type and shape checks only
+        tgt, rows, vocab, poison = V.poison_mask(num_hidden_rows, vocab_size, tgt, rows, vocab, tgt.numel())
+        return h, weight, tgt, rows, vocab, temperature, poison
     checks.add(f"targets must lie in [0, {vocab_size}) (weight has {vocab_size} rows)",
                (tgt < 0).any() | (tgt >= vocab_size).any())
     vocab = V.vocab_arg(fn, vocab, vocab_size, hidden.device, checks)
@@ -172,4 +200,4 @@ def _validate(hidden, weight, targets, rows, vocab, temperature):
         slot = torch.searchsorted(vocab, tgt).clamp_(max=vocab.numel() - 1)
         checks.add("every target must be in vocab", (vocab[slot] != tgt).any())
     checks.run()
-    return h, weight, tgt, rows, vocab, temperature
+    return h, weight, tgt, rows, vocab, temperature, None

@@ -146,6 +146,21 @@ def counter_uniform(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
+def gumbel_fast(u: torch.Tensor, log2=torch.log2) -> torch.Tensor:
+    """The Triton kernels' Gumbel noise -log(-log(u)) in torch, for float32 u = (k + 0.5) 2**-23: only ``log2`` (the
+    GPU's fast approximate one there; pass a perturbed one to test its error) and a series for -log(u) near u = 1,
+    where an approximate log would lose every digit: w = 1 - u (exact), -log(u) = w + w^2/2 + ... + w^11/11 for
+    w <= 1/4, else -log2(u) ln 2. Within ~1e-6 of ``-log(-log(u))``; the bounds stay [-2.8116, 16.6356]."""
+    ln2 = 0.6931471805599453
+    w = 1.0 - u  # exact for u >= 1/2, where it is used
+    series = torch.full_like(u, 1.0 / 11.0)
+    for n in range(10, 0, -1):
+        series = series * w + 1.0 / n
+    series = series * w
+    e = torch.where(w <= 0.25, series, -log2(u) * ln2)
+    return -log2(e) * ln2
+
+
 def counter_gumbel(seed: int, step: int, row_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """The float32 Gumbel noise [R, T] that ``sample_step`` adds for these rows and tokens (a "fixed noise tensor"
     for reference samplers and tests)."""
@@ -165,11 +180,14 @@ def sample_step_reference(
     vocab: torch.Tensor | None = None,
     upcast: torch.dtype = torch.float64,
     return_entropy: bool = False,
+    return_tempered_logp: bool = False,
 ):
     """Materialise logits and noise: x0 = argmax_v (z_v / T + gumbel_v) (argmax z when T == 0), ties to the lowest
     id; confidence = softmax(z)[x0] from the untempered logits z = h @ W.T. Returns (x0 int64 [R], conf float32 [R])
     and, with ``return_entropy``, the predictive entropy float32 [R] of softmax(z) (untempered, over the vocabulary
-    prior when one is given): lse(z) - sum_v softmax(z)_v z_v, computed in ``upcast``."""
+    prior when one is given): lse(z) - sum_v softmax(z)_v z_v, computed in ``upcast``. With
+    ``return_tempered_logp``, last: log softmax(z / T)[x0] float32 [R], the log-prob of the draw under the distribution
+    it was drawn from (0 at T = 0: the greedy draw is deterministic)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if rows is not None:
         h = h.index_select(0, rows)
@@ -185,7 +203,12 @@ def sample_step_reference(
     slot = score.argmax(dim=-1)
     p = torch.softmax(z, dim=-1)
     conf = p.gather(1, slot[:, None])[:, 0]
-    if not return_entropy:
-        return ids[slot], conf.float()
-    entropy = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
-    return ids[slot], conf.float(), entropy.float()
+    out = (ids[slot], conf.float())
+    if return_entropy:
+        out += ((torch.logsumexp(z, dim=-1) - (p * z).sum(-1)).float(),)
+    if return_tempered_logp:
+        if temperature > 0:
+            out += (torch.log_softmax(z / temperature, dim=-1).gather(1, slot[:, None])[:, 0].float(),)
+        else:
+            out += (torch.zeros(slot.shape, dtype=torch.float32, device=z.device),)
+    return out

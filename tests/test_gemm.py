@@ -137,8 +137,19 @@ def test_bad_settings_are_named(chunked):
     with pytest.raises(ValueError, match="settings.epilogue = 'fast'; allowed: auto, triton, torch"):
         masked_logprob(hidden, weight, targets, backend="gemm")
     chunked("torch", chunk=0)
-    with pytest.raises(ValueError, match="settings.chunk = 0; it must be an int >= 1"):
+    with pytest.raises(ValueError, match="settings.chunk = 0; it must be None or an int >= 1"):
         masked_logprob(hidden, weight, targets, backend="gemm")
+
+
+def test_chunk_scales_with_rows(monkeypatch):
+    """Default chunk: 2**24 float32 logits per buffer (64 MiB), at least 4096 slots, a multiple of 256."""
+    monkeypatch.setattr(G.settings, "chunk", None)
+    monkeypatch.setattr(G.settings, "chunk_elements", 1 << 24)
+    assert [G.chunk_size(r) for r in (1, 512, 2048, 3000, 4096, 8192)] == [1 << 24, 32768, 8192, 5632, 4096, 4096]
+    assert all(G.chunk_size(r) * r <= (1 << 24) + 256 * r for r in range(1, 4097, 97))  # the stated memory bound
+    assert len(G.chunks(126464, 2048)) == 16 and G.chunks(126464, 2048)[-1] == (122880, 126464)
+    monkeypatch.setattr(G.settings, "chunk", 1000)
+    assert G.chunk_size(2048) == 1000
 
 
 # ------------------------------------------------------------------------------------------------ sample_step

@@ -242,3 +242,40 @@ def test_extreme_noise_draws_stay_finite(backend):
             assert x0.item() != tok, f"{backend}: the token with +inf-prone noise was drawn against a 50-logit gap"
         else:
             assert x0.item() == tok, f"{backend}: the bottom noise draw is not finite ({x0.item()} won)"
+
+
+@pytest.mark.parametrize("with_vocab", [False, True], ids=["full", "vocab"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device,backend", BACKENDS + [pytest.param("cpu", "gemm-triton", id="cpu-gemm-triton")])
+def test_tempered_logp_of_the_draw_matches_float64(device, backend, dtype, temperature, with_vocab, seed,
+                                                    monkeypatch):
+    """log softmax(z / T)[x0] from the sampling pass equals float64 computed from the same inputs, at the token the
+    backend drew (so near-ties cannot matter), and 0 at T = 0; the other outputs are unchanged by asking for it."""
+    if backend == "gemm-triton":
+        from stp_kernels import _gemm_common as G
+
+        monkeypatch.setattr(G.settings, "epilogue", "triton")
+        monkeypatch.setattr(G.settings, "chunk", 64)
+        backend = "gemm"
+    hidden, weight, rows, row_ids, vocab = _make(seed, device, "triton", dtype, with_vocab)
+    kw = dict(seed=seed, step=3, rows=rows, row_ids=row_ids, temperature=temperature, vocab=vocab, backend=backend)
+    x0, conf, logp, ent, tlogp = sample_step(hidden, weight, return_logp=True, return_entropy=True,
+                                             return_tempered_logp=True, **kw)
+    plain = sample_step(hidden, weight, return_logp=True, return_entropy=True, **kw)
+    for a, b in zip((x0, conf, logp, ent), plain):
+        assert torch.equal(a, b)
+    assert tlogp.dtype == torch.float32 and tlogp.shape == x0.shape
+    if temperature == 0.0:
+        assert torch.equal(tlogp, torch.zeros_like(tlogp))
+        return
+    z = _logits64(hidden, weight, rows, vocab)
+    slots = x0 if vocab is None else torch.searchsorted(vocab, x0)
+    want = torch.log_softmax(z / temperature, -1).gather(1, slots[:, None])[:, 0]
+    assert_close(tlogp, want, atol=2e-5, rtol=2e-5, what=f"{backend} tempered log-prob")
+    # the reference and the sampler's second-pass helper say the same
+    from stp.sampler import behaviour_logprob
+
+    h_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    assert_close(behaviour_logprob(h_rows, weight, x0, temperature, vocab), want, atol=2e-5, rtol=2e-5,
+                 what="behaviour_logprob")

@@ -79,6 +79,15 @@ def logits_tile(h_ptr, w_ptr, h_rows, w_rows, mask_r, mask_v, H, inv_temp,
 
 
 @triton.jit
+def tempered_sum(z, m, st, inv_temp):
+    """Fold tile z (-inf where invalid) into each row's running sum st = sum exp((z - m) * inv_temp) of the TEMPERED
+    logits, where m is the running max of the untempered z BEFORE this tile (``online_lse`` updates it after):
+    max(z * inv_temp) = max(z) * inv_temp for inv_temp > 0, so one running max serves both sums. Returns st."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    return st * tl.exp((m - m_new) * inv_temp) + tl.sum(tl.exp((z - m_new[:, None]) * inv_temp), axis=1)
+
+
+@triton.jit
 def online_lse(z, valid, m, s, sz, WANT_MEAN: tl.constexpr):
     """Fold a logits tile z [BLOCK_R, BLOCK_C] (-inf where not ``valid`` [BLOCK_C]) into each row's running max m,
     sum exp s and, with WANT_MEAN, sum exp * z (invalid columns add 0 there, never 0 * -inf). m must stay finite:

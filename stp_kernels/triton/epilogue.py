@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, online_lse
+from ._common import interpreting, online_lse, tempered_sum
 from .sample_step import _gumbel
 
 __all__ = ["check", "fold_lse", "logit_grad", "fold_sample"]
@@ -99,9 +99,10 @@ def _dz_kernel(z_ptr, z_stride, dz_ptr, dz_stride, lse_ptr, g_tgt_ptr, a_ptr, b_
 
 
 @triton.jit
-def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr,
+def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zsel_ptr, m_ptr, s_ptr, sz_ptr, st_ptr,
                    R, width, start, inv_temp, GREEDY: tl.constexpr, HAS_VOCAB: tl.constexpr,
-                   WANT_MEAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                   WANT_MEAN: tl.constexpr, WANT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   FAST_LOG: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     rows = offs_r.to(tl.int64) * z_stride
@@ -115,6 +116,10 @@ def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zse
         sz = tl.load(sz_ptr + offs_r, mask=mask_r, other=0.0)
     else:
         sz = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if WANT_T:
+        st = tl.load(st_ptr + offs_r, mask=mask_r, other=0.0)
+    else:
+        st = tl.zeros((BLOCK_R,), dtype=tl.float32)
     local = tl.arange(0, BLOCK_C)
     for c0 in range(0, width, BLOCK_C):
         cols = c0 + local
@@ -129,7 +134,8 @@ def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zse
                 toks = tl.load(vocab_ptr + slots, mask=mask_c, other=0)
             else:
                 toks = tl.where(mask_c, slots, 0)
-            score = tl.where(mask_c[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32)), float("-inf"))
+            score = tl.where(mask_c[None, :], z * inv_temp + _gumbel(keys, toks.to(tl.uint32), FAST_LOG),
+                             float("-inf"))
         tmax = tl.max(score, axis=1)
         targ = tl.min(tl.where(score == tmax[:, None], local[None, :], BLOCK_C), axis=1)  # first maximal column
         tz = tl.sum(tl.where(local[None, :] == targ[:, None], z, 0.0), axis=1)
@@ -137,6 +143,8 @@ def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zse
         best = tl.where(better, tmax, best)
         slot = tl.where(better, start + c0 + targ.to(tl.int64), slot)
         zsel = tl.where(better, tz, zsel)
+        if WANT_T:
+            st = tempered_sum(z, m, st, inv_temp)
         m, s, sz = online_lse(z, mask_c, m, s, sz, WANT_MEAN)
     tl.store(best_ptr + offs_r, best, mask=mask_r)
     tl.store(slot_ptr + offs_r, slot, mask=mask_r)
@@ -145,6 +153,8 @@ def _sample_kernel(z_ptr, z_stride, keys_ptr, vocab_ptr, best_ptr, slot_ptr, zse
     tl.store(s_ptr + offs_r, s, mask=mask_r)
     if WANT_MEAN:
         tl.store(sz_ptr + offs_r, sz, mask=mask_r)
+    if WANT_T:
+        tl.store(st_ptr + offs_r, st, mask=mask_r)
 
 
 def fold_lse(z: torch.Tensor, start: int, inv_temp: float, tgt: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
@@ -171,11 +181,13 @@ def logit_grad(z: torch.Tensor, start: int, inv_temp: float, tgt: torch.Tensor, 
 
 def fold_sample(z: torch.Tensor, start: int, inv_temp: float, greedy: bool, keys: torch.Tensor,
                 vocab_ids: torch.Tensor | None, best: torch.Tensor, slot: torch.Tensor, z_sel: torch.Tensor,
-                m: torch.Tensor, s: torch.Tensor, sz: torch.Tensor | None) -> None:
-    """Fold untempered chunk ``z`` into the running (best score, slot, z_sel) and (m, s, sz) in place."""
+                m: torch.Tensor, s: torch.Tensor, sz: torch.Tensor | None, st: torch.Tensor | None = None) -> None:
+    """Fold untempered chunk ``z`` into the running (best score, slot, z_sel), (m, s, sz) and, when given, the
+    tempered sum st = sum exp((z - m) * inv_temp) in place."""
     rows, width = z.shape
     block_r, block_c, warps = _blocks()
     _sample_kernel[(triton.cdiv(rows, block_r),)](
         z, z.stride(0), keys, keys if vocab_ids is None else vocab_ids, best, slot, z_sel, m, s,
-        s if sz is None else sz, rows, width, start, float(inv_temp), GREEDY=greedy, HAS_VOCAB=vocab_ids is not None,
-        WANT_MEAN=sz is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+        s if sz is None else sz, s if st is None else st, rows, width, start, float(inv_temp), GREEDY=greedy,
+        HAS_VOCAB=vocab_ids is not None, WANT_MEAN=sz is not None, WANT_T=st is not None, BLOCK_R=block_r,
+        BLOCK_C=block_c, FAST_LOG=not interpreting(), num_warps=warps)
