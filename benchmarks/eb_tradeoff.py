@@ -15,7 +15,8 @@ preset (seed 0) and merges its adapter into a model directory (``stp.export``), 
 - (b) EB at fixed gamma (``stp.sampler.generate(entropy_bound=gamma)``) over a grid;
 - (c) ``stp.train --preset diffpo-tiny --diffpo.mode sampler --run.seed s`` on B: only the threshold controller
   trains; decoded with each prompt's median gamma, and (c~) with a gamma drawn from the controller's distribution;
-- (d) / (d~) the same with ``--diffpo.mode joint`` (model and controller; decoded with the adapter merged).
+- (d) / (d~) the same with ``--diffpo.mode joint`` (model and controller; decoded with the adapter merged);
+- (l) with ``--lambdas``: (c) at other ``diffpo.nfe_penalty`` values (seed 0), median gamma.
 
 EB orders a block's positions by entropy; the sampler has no EB variant that orders them by confidence, so there
 is no such row.
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="run.seed of the (c), (d) runs [0 1 2]")
     p.add_argument("--batch-size", type=int, default=8, help="puzzles per generate call [8]")
     p.add_argument("--rounds", type=int, default=2, help="timed decodings of each row [2]")
+    p.add_argument("--lambdas", type=float, nargs="*", default=[],
+                   help="also train (c) at these diffpo.nfe_penalty values (seed 0; rows (l)) [none]")
     p.add_argument("--skip", nargs="*", default=[], choices=("c", "d"), help="leave out the training rows")
     p.add_argument("--workdir", default=None, help="keep the runs and rows here (default: a temporary directory)")
     p.add_argument("--out", default="benchmarks/eb_tradeoff", help="write <out>.md, <out>.json and <out>.png")
@@ -156,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cache_file = work / f"rows-n{args.examples}-b{args.batch_size}.json"
     cached = {r["key"]: r for r in json.loads(cache_file.read_text())} if cache_file.is_file() else {}
-    rows = []
+    rows, reused = [], []
 
     def row(key: str, kind: str, label: str, m, **kw) -> None:
         r = cached.get(key)
-        if r is None or len(r["ms_per_puzzle"]) < args.rounds:
+        if r is not None and len(r["ms_per_puzzle"]) >= args.rounds:
+            reused.append(key)
+        else:
             r = {"key": key, "kind": kind, "label": label, **decode(m, **kw)}
             cached[key] = r
             cache_file.write_text(json.dumps(list(cached.values())) + "\n")
@@ -192,6 +197,19 @@ def main(argv: list[str] | None = None) -> int:
                 controller=ctl)
             row(f"{kind}:{seed}:sampled", kind + "~", f"DiFFPO {mode}, seed {seed}, sampled gamma", m, steps=16,
                 controller=ctl, sampled=True)
+    from stp.config import PRESETS
+
+    preset_lambda = PRESETS["diffpo-tiny"].overrides["diffpo"]["nfe_penalty"]
+    for lam in args.lambdas:
+        out = work / f"diffpo-sampler-s0-{args.train_steps}-lambda{lam:g}"
+        if not (out / "controller" / "controller.json").is_file():
+            t = _train("diffpo-tiny", out, env, *flags, "--diffpo.mode", "sampler", "--run.seed", "0",
+                       "--diffpo.nfe_penalty", str(lam))
+            notes.append(f"(l) diffpo-tiny --diffpo.mode sampler --run.seed 0 --diffpo.nfe_penalty {lam:g}, "
+                         f"{args.train_steps} steps: {t:.0f} s")
+        ctl = ThresholdController.load(out / "controller")
+        row(f"l:{lam:g}:median", "l", f"DiFFPO sampler, seed 0, lambda {lam:g} (preset {preset_lambda:g}), "
+            "median gamma", model, steps=16, controller=ctl)
     load_end = load_average()
 
     ref = next(r for r in rows if r["key"] == REFERENCE)
@@ -239,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     told = [r for r in rows + pooled if r is not ref and abs(r["diff"]) > 2 * r["se"]]
     lines += ["", "Rows whose reward differs from the reference by more than 2 paired standard errors: "
               + (", ".join(f"{r['label']} ({r['diff']:+.3f} +- {r['se']:.3f})" for r in told) or "none") + "."]
+    if reused:
+        notes.append(f"{len(reused)} of {len(rows)} rows (their rewards, NFE and timings) reused from {cache_file}, "
+                     f"decoded by an earlier run of this command with the same settings: {', '.join(reused)}")
     lines += ["", *notes]
     table = "\n".join(lines)
     print("\n" + table)
@@ -278,14 +299,14 @@ def _plot(rows: list[dict], ref: dict, path: Path) -> None:
     style = {"a": ("o-", "fixed-k (LLaDA schedule)"), "t": ("v-", "confidence threshold"),
              "b": ("s-", "EB, fixed gamma"), "c": ("*", "DiFFPO sampler, median gamma (per seed)"),
              "c~": ("x", "DiFFPO sampler, sampled gamma"), "d": ("P", "DiFFPO joint, median gamma (per seed)"),
-             "d~": ("+", "DiFFPO joint, sampled gamma")}
+             "d~": ("+", "DiFFPO joint, sampled gamma"), "l": ("D", "DiFFPO sampler, other lambda")}
     for ax, cost, name in ((axes[0], "nfe", "mean NFE per puzzle"), (axes[1], "batch_passes",
                                                                       "batch passes per generate call")):
         for kind, (marker, label) in style.items():
             pts = sorted((r[cost], r["reward"], 2 * r["se"]) for r in rows if r["kind"] == kind)
             if pts:
                 ax.errorbar([x for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts], fmt=marker,
-                            label=label, markersize=9 if kind[0] in "cd" else 5, capsize=2)
+                            label=label, markersize=9 if kind[0] in "cdl" else 5, capsize=2)
         ax.axhline(ref["reward"], color="grey", lw=0.8, ls=":")
         ax.set_xlabel(name)
         ax.set_xscale("log", base=2)

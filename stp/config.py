@@ -502,8 +502,9 @@ class DiffpoConfig(_Section):
     controller_width: int = _f(64, "hidden width of the controller head on the pooled prompt hidden state")
     controller_lr: float = _f(1e-2, "AdamW learning rate of the controller (its own parameter group, no weight "
                               "decay, the run's schedule)")
-    nfe_penalty: float = _f(0.1, "lambda: the reward adds -lambda * NFE / NFE_max (NFE_max = rollout.gen_length "
-                            "with eb, rollout.steps + 1 with schedule); 0 = off")
+    nfe_penalty: float = _f(0.1, "lambda: the controller's advantages add -lambda * (NFE - group mean NFE) / NFE_max "
+                            "(NFE_max = rollout.gen_length with eb, rollout.steps + 1 with schedule), the policy's "
+                            "too in mode model; not part of the reward; 0 = off")
     tau_sampling: str = _f("uniform", "split time tau of the 2-MF surrogate: uniform in [0, T) per sample and inner "
                            "iteration, or zero (every token under the fully masked context: d1 without prompt "
                            "masking)", choices=DIFFPO_TAUS)
