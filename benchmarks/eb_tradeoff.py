@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seed_rewards": [r["reward"] for r in group],
                        "nfe": statistics.fmean(r["nfe"] for r in group),
                        "batch_passes": statistics.fmean(r["batch_passes"] for r in group),
-                       "gamma": statistics.fmean(r["gamma"] for r in group)})
+                       "gamma": statistics.median(g for r in group for g in r["gammas"])})
 
     lines = machine_lines(load_start, load_end)
     lines += [f"Wall time of the whole command: {time.time() - t_start:.0f} s.", "",
@@ -237,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.batch_size} puzzles per generate call; base B = d1-tiny (seed 0) merged. "
               f"Reference of the paired differences: {ref['label']}.", "",
               "| row | decoding | mean reward | reward - reference (+- paired se) | mean NFE | batch passes | "
-              f"ms / puzzle (min / median / max of {args.rounds}) | mean gamma |",
+              f"ms / puzzle (min / median / max of {args.rounds}) | median gamma |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = "-" if r.get("gamma") is None else f"{r['gamma']:.3f}"
+        if r.get("gammas"):  # a sampled gamma is log-normal, heavy-tailed: its median says more than its mean
+            g = f"{statistics.median(r['gammas']):.3f}"
         t = r["ms_per_puzzle"]
         diff = "(reference)" if r is ref else f"{r['diff']:+.3f} +- {r['se']:.3f}"
         lines.append(f"| ({r['kind']}) | {r['label']} | {r['reward']:.3f} | {diff} | {r['nfe']:.2f} | "
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "Trained controllers, seeds pooled (per-puzzle mean reward over the seeds, paired against the "
                   "reference; the se covers the puzzles, the seeds' own spread is the last column):", "",
                   "| row | decoding | mean reward | reward - reference (+- paired se) | mean NFE | batch passes | "
-                  "mean gamma | reward per seed |", "|---|---|---|---|---|---|---|---|"]
+                  "median gamma | reward per seed |", "|---|---|---|---|---|---|---|---|"]
         for r in pooled:
             lines.append(f"| ({r['kind']}) | {r['label']} | {r['reward']:.3f} | {r['diff']:+.3f} +- {r['se']:.3f} | "
                          f"{r['nfe']:.2f} | {r['batch_passes']:.2f} | {r['gamma']:.3f} | "
@@ -265,12 +267,23 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(table + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"rows": rows, "pooled": pooled, "reference": REFERENCE},
-                                                   indent=1) + "\n")
+    Path(f"{args.out}.json").write_text(_json_lines({"reference": REFERENCE, "rows": rows, "pooled": pooled}))
     _plot(rows, ref, Path(f"{args.out}.png"))
     if work_ctx is not None:
         work_ctx.cleanup()
     return 0
+
+
+def _json_lines(doc: dict) -> str:
+    """JSON with one line per row (the per-puzzle lists stay on their row's line)."""
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list):
+            inner = ",\n  ".join(json.dumps(v) for v in value)
+            parts.append(f"{json.dumps(key)}: [\n  {inner}\n ]" if value else f"{json.dumps(key)}: []")
+        else:
+            parts.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
 
 
 def _prompts(model, task, examples):
