@@ -377,3 +377,15 @@ def test_eval_cli_sampled_controller(tmp_path, capsys):
               "--seed", "4"])
     assert "is not resumed" in capsys.readouterr().err
 
+
+
+def test_benchmark_paired_standard_error_against_a_float64_reference():
+    from benchmarks.eb_tradeoff import paired
+
+    a, b = [1.0, 0.5, 0.25, 1.0, 0.0], [0.5, 0.5, 0.0, 0.75, 0.25]
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    mean, se = paired(a, b)
+    assert mean == pytest.approx(d.mean().item(), abs=1e-12)
+    assert se == pytest.approx((d.std(unbiased=True) / len(a) ** 0.5).item(), abs=1e-12)
+    with pytest.raises(ValueError, match="need the same puzzles"):
+        paired([1.0, 2.0], [1.0])
