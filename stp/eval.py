@@ -308,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = read_results(output, settings, examples=examples)
         todo = sum(1 for i in range(len(examples)) if i not in done)
         if done and todo and args.controller_gamma == "sampled" and args.controller_module is not None:
-            raise EvalError(f"--controller-gamma sampled: {output} already holds {len(done)} of the rows; the draws are "
-                            f"keyed by the row's place in one pass over the examples, so it is not resumed (use "
+            raise EvalError(f"--controller-gamma sampled: {output} already holds {len(done)} of the rows; the draws "
+                            f"are keyed by the row's place in one pass over the examples, so it is not resumed (use "
                             f"--overwrite or another --output)")
         model = None
         if todo:
