@@ -9,6 +9,8 @@ It is trained by REINFORCE with the group advantages of the rollout (``stp.metho
 ``-lambda * NFE / NFE_max``, so a larger gamma (fewer forward passes) is paid when it keeps the answers right. The
 draws are keyed by the counter-based generator (seed, sample id), so they do not depend on the batch layout or on a
 global RNG. Saved as ``controller.safetensors`` + ``controller.json`` (``save`` / ``load``) beside the adapter.
+Evaluation decodes with the median gamma by default; ``SampledThreshold`` decodes with the sampled policy instead
+(``stp.eval --controller-gamma sampled``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from stp_kernels.reference import counter_uniform, row_keys
 
-__all__ = ["ThresholdController", "pooled_prompt_features", "GAMMA_SALT"]
+__all__ = ["ThresholdController", "SampledThreshold", "pooled_prompt_features", "GAMMA_SALT"]
 
 GAMMA_SALT = 0x67616D6D61  # "gamma"
 _LOG_SIGMA_RANGE = (-5.0, 2.0)
@@ -108,3 +110,28 @@ class ThresholdController(nn.Module):
         ctl = cls(meta["hidden_size"], meta["width"], meta["gamma_init"], meta["sigma_init"])
         ctl.load_state_dict(load_tensors(d / "controller.safetensors"))
         return ctl.to(device) if device is not None else ctl
+
+
+class SampledThreshold:
+    """The controller's sampled policy where an evaluation asks for a threshold: ``median(features)`` returns a draw
+    ``controller.sample(features, seed=seed, sample_ids=...)`` instead of the median, with the sample ids counted
+    over the rows in the order they are asked (0, 1, 2, ...: the example index when an evaluation decodes its
+    examples in order from the first; a resumed evaluation would count from 0 again, so ``stp.eval`` refuses to
+    resume one). ``state_dict`` adds the seed, so results files of the median and of the sampled policy have
+    different settings."""
+
+    def __init__(self, controller: ThresholdController, seed: int):
+        self.controller, self.seed, self.rows = controller, int(seed), 0
+
+    def to(self, device) -> SampledThreshold:
+        self.controller.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.controller.state_dict(), "sampled_policy_seed": torch.tensor([self.seed])}
+
+    @torch.no_grad()
+    def median(self, features: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(self.rows, self.rows + features.shape[0], device=features.device)
+        self.rows += features.shape[0]
+        return self.controller.sample(features, seed=self.seed, sample_ids=ids)

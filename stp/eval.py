@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controller", default=None, metavar="DIR",
                    help="--sampler eb with each prompt's gamma from a learned threshold controller (the "
                         "'controller' directory of a diffpo run; greedy: the median of its distribution)")
+    p.add_argument("--controller-gamma", default="median", choices=("median", "sampled"),
+                   help="--controller: decode each prompt with the median of its gamma distribution, or with a gamma "
+                        "drawn from it (the policy the controller was trained as; keyed by --seed and the example "
+                        "index, so a partly written results file is not resumed) [median]")
     p.add_argument("--cache", default="none", choices=("none", "prefix", "dual"),
                    help="block KV cache of the sampler (Fast-dLLM's approximation, faster; results differ from "
                         "none): prefix (prompt and finished blocks cached) or dual (the masked suffix too) [none]")
@@ -252,9 +256,14 @@ def _threshold_from_flags(args: argparse.Namespace):
     from stp.controller import ThresholdController
 
     try:
-        return ThresholdController.load(args.controller)
+        ctl = ThresholdController.load(args.controller)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise EvalError(f"--controller {args.controller!r}: {e}") from e
+    if args.controller_gamma == "sampled":
+        from stp.controller import SampledThreshold
+
+        return SampledThreshold(ctl, args.seed)
+    return ctl
 
 
 def _adapter_identity(adapter: str | None) -> str | None:
@@ -298,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Before loading the model: refuse a file made with other settings, and skip loading when all is done.
         done = read_results(output, settings, examples=examples)
         todo = sum(1 for i in range(len(examples)) if i not in done)
+        if done and todo and args.controller_gamma == "sampled" and args.controller_module is not None:
+            raise EvalError(f"--controller-gamma sampled: {output} already holds {len(done)} of the rows; the draws "
+                            f"are keyed by the row's place in one pass over the examples, so it is not resumed (use "
+                            f"--overwrite or another --output)")
         model = None
         if todo:
             print(f"stp.eval: {task.name} {args.split}: {len(examples)} examples, {len(examples) - todo} already in "
@@ -319,12 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     who = f"model {args.model}" + (f" + adapter {args.adapter}" if args.adapter is not None else ", no adapter")
     of_answered = result["accuracy_of_answered"]
     gamma = "" if result["mean_gamma"] is None else f", mean gamma {result['mean_gamma']:.3f}"
+    from stp.metrics import batch_passes  # passes a generate call of --batch-size rows ran: max NFE of its rows
     print(f"{task.name} ({args.split}, gen_length {args.gen_length}, {who}): accuracy {acc:.4f} "
           f"({acc * n:.2f} / {n}); answered {result['n_answered']} / {n} (answer rate {result['answer_rate']:.3f}; "
           f"accuracy of the answered {'-' if of_answered is None else f'{of_answered:.4f}'}); "
           f"{result['n_generated']} generated, {result['n_resumed']} resumed, "
           f"{result['n_prompt_truncated']} prompts truncated; mean reward {result['mean_reward']:.4f}, "
-          f"mean nfe {result['mean_nfe']:.1f}{gamma}; {result['seconds']:.1f} s")
+          f"mean nfe {result['mean_nfe']:.1f} per sample, "
+          f"{batch_passes([r['nfe'] for r in result['records']], args.batch_size):.1f} passes per batch{gamma}; "
+          f"{result['seconds']:.1f} s")
     print(f"results: {result['output']}\nsummary: {result['summary']}")
     return 0
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from stp.config import TrainConfig
 
 __all__ = ["TIMING_KEYS", "MetricsLog", "flat_config", "total_reward", "read_metrics", "truncate_metrics", "finite",
-           "plot", "evaluate_heldout"]
+           "plot", "evaluate_heldout", "batch_passes"]
 
 # Metrics that measure time: they differ between runs; every other field of metrics.jsonl is reproducible.
 TIMING_KEYS = ("time_rollout", "time_scoring", "time_update", "step_seconds", "tokens_per_s", "rollout_tokens_per_s",
@@ -186,6 +186,21 @@ def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None
     os.replace(tmp, png)
 
 
+def batch_passes(nfe, batch_size: int) -> float:
+    """Mean forward passes per ``generate`` call when the per-sample NFE ``nfe`` (in call order) was decoded in
+    consecutive calls of ``batch_size`` samples: a call runs until its slowest row is done, max(NFE) passes over
+    the whole batch (finished rows stay in it), so this is the mean over calls of the max NFE of the call's rows.
+    ``nfe`` per sample (its mean) counts only the passes a row used; the two agree when every row needs the same
+    number."""
+    values = [float(v) for v in (nfe.tolist() if hasattr(nfe, "tolist") else nfe)]
+    if not values:
+        raise ValueError("batch_passes: no NFE values")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_passes: batch_size={batch_size!r}; allowed: an integer >= 1")
+    calls = [max(values[i:i + batch_size]) for i in range(0, len(values), batch_size)]
+    return sum(calls) / len(calls)
+
+
 def evaluate_heldout(lm, task, examples, cfg: TrainConfig, **decoding: Any) -> dict[str, float] | None:
     """Greedy held-out evaluation with the run's decoding settings; ``decoding``: the method's extra ones
     (``Method.eval_kwargs``, e.g. the entropy bound or threshold controller)."""
@@ -201,6 +216,7 @@ def evaluate_heldout(lm, task, examples, cfg: TrainConfig, **decoding: Any) -> d
     # What the reward is made of: how often the answer could be read at all, and the reward of the readable ones.
     readable = [r["reward"] for r in res["records"] if r["answer"] is not None]
     return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],
+            "batch_passes": batch_passes([r["nfe"] for r in res["records"]], min(32, len(examples))),
             "seconds": res["seconds"], "answer_rate": len(readable) / len(res["records"]),
             "reward_of_answered": sum(readable) / len(readable) if readable else None}
 
@@ -210,7 +226,7 @@ def eval_columns(ev: Mapping[str, Any] | None) -> dict[str, Any]:
     if ev is None:
         return {}
     return {"eval_reward": ev["reward"], "eval_accuracy": ev["accuracy"], "eval_answer_rate": ev["answer_rate"],
-            "eval_seconds": ev["seconds"]}
+            "eval_nfe": ev["nfe"], "eval_batch_passes": ev["batch_passes"], "eval_seconds": ev["seconds"]}
 
 
 def total_reward(fn_rewards, weights=None):
@@ -238,15 +254,18 @@ def _mean_std(x) -> tuple[float | None, float | None]:
 def rollout_metrics(accelerator, fn_names: list[str], fn_rewards, gen, completions, eos: int, gen_length: int,
                     t_rollout: float, t_scoring: float, state: dict[str, Any], weights=None) -> dict[str, Any]:
     """The rollout's metrics, gathered over processes (rank-major = the global sample order); adds the NFE to the
-    run's totals in ``state``. A reward function's mean and std leave out its None (NaN) values."""
+    run's totals in ``state``. A reward function's mean and std leave out its None (NaN) values. ``nfe``: the mean
+    forward passes a sample used; ``batch_passes``: the passes its ``generate`` call ran, max(NFE) over the call's
+    rows (finished rows stay in the batch), averaged over the processes' calls."""
     all_fn = accelerator.gather(fn_rewards)  # [P*G, F]
     all_r = total_reward(all_fn, weights)
     nfe = accelerator.gather(gen.nfe.float())  # [P*G]
+    passes = accelerator.gather(gen.nfe.float().max().reshape(1))  # [P]: one generate call per process
     lengths = accelerator.gather(((completions == eos).cumsum(1) == 0).sum(1).float())
     one_shot = accelerator.gather(gen.num_one_shot.float())
     anchors = accelerator.gather(gen.anchors_kept.float())
     rm = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item() if all_r.numel() > 1 else 0.0,
-          "nfe": nfe.mean().item(), "completion_tokens": lengths.mean().item(),
+          "nfe": nfe.mean().item(), "batch_passes": passes.mean().item(), "completion_tokens": lengths.mean().item(),
           "one_shot_fraction": one_shot.mean().item() / gen_length,
           "anchor_fraction": anchors.mean().item() / gen_length,
           "time_rollout": t_rollout, "time_scoring": t_scoring,
@@ -276,6 +295,16 @@ def step_row(step: int, rollout: int, iteration: int, epoch: int, rm: Mapping[st
             "tokens_per_s": tokens_per_step / mu / step_seconds, "rollout_tokens_per_s": rm["rollout_tokens_per_s"]}
 
 
+def _rollout_mean(path: Path, key: str) -> float | None:
+    """Mean of ``key`` over the distinct rollouts logged in metrics.jsonl (each rollout's first logged row; the rows
+    of a resumed run's earlier process included); None when no row has it."""
+    seen: dict[int, float] = {}
+    for r in read_metrics(path):
+        if r.get(key) is not None:
+            seen.setdefault(r["rollout"], float(r[key]))
+    return sum(seen.values()) / len(seen) if seen else None
+
+
 def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any], after: Mapping[str, Any] | None, *,
                   step: int, heldout: int, wall_seconds: float, interrupted: bool, diverged: bool,
                   world: int, task: str | None = None) -> dict[str, Any]:
@@ -296,6 +325,8 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         "reward_of_answered_after": of(after, "reward_of_answered"),
         "eval_examples": heldout,
         "nfe_per_sample": state["nfe_sum"] / max(1, state["nfe_count"]),
+        "batch_passes_per_rollout": _rollout_mean(out / "metrics.jsonl", "batch_passes"),
+        "nfe_after": of(after, "nfe"), "batch_passes_after": of(after, "batch_passes"),
         "wall_seconds": wall_seconds, "train_seconds": state["train_seconds"],
         "interrupted": interrupted, "diverged": diverged, "num_processes": world,
         "output_dir": str(out),

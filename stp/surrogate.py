@@ -64,7 +64,7 @@ def draw_tau(seed: int, iteration: int, sample_ids: torch.Tensor, passes: torch.
 def two_mf_logprobs(model, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor | None,
                     completion_ids: torch.Tensor, commit_step: torch.Tensor, *, tau: torch.Tensor,
                     anchors: torch.Tensor | None = None, temperature: float = 1.0, memory_budget: int | None = None,
-                    backend: str | None = None) -> SurrogateOutput:
+                    backend: str | None = None, vocab: torch.Tensor | None = None) -> SurrogateOutput:
     """Per-token 2-MF surrogate log-probs of ``completion_ids`` (module docstring).
 
     Args:
@@ -74,6 +74,8 @@ def two_mf_logprobs(model, prompt_ids: torch.Tensor, prompt_attention_mask: torc
         tau: [B] int64 split times (``draw_tau``). anchors: [B, C] bool or None (visible in both contexts).
         temperature: logits are divided by it. memory_budget: bytes per packed forward (default as
             ``stp.likelihood``). backend: ``stp_kernels.masked_logprob`` backend.
+        vocab: sorted token ids of the vocabulary prior the rollout sampled from (``stp.sampler.generate(vocab=)``):
+            the softmax runs over those ids, as the behaviour log-probs do; None = the full vocabulary.
     """
     fn = "stp.surrogate.two_mf_logprobs"
     batch, p_len = prompt_ids.shape
@@ -122,7 +124,8 @@ def two_mf_logprobs(model, prompt_ids: torch.Tensor, prompt_attention_mask: torc
             pieces.append((None, None, 0.0 * hidden.sum()))
             continue
         logp = masked_logprob(hidden, model.lm_head_weight, completion_ids[owner[s0:s1][seq_idx], col],
-                              rows=seq_idx * seq_len + p_len + col, temperature=temperature, backend=backend)
+                              rows=seq_idx * seq_len + p_len + col, temperature=temperature, backend=backend,
+                              vocab=vocab)
         pieces.append((owner[s0:s1][seq_idx], col, logp))
     for rows, col, logp in pieces:
         if rows is None:

@@ -266,7 +266,10 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             grad_norm = None
             skipped = not math.isfinite(loss_v)
             if not skipped and g.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, g.max_grad_norm))
+                # one norm over the model's and the method's own parameters (e.g. DiFFPO's controller)
+                grad_norm = float(accelerator.clip_grad_norm_(
+                    params + [q for mod in method.trainable_modules().values() for q in mod.parameters()],
+                    g.max_grad_norm))
                 skipped = not math.isfinite(grad_norm)
             if skipped:
                 optimizer.zero_grad(set_to_none=True)

@@ -10,15 +10,27 @@ Objective of inner iteration ``it`` (``stp.loss.grpo_loss`` with token weights),
     loss   = mean_o (1/|o|) sum_k term_k            (diffpo.normalize = token: sum over all tokens / their count)
 
 A token committed at pass tau + 1 is scored under exactly the canvas it was drawn from, by the policy it was drawn
-from (the old policy is the rollout's): its weight is 1 analytically, and it is set to exactly 1 (the rollout's head
-pass and the scoring pass round differently, ~1e-6). The surrogate scores at ``rollout.temperature``, the
-distribution the tokens were drawn from, so the weights compare like with like.
+from, when the rollout ran the scoring forward (no ``rollout.cfg_scale``, no KV cache ``rollout.cache``, no LoRA
+dropout, no vocabulary prior): its weight is 1 analytically, and it is set to exactly 1 there (the rollout's head
+pass and the scoring pass round differently, ~1e-6). In every other setting the rollout's distribution differs from
+the scored one and w is computed from the scored log-probs like every other token's (``exact_unit_weights``). The
+surrogate scores at ``rollout.temperature``, the distribution the tokens were drawn from, so the weights compare like
+with like.
 
-Rewards: the task's, plus ``nfe_penalty = -lambda * NFE / NFE_max`` when lambda > 0 (``extra_rewards``).
+Advantages (docs/method.md section 8). The trainer's group advantages A_task come from the task reward only (no NFE
+penalty in the reward). With lambda = ``diffpo.nfe_penalty`` > 0 the NFE enters as its own term::
+
+    N_b = -lambda * (NFE_b - mean_group NFE) / NFE_max        (``nfe_term``; NFE_max = ``nfe_max``)
+
+The controller (modes ``sampler``, ``joint``), which chooses gamma and so the NFE, is trained on A_task + N; the
+policy on A_task alone in those modes (the NFE of a group varies mostly with the controller's gamma draws, which the
+policy does not choose), and on A_task + N in mode ``model`` (no controller: the policy's entropies set the NFE).
+N is not rescaled by the group's spread, so lambda is the exchange rate: saving NFE_max forward passes against the
+group is worth lambda units of the (standardised) task advantage, and doubling lambda doubles N exactly.
 
 Threshold controller (``stp.controller``; modes ``sampler`` and ``joint``): before each rollout, a head on the pooled
 prompt hidden state draws gamma per completion (log-normal, counter-keyed); it is trained by a clipped REINFORCE
-term on the same group advantages: ``-mean_b min(rho_b A_b, clip(rho_b) A_b)`` with rho = q_theta(gamma) / q_old(gamma)
+term on its advantages A_task + N: ``-mean_b min(rho_b A_b, clip(rho_b) A_b)`` with rho = q_theta(gamma) / q_old(gamma)
 (rho = 1 at inner iteration 0: plain REINFORCE). Mode ``model`` trains only the policy (fixed gamma, or LLaDA's
 schedule with ``diffpo.sampler = schedule``); mode ``sampler`` only the controller.
 """
@@ -59,8 +71,9 @@ class DiffpoConfig(Section):
     controller_width: int = _f(64, "hidden width of the controller head on the pooled prompt hidden state")
     controller_lr: float = _f(1e-2, "AdamW learning rate of the controller (its own parameter group, no weight "
                               "decay, the run's schedule)")
-    nfe_penalty: float = _f(0.1, "lambda: the reward adds -lambda * NFE / NFE_max (NFE_max = rollout.gen_length "
-                            "with eb, rollout.steps + 1 with schedule); 0 = off")
+    nfe_penalty: float = _f(0.1, "lambda: the controller's advantages add -lambda * (NFE - group mean NFE) / NFE_max "
+                            "(NFE_max = rollout.gen_length with eb, rollout.steps + 1 with schedule), the policy's "
+                            "too in mode model; not part of the reward; 0 = off")
     tau_sampling: str = _f("uniform", "split time tau of the 2-MF surrogate: uniform in [0, T) per sample and inner "
                            "iteration, or zero (every token under the fully masked context: d1 without prompt "
                            "masking)", choices=DIFFPO_TAUS)
@@ -91,13 +104,14 @@ class DiFFPO(Method):
     settings = {"estimator": ("memory_budget",), "diffpo": None}
     sections = (DiffpoConfig,)
     rollout = RolloutSettings(behaviour_logprobs=True)
-    loss_metrics = ("kl", "clip_fraction", "ratio", "weight", "gamma", "controller_loss")
+    loss_metrics = ("kl", "clip_fraction", "ratio", "weight", "gamma", "controller_loss", "nfe_term")
 
     def __init__(self, config):
         super().__init__(config)
         self.lm = None
         self.controller = None
         self._pending = None  # (features [B, H], gamma [B]) of the last rollout, read by score
+        self._nfe = None  # [B] NFE of the last rollout (extra_rewards), read by score for the NFE term
         # 1/|o| per completion is a mean over samples, not over the step's tokens (stp.methods.base).
         self.token_level_loss = config.diffpo.normalize == "token"
 
@@ -172,10 +186,29 @@ class DiFFPO(Method):
         return {"controller": self.controller} if self.controller is not None else {"entropy_bound": float(d.gamma)}
 
     def extra_rewards(self, gen) -> dict[str, Any]:
-        lam = self.config.diffpo.nfe_penalty
-        if lam == 0:
-            return {}
-        return {"nfe_penalty": -lam * gen.nfe.float() / self.nfe_max()}
+        """No reward term: the NFE enters the advantages as its own term (``nfe_term``), not through the reward,
+        whose group standardisation would rescale it; kept here for ``score``."""
+        self._nfe = gen.nfe
+        return {}
+
+    def nfe_term(self, nfe):
+        """[B] float32 ``-lambda * (NFE - mean_group NFE) / NFE_max`` over consecutive groups of
+        ``grpo.num_generations`` (module docstring); zeros when lambda is 0."""
+        import torch
+
+        g = self.config.grpo.num_generations
+        lam = float(self.config.diffpo.nfe_penalty)
+        x = nfe.to(torch.float32).view(-1, g)
+        return (-lam * (x - x.mean(1, keepdim=True)) / self.nfe_max()).reshape(-1)
+
+    def exact_unit_weights(self) -> bool:
+        """True when a token committed at pass tau + 1 is scored under the rollout's own distribution, so its
+        importance weight is 1 analytically: no classifier-free guidance and no KV cache in the rollout (both change
+        the logits it drew from), no LoRA dropout at scoring time (old log-probs under a dropout mask). The
+        trainer's rollouts take no vocabulary prior; a caller that records behaviour log-probs with one scores them
+        with ``stp.surrogate.two_mf_logprobs(vocab=...)``."""
+        r, m = self.config.rollout, self.config.model
+        return r.cfg_scale == 0 and r.cache == "none" and not (m.use_lora and m.lora_dropout > 0)
 
     def summary(self) -> dict:
         d = self.config.diffpo
@@ -202,10 +235,13 @@ class DiFFPO(Method):
                                memory_budget=self.config.estimator.memory_budget, backend=self.config.run.backend)
 
     def importance_weights(self, old, behaviour, commit_step, tau):
-        """[B, C] detached ``min(C, exp(old - behaviour))``, exactly 1 where the token was committed at tau + 1."""
+        """[B, C] detached ``min(C, exp(old - behaviour))``; exactly 1 where the token was committed at tau + 1 when
+        that is exact (``exact_unit_weights``), computed like the others otherwise."""
         import torch
 
         w = torch.exp(old - behaviour).clamp(max=self.config.diffpo.importance_cap)
+        if not self.exact_unit_weights():
+            return w
         return torch.where(commit_step == tau[:, None] + 1, torch.ones_like(w), w)
 
     def score(self, model, batch, *, seed: int, num_iterations: int, ref_context):
@@ -220,6 +256,13 @@ class DiFFPO(Method):
         d, beta = self.config.diffpo, self.config.grpo.beta
         taus = torch.stack([self._taus(batch, seed, it) for it in range(num_iterations)])  # [mu, B]
         out = {"tau": taus}
+        if d.nfe_penalty > 0:
+            if self._nfe is None:
+                raise RuntimeError("diffpo: score called without the rollout's NFE (extra_rewards) while "
+                                   "diffpo.nfe_penalty > 0")
+            term = self.nfe_term(self._nfe.to(batch.advantages.device))
+            out["nfe_term"] = term[None].expand(num_iterations, -1).contiguous()  # [mu, B]
+        self._nfe = None
         if d.mode != "sampler":
             out["old"] = torch.stack([self._logprobs(model, batch, taus[it]).logprobs
                                       for it in range(num_iterations)])  # [mu, B, C]
@@ -256,7 +299,10 @@ class DiFFPO(Method):
             cur = self._logprobs(model, batch, scores["tau"][iteration])
             w = scores["weight"][iteration] if "weight" in scores else None
             ref = scores["ref"][iteration] if "ref" in scores else None
-            total, m = grpo_loss(cur.logprobs, scores["old"][iteration], ref, batch.advantages, cur.valid,
+            adv = batch.advantages
+            if self.controller is None and "nfe_term" in scores:  # mode model: the policy sets the NFE
+                adv = adv + scores["nfe_term"][iteration].to(adv.dtype)
+            total, m = grpo_loss(cur.logprobs, scores["old"][iteration], ref, adv, cur.valid,
                                  epsilon=g.epsilon, beta=g.beta if ref is not None else 0.0, token_weights=w,
                                  normalize=d.normalize)
             metrics.update({k: m[k] for k in ("kl", "clip_fraction", "ratio")})
@@ -269,12 +315,16 @@ class DiFFPO(Method):
             logq = self.controller.log_prob(scores["features"][iteration], scores["gamma"][iteration])
             rho = torch.exp(logq - scores["logq_old"][iteration])
             adv = batch.advantages.to(rho.dtype)
+            if "nfe_term" in scores:
+                adv = adv + scores["nfe_term"][iteration].to(rho.dtype)
             c_loss = -torch.minimum(rho * adv, rho.clamp(1 - g.epsilon, 1 + g.epsilon) * adv).mean()
             total = total + c_loss
             metrics["controller_loss"] = c_loss.detach()
             metrics["gamma"] = scores["gamma"][iteration].mean()
         elif d.sampler == "eb":
             metrics["gamma"] = torch.full((), d.gamma, device=zero.device)
+        if "nfe_term" in scores:
+            metrics["nfe_term"] = scores["nfe_term"][iteration].abs().mean()
         return total, metrics
 
 
