@@ -236,9 +236,9 @@ class ModelConfig(_Section):
         self._need("name_or_path", bool(self.name_or_path.strip()), "a non-empty name or path")
         if self.name_or_path.startswith("pretrained:"):
             self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown", "countdown_small",
-                                                                             "sudoku_relabel"),
-                       "'pretrained:sudoku', 'pretrained:countdown', 'pretrained:countdown_small' (the tasks "
-                       "stp.pretrain knows) or 'pretrained:sudoku_relabel' (stp.pretrain.CHECKPOINTS)")
+                                                                             "sudoku_relabel", "chain"),
+                       "'pretrained:sudoku', 'pretrained:countdown', 'pretrained:countdown_small', 'pretrained:chain' "
+                       "(the tasks stp.pretrain knows) or 'pretrained:sudoku_relabel' (stp.pretrain.CHECKPOINTS)")
         self._positive("lora_r", "lora_alpha")
         self._need("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a number in [0, 1)")
         self._need("lora_target_modules", len(self.lora_target_modules) > 0 and all(
@@ -410,7 +410,7 @@ class RunConfig(_Section):
     section: ClassVar[str] = "run"
 
     task: str = _f("sudoku", "task and reward functions (stp.tasks)", choices=("gsm8k", "math", "countdown",
-                                                                                 "sudoku", "countdown_small"))
+                                                                                 "sudoku", "countdown_small", "chain"))
     prompt_format: str = _f("compact", "'chat': the task's chat prompt with d1's system prompt (the paper's); "
                             "'compact': one short user turn (stp.pretrain.compact_task), for the tiny model, whose "
                             "character tokenizer makes d1's prompt ~500 tokens", choices=("chat", "compact"))
@@ -473,8 +473,8 @@ class RunConfig(_Section):
         self._need("data_source", self.data_source != "file" or self.data_path is not None,
                    "'hub', 'generated' or none while run.data_path is none ('file' needs run.data_path)")
         self._need("prompt_format", self.prompt_format == "chat" or self.task in ("sudoku", "countdown",
-                                                                                 "countdown_small"),
-                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku, countdown and "
+                                                                                 "countdown_small", "chain"),
+                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku, countdown, chain and "
                    "countdown_small)")
         if self.data_source == "generated":
             from stp.tasks import TASKS
@@ -888,6 +888,18 @@ _COMPARE_NOTES = (
     "RL no gain",
 )
 
+# The long-answer task (stp.tasks.chain, pretrained:chain): a 20-step running sum mod 10 written out line by line.
+_CHAIN_DESCRIPTION = ("the long-answer task: the tiny model pretrained on a 20-step running sum mod 10 written out "
+                      "line by line (pretrained:chain), 108-token answers in a 128-token canvas of 4 blocks")
+_CHAIN_OVERRIDES = {
+    "model": {"name_or_path": "pretrained:chain"},
+    "rollout": {"gen_length": 128, "block_length": 32, "steps": 64},
+    "grpo": {"max_steps": 20, "learning_rate": 2e-3, "num_generations": 6, "prompts_per_step": 2},
+    "run": {"task": "chain", "eval_examples": 128},
+}
+_CHAIN_NOTES = ("L 128 / block 32 / 64 steps (as pretrained; half the paper's 256 / 32 / 128), G 6 x 2 prompts (the "
+                "paper's), lr 2e-3, 20 steps, 128 held-out chains; everything else as tiny",)
+
 
 def _d1_of(stp: Preset, name: str, mu: int) -> Preset:
     overrides = _merge(stp.overrides, {
@@ -959,6 +971,14 @@ def _build_presets() -> dict[str, Preset]:
                     "diffpo-compare-tiny": _diffpo_of(compare, "diffpo-compare-tiny",
                                                       {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.2},
                                                       "DiFFPO (joint) in the methods' comparison (as diffpo-tiny)")})
+    # The long-answer task (stp.tasks.chain): 108-token answers over 4 blocks of 32, where anchors and caches act.
+    chain = Preset("chain-tiny", _CHAIN_DESCRIPTION, _CHAIN_OVERRIDES, notes=_CHAIN_NOTES)
+    presets.update({"chain-tiny": chain,
+                    "d1-chain-tiny": _d1_of(chain, "d1-chain-tiny", 2 * GRPOConfig.num_iterations),
+                    "elbo-chain-tiny": _elbo_of(chain, "elbo-chain-tiny"),
+                    "diffpo-chain-tiny": _diffpo_of(chain, "diffpo-chain-tiny",
+                                                    {"mode": "joint", "gamma": 0.5, "nfe_penalty": 0.2},
+                                                    "DiFFPO (joint) on the chain task (as diffpo-tiny)")})
     for task, t in _TASKS.items():
         stp = Preset(f"llada-{task}", f"STP on LLaDA-8B-Instruct, {task} (the paper's settings)", _merge(_PAPER, {
             "prior": {"rho": t["rho"]},
