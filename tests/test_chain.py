@@ -115,3 +115,15 @@ def test_a_small_chain_pretrain_builds_through_the_cache(tmp_path):
     assert info["example_completion"].startswith("<reasoning>") and info["command"].startswith(
         "python -m stp.pretrain --task chain")
     assert pt.ensure_pretrained("chain", tmp_path, progress=False, **small) == path  # cached
+
+
+def test_answer_noise_writes_a_wrong_final_digit_and_keeps_the_chain():
+    import torch
+
+    task = get_task("chain")
+    gen = torch.Generator().manual_seed(0)
+    for ex in ch.generate(20, "train", seed=2):
+        clean = pt.reference_completion("chain", ex)
+        noisy = pt.reference_completion("chain", ex, answer_noise=1.0, generator=gen)
+        assert task.reward(noisy, ex) == 0.1
+        assert noisy.split("</reasoning>")[0] == clean.split("</reasoning>")[0]
