@@ -133,8 +133,8 @@ def _shape_table(shape: str, model: str, workdir: str, args) -> list[str]:
     common = dict(SHAPES[shape])
     if shape == "paper":
         common.update({"grpo.num_generations": args.paper_g, "grpo.prompts_per_step": args.paper_prompts})
-    # Priors of 8 steps in one block: the trainer builds a prompt's prior inside its first rollout's time, which the
-    # paper does once before RL; the anchors' positions, not their quality, matter for time.
+    # Priors of 8 steps in one block: built before training (outside the step times), so only the start-up is
+    # shorter; the anchors' positions, not their quality, matter for time.
     gen_length = common.get("rollout.gen_length", 128 if shape == "chain" else 32)
     priors = {"prior.build_steps": 8, "prior.build_block_length": gen_length}
     from stp.config import resolve
