@@ -127,3 +127,33 @@ def test_answer_noise_writes_a_wrong_final_digit_and_keeps_the_chain():
         noisy = pt.reference_completion("chain", ex, answer_noise=1.0, generator=gen)
         assert task.reward(noisy, ex) == 0.1
         assert noisy.split("</reasoning>")[0] == clean.split("</reasoning>")[0]
+
+
+@pytest.mark.parametrize("module", ["stp.tasks.chain", "stp.tasks.prompts", "benchmarks.train_step_phases",
+                                    "benchmarks.chain_measures"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0, module
+
+
+def test_benchmark_summary_lines_keep_engine_and_method_apart():
+    from benchmarks.chain_measures import paired
+    from benchmarks.train_step_phases import ratio_lines
+
+    # every (method, cache) median; the engine line divides within a method, the method line within a cache
+    med = {("stp", "none"): 9.0, ("stp", "dual"): 3.0, ("d1", "none"): 12.0, ("d1", "dual"): 2.0,
+           ("elbo", "none"): 6.0, ("elbo", "dual"): 4.0}
+    lines = ratio_lines({k: {"total": [v * 0.9, v, v * 1.5]} for k, v in med.items()}, ["stp", "d1", "elbo"],
+                        ["none", "dual"])
+    assert "stp: cache dual/none = 0.33x" in lines and "d1: cache dual/none = 0.17x" in lines
+    assert "step d1/stp (cache dual) = 0.67x" in lines and "step d1/stp (cache none) = 1.33x" in lines
+    assert "step d1/elbo (cache dual) = 0.50x" in lines and not any("d1/d1" in ln for ln in lines)
+    # paired: the standard error of the per-item differences, not of either list
+    a, b = [0.0, 1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0]
+    m, se = paired(a, b)
+    assert m == pytest.approx(0.2) and se == pytest.approx((0.2 * 0.8 * 5 / 4) ** 0.5 / 5 ** 0.5)
+    with pytest.raises(ValueError, match="equally long"):
+        paired([1.0], [1.0, 2.0])
