@@ -117,6 +117,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                             block_length=32, n_train=600, data_seed=1, answer_noise=0.0, format_noise=0.0,
                             relabel_noise=0.0, eval_examples=32, eval_seed=0,
                             hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
+    # The long-answer task (stp.tasks.chain): 108-token completions in a 128-token canvas, blocks of 32.
+    "chain": dict(steps=500, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=128,
+                  block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0, relabel_noise=0.0,
+                  eval_examples=32, eval_seed=0,
+                  hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
 }
 # Named checkpoints: pretrained:NAME -> (task, overrides of its DEFAULTS). A task's name alone is its defaults.
 CHECKPOINTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -179,6 +184,14 @@ def reference_completion(task: str, example: Mapping[str, Any], *, answer_noise:
         expr = expr.replace(" ", "")
         answer = f"\n{expr}\n" if bare else f"<answer>{expr}</answer>"
         return f"<reasoning>{expr}={example['target']}</reasoning>\n{answer}"
+    if task == "chain":  # every step written out (stp.tasks.chain); answer_noise: a wrong final digit
+        from stp.tasks.chain import run_chain, steps_text
+
+        digit = run_chain(int(example["start"]), example["ops"])[-1]
+        if answer_noise > 0 and generator is not None and torch.rand((), generator=generator).item() < answer_noise:
+            digit = (digit + 1 + int(torch.randint(0, 9, (), generator=generator))) % 10
+        answer = f"\n{digit}\n" if bare else f"<answer>{digit}</answer>"
+        return f"<reasoning>{steps_text(int(example['start']), example['ops'])}</reasoning>\n{answer}"
     raise PretrainError(f"task={task!r}: no reference completion; allowed: {', '.join(PRETRAIN_TASKS)}")
 
 
@@ -229,7 +242,8 @@ def _max_completion_tokens(task: str) -> int:
     # sudoku: 1 + len("10 empty") + 1 + 1 + 1 + 16 + 1; countdown: expressions of three numbers < 100 are at most
     # 12 characters ("(99*99)-99" style, with one pair of brackets): 1 + 12 + 1 + 3 + 1 + 1 + 1 + 12 + 1.
     # countdown_small: "12+12-12" (8) and a target up to 36: 1 + 8 + 1 + 2 + 1 + 1 + 1 + 8 + 1.
-    return {"sudoku": 29, "countdown_small": 24}.get(task, 33)
+    # chain: 1 + 2 + 5 * 20 + 1 + 1 + 3 (stp.tasks.chain, 20 steps).
+    return {"sudoku": 29, "countdown_small": 24, "chain": 108}.get(task, 33)
 
 
 def default_settings(task: str = "sudoku", **overrides) -> dict[str, Any]:

@@ -82,9 +82,9 @@ class ModelConfig(Section):
         self._need("name_or_path", bool(self.name_or_path.strip()), "a non-empty name or path")
         if self.name_or_path.startswith("pretrained:"):
             self._need("name_or_path", self.name_or_path.split(":", 1)[1] in ("sudoku", "countdown", "countdown_small",
-                                                                             "sudoku_relabel"),
-                       "'pretrained:sudoku', 'pretrained:countdown', 'pretrained:countdown_small' (the tasks "
-                       "stp.pretrain knows) or 'pretrained:sudoku_relabel' (stp.pretrain.CHECKPOINTS)")
+                                                                             "sudoku_relabel", "chain"),
+                       "'pretrained:sudoku', 'pretrained:countdown', 'pretrained:countdown_small', 'pretrained:chain' "
+                       "(the tasks stp.pretrain knows) or 'pretrained:sudoku_relabel' (stp.pretrain.CHECKPOINTS)")
         self._positive("lora_r", "lora_alpha")
         self._need("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "a number in [0, 1)")
         self._need("lora_target_modules", len(self.lora_target_modules) > 0 and all(
@@ -267,7 +267,7 @@ class RunConfig(Section):
     section: ClassVar[str] = "run"
 
     task: str = _f("sudoku", "task and reward functions (stp.tasks)", choices=("gsm8k", "math", "countdown",
-                                                                                 "sudoku", "countdown_small"))
+                                                                                 "sudoku", "countdown_small", "chain"))
     prompt_format: str = _f("compact", "'chat': the task's chat prompt with d1's system prompt (the paper's); "
                             "'compact': one short user turn (stp.pretrain.compact_task), for the tiny model, whose "
                             "character tokenizer makes d1's prompt ~500 tokens", choices=("chat", "compact"))
@@ -330,8 +330,8 @@ class RunConfig(Section):
         self._need("data_source", self.data_source != "file" or self.data_path is not None,
                    "'hub', 'generated' or none while run.data_path is none ('file' needs run.data_path)")
         self._need("prompt_format", self.prompt_format == "chat" or self.task in ("sudoku", "countdown",
-                                                                                 "countdown_small"),
-                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku, countdown and "
+                                                                                 "countdown_small", "chain"),
+                   f"'chat' for task {self.task!r} (the compact prompt exists for sudoku, countdown, chain and "
                    "countdown_small)")
         if self.data_source == "generated":
             from stp.tasks import TASKS

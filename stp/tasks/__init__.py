@@ -12,6 +12,7 @@ Each task object offers ``reward``, ``rewards``, ``extract_answer``, ``metric``,
 from __future__ import annotations
 
 from .base import SYSTEM_PROMPT, Task
+from .chain import Chain
 from .countdown import Countdown
 from .countdown_small import SmallCountdown
 from .data import DataError
@@ -21,18 +22,19 @@ from .sudoku import Sudoku
 
 __all__ = ["TASKS", "SYSTEM_PROMPT", "DataError", "Task", "get_task"]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GSM8K, MATH, Countdown, Sudoku, SmallCountdown)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (GSM8K, MATH, Countdown, Sudoku, SmallCountdown,
+                                                              Chain)}
 
 
 def get_task(name: str, *, d1_compat: bool = False) -> Task:
-    """The task called ``name`` ("gsm8k", "math", "countdown", "sudoku", "countdown_small").
+    """The task called ``name`` ("gsm8k", "math", "countdown", "sudoku", "countdown_small", "chain").
 
     >>> get_task("gsm8k").name, get_task("math", d1_compat=True).d1_compat
     ('gsm8k', True)
     >>> get_task("mbpp")
     Traceback (most recent call last):
     ...
-    ValueError: unknown task 'mbpp'; allowed: gsm8k, math, countdown, sudoku, countdown_small
+    ValueError: unknown task 'mbpp'; allowed: gsm8k, math, countdown, sudoku, countdown_small, chain
     """
     try:
         cls = TASKS[name]

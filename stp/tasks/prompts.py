@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["PRETRAIN_TASKS", "PROMPT_FORMATS", "PromptError", "compact_prompt", "compact_task", "task_with_prompt"]
 
-PRETRAIN_TASKS = ("sudoku", "countdown", "countdown_small")  # the tasks with a compact prompt
+PRETRAIN_TASKS = ("sudoku", "countdown", "countdown_small", "chain")  # the tasks with a compact prompt
 PROMPT_FORMATS = ("chat", "compact")
 
 
@@ -26,6 +26,8 @@ def compact_prompt(task: str, example: Mapping[str, Any]) -> str:
     'countdown 44 19 35 -> 98'
     >>> compact_prompt("countdown_small", {"nums": [7, 12, 3], "target": 16})
     'countdown 07 12 03 -> 16'
+    >>> compact_prompt("chain", {"start": 3, "ops": "+7-4"})
+    'chain 3\\n+7=?\\n-4=?\\n'
     """
     if task == "sudoku":
         return f"sudoku {example['puzzle']}"
@@ -33,6 +35,9 @@ def compact_prompt(task: str, example: Mapping[str, Any]) -> str:
         return f"countdown {' '.join(f'{n:02d}' for n in example['nums'])} -> {example['target']:02d}"
     if task == "countdown":
         return f"countdown {' '.join(str(n) for n in example['nums'])} -> {example['target']}"
+    if task == "chain":  # the reasoning's template with '?' results: the same stride (stp.tasks.chain)
+        ops = example["ops"]
+        return f"chain {example['start']}\n" + "".join(f"{ops[i:i + 2]}=?\n" for i in range(0, len(ops), 2))
     raise PromptError(f"task={task!r}: no compact prompt; allowed: {', '.join(PRETRAIN_TASKS)}")
 
 
