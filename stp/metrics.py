@@ -186,9 +186,10 @@ def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None
     os.replace(tmp, png)
 
 
-def evaluate_heldout(lm, task, examples, cfg: TrainConfig, **decoding: Any) -> dict[str, float] | None:
+def evaluate_heldout(lm, task, examples, cfg: TrainConfig, *, progress: bool = False,
+                     **decoding: Any) -> dict[str, float] | None:
     """Greedy held-out evaluation with the run's decoding settings; ``decoding``: the method's extra ones
-    (``Method.eval_kwargs``, e.g. the entropy bound or threshold controller)."""
+    (``Method.eval_kwargs``, e.g. the entropy bound or threshold controller); ``progress``: a bar."""
     if not examples:
         return None
     from stp.evaluation import evaluate
@@ -197,7 +198,7 @@ def evaluate_heldout(lm, task, examples, cfg: TrainConfig, **decoding: Any) -> d
     res = evaluate(lm, task, examples, gen_length=r.gen_length, block_length=r.block_length, steps=r.steps,
                    batch_size=min(32, len(examples)), temperature=r.eval_temperature,
                    max_prompt_length=r.max_prompt_length or 0, seed=derive_seed(cfg.run.seed, "eval"),
-                   progress=False, backend=cfg.run.backend, **decoding)
+                   progress=progress, backend=cfg.run.backend, **decoding)
     # What the reward is made of: how often the answer could be read at all, and the reward of the readable ones.
     readable = [r["reward"] for r in res["records"] if r["answer"] is not None]
     return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],

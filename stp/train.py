@@ -23,10 +23,12 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from stp.api import quiet_known_warnings
     from stp.prior import PriorFileError
     from stp.tasks import DataError
     from stp.tasks.reward_funcs import RewardFuncError
 
+    quiet_known_warnings()
     try:
         config = parse_args(argv)  # --help and a flag without its value exit here (status 0 and 2)
     except ConfigError as e:

@@ -136,7 +136,12 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     text_of = data_order.PromptTexts(task, train_rows, tok)  # example index -> prompt text (cached)
 
     method = get_method(cfg.method)(cfg)
-    method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)], accelerator)
+    show = progress and accelerator.is_main_process  # bars: priors, held-out evaluations, the steps
+    from stp.prior import build_progress
+
+    with build_progress(show):
+        method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)],
+                       accelerator)
     ref_context = policy.setup_trainable(lm, cfg, dtype, accelerator.device)
     params = list(checkpoint.trainable(lm).values())
     # The model's group first; a method's own trainable modules (stp.methods.base) add theirs after it.
@@ -158,7 +163,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     if resume_from is None and run.eval_examples:
         with fsdp.full_parameters(accelerator, loss_module):  # every process takes part in the gather
             if accelerator.is_main_process:
-                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show,
+                                                                **method.eval_kwargs())
     report_to = "none" if run.report_to == "tensorboard" and not run.tensorboard else run.report_to
     log = metrics.MetricsLog(out, step, report_to, metrics.flat_config(cfg)) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
@@ -286,7 +292,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             if run.eval_every and step % run.eval_every == 0 and step < g.max_steps:
                 with fsdp.full_parameters(accelerator, loss_module):
                     if accelerator.is_main_process:
-                        ev = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+                        ev = metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show,
+                                                      **method.eval_kwargs())
                         row.update(metrics.eval_columns(ev))
             if log is not None:
                 if skipped:
@@ -322,7 +329,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     lora_state = fsdp.full_lora_state(lm.model, loss_module) if m.use_lora else None  # whole under FSDP, else None
     fsdp.unshard_all(accelerator, loss_module)  # the final evaluation reads whole weights
     if accelerator.is_main_process:
-        after = (metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+        after = (metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show, **method.eval_kwargs())
                  if not (interrupted or diverged) else None)
         log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
@@ -330,8 +337,11 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                                         diverged=diverged, world=world,
                                         task=None if custom is None else "own: " + ", ".join(task.reward_names()))
         if m.use_lora and not (interrupted or diverged):
-            # adapter_model.safetensors + adapter_config.json
+            # adapter_model.safetensors + adapter_config.json, which then names the base the run trained from
             lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)
+            from stp.export import record_adapter_base
+
+            record_adapter_base(out / "adapter", m.name_or_path)
         if not (interrupted or diverged):
             method.save_artifacts(out)  # e.g. DiFFPO's controller, beside the adapter
         log.close()

@@ -1,0 +1,211 @@
+"""What a new user meets first: evaluating and exporting a run, the held-out reward's scale, progress, errors in
+their own reward functions, install lines, help texts (each test failed before its fix)."""
+
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import stp.models  # noqa: E402
+from stp import eval as stp_eval  # noqa: E402
+from stp import export as stp_export  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _adapter(directory: Path) -> Path:
+    """A LoRA adapter of the random tiny model with non-zero B (peft starts B at 0: a merge would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = stp.models.load("tiny")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(directory))
+    return directory
+
+
+def _fake_run(tmp_path: Path, **rollout) -> Path:
+    """A run directory as `python -m stp.train` leaves it (config.yaml + adapter/), on the random tiny model."""
+    from stp.config import resolve
+
+    overrides = {"model.name_or_path": "tiny", "run.task": "countdown", **{f"rollout.{k}": v for k, v in
+                                                                          rollout.items()}}
+    run = tmp_path / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(resolve("tiny", overrides=overrides).to_yaml())
+    _adapter(run / "adapter")
+    return run
+
+
+# ------------------------------------------------------------------------------------------- 1: eval of a run
+
+
+def test_eval_adapter_takes_the_runs_settings_and_warns_on_a_differing_flag(tmp_path, capsys):
+    run = _fake_run(tmp_path, gen_length=32, block_length=16, steps=8)
+    out = tmp_path / "a.jsonl"
+    assert stp_eval.main(["--adapter", str(run / "adapter"), "--limit", "2", "--output", str(out),
+                          "--no-progress"]) == 0
+    settings = json.loads(stp_eval.summary_path(out).read_text())["settings"]
+    # The run's rollout shape and task, not the d1 defaults (gen 256, block 32, steps 128).
+    assert (settings["gen_length"], settings["block_length"], settings["steps"]) == (32, 16, 8)
+    assert settings["task"] == "countdown" and settings["model"] == "tiny"
+    assert settings.get("prompt_format") == "compact" and settings["source"] == "generated"
+    err = capsys.readouterr().err
+    assert "warning" not in err and f"from {(run / 'config.yaml').resolve()}" in err
+
+    # --run DIR is --adapter DIR/adapter; an explicit flag that differs is used, with a warning naming both values.
+    out2 = tmp_path / "b.jsonl"
+    assert stp_eval.main(["--run", str(run), "--gen-length", "64", "--limit", "1", "--output", str(out2),
+                          "--no-progress"]) == 0
+    settings = json.loads(stp_eval.summary_path(out2).read_text())["settings"]
+    assert (settings["gen_length"], settings["steps"]) == (64, 32)  # steps follow the new length (gen / 2)
+    err = capsys.readouterr().err
+    assert "warning: --gen-length 64 differs from the run's rollout.gen_length = 32" in err
+
+
+def test_eval_without_a_run_keeps_the_d1_defaults(tmp_path, capsys):
+    args = stp_eval.build_parser().parse_args(["--model", "tiny", "--task", "gsm8k"])
+    stp_eval._run_defaults(args)
+    assert (args.gen_length, args.block_length, args.temperature, args.d1_compat) == (256, 32, 0.0, False)
+    assert args.steps is None  # gen_length / 2 later, as d1
+
+
+def test_model_given_an_adapter_or_a_run_says_which_flag(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    for flag in (str(run / "adapter"), str(run)):
+        with pytest.raises(SystemExit) as e:
+            stp_eval.main(["--model", flag, "--task", "sudoku"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert ("--adapter" if flag.endswith("adapter") else "--run") in err.split("pass it as")[1]
+        with pytest.raises(SystemExit):
+            stp_export.main(["--model", flag, "--out", str(tmp_path / "x")])
+        assert "--adapter" in capsys.readouterr().err.split("error:")[1]
+
+
+# ------------------------------------------------------------------------------------------------- 2: export
+
+
+def test_export_reads_pretrained_names_and_the_adapters_base(tmp_path, monkeypatch):
+    """`--model pretrained:TASK` is resolved once and loaded from its directory (it used to be passed on raw);
+    without --model the base comes from the adapter's run."""
+    import stp.pretrain
+
+    base = tmp_path / "base"
+    stp.models.load("tiny").save(str(base))
+    monkeypatch.setattr(stp.pretrain, "resolve_model_name", lambda name, **kw: str(base))
+    out = tmp_path / "out"
+    assert stp_export.main(["--model", "pretrained:sudoku", "--out", str(out), "--quiet"]) == 0
+    ids = torch.tensor([[5, 9, 11, 2, 2]])
+    with torch.no_grad():
+        assert torch.equal(stp.models.load(str(out)).model(ids).logits, stp.models.load(str(base)).model(ids).logits)
+
+    run = _fake_run(tmp_path)
+    assert stp_export.adapter_base(run / "adapter") == "tiny"  # config.yaml beside the adapter
+    (run / "config.yaml").unlink()
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert stp_export.adapter_base(run / "adapter") == str(base)  # else adapter_config.json's
+    out2 = tmp_path / "out2"
+    assert stp_export.main(["--adapter", str(run / "adapter"), "--out", str(out2), "--quiet"]) == 0
+    want = stp.models.merge_adapter(stp.models.load(str(base)), run / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(stp.models.load(str(out2)).model(ids).logits, want.model(ids).logits, atol=1e-5)
+
+
+def _readme_block(heading: str) -> list[str]:
+    """The commands of the first bash block after ``heading`` in the README."""
+    part = README.split(heading, 1)[1]
+    block = part.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_evaluate_and_export_recipe(tmp_path, monkeypatch, capsys):
+    """The README's evaluate-and-export commands, as written (only --limit lowered), on a short default run: stp.eval
+    reproduces the run's own held-out reward and accuracy (summary.json), and the export holds the merged model, its
+    adapter naming the base it was trained from."""
+    from stp import train as stp_train
+
+    monkeypatch.chdir(tmp_path)
+    n = 8
+    assert stp_train.main(["--grpo.max_steps", "2", "--run.eval_examples", str(n), "--run.report_to", "none"]) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert json.loads((tmp_path / "runs/tiny/adapter/adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "pretrained:sudoku"
+    commands = _readme_block("### Evaluate and export a run")
+    assert [c.split()[:3] for c in commands] == [["python", "-m", "stp.eval"], ["python", "-m", "stp.export"]]
+    evaluate = shlex.split(commands[0].replace("--limit 256", f"--limit {n}"))[3:]
+    capsys.readouterr()
+    assert stp_eval.main(evaluate + ["--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(next(Path("eval_outputs").glob("*.summary.json")).read_text())
+    assert result["n"] == n
+    assert result["mean_reward"] == pytest.approx(summary["reward_after"], abs=1e-9)
+    assert result["accuracy"] == pytest.approx(summary["accuracy_after"], abs=1e-9)
+    assert f"mean reward {summary['reward_after']:.4f}" in printed
+    assert stp_export.main(shlex.split(commands[1])[3:] + ["--quiet"]) == 0
+    from stp.pretrain import load_model
+
+    want = stp.models.merge_adapter(load_model("pretrained:sudoku"), tmp_path / "runs/tiny/adapter")
+    ids = torch.tensor([[5, 9, 11, 2, 2, 2]])
+    with torch.no_grad():
+        got = stp.models.load("merged-tiny").model(ids).logits
+        assert torch.allclose(got, want.model(ids).logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ 3: one reward everywhere
+
+
+def _const(completions, **kwargs):
+    return [1.0 for _ in completions]
+
+
+def _flagged(completions, flag, **kwargs):
+    return [2.0 if f else None for f in flag]
+
+
+def test_heldout_reward_is_the_weighted_training_total_and_own_rewards_have_no_accuracy():
+    from stp.evaluation import evaluate
+    from stp.metrics import total_reward
+    from stp.tasks.custom import FunctionTask
+
+    task = FunctionTask(funcs=(_const, _flagged), weights=(1.0, 0.25))
+    examples = [{"prompt": f"{i}+{i}=", "flag": i % 2 == 0} for i in range(4)]
+    res = evaluate(stp.models.load("tiny"), task, examples, gen_length=32, block_length=32, steps=16,
+                   progress=False)
+    # Independent reference: 1 + 0.25 * 2 where the flag is set, 1 where _flagged says "not applicable".
+    want = [1.5 if ex["flag"] else 1.0 for ex in examples]
+    assert [r["reward"] for r in res["records"]] == want
+    assert res["mean_reward"] == sum(want) / len(want)
+    # ... which is the trainer's total of the same values (stp.metrics.total_reward, NaN = None counts 0).
+    values = torch.tensor(task.batch_rewards([r["completion"] for r in res["records"]], examples),
+                          dtype=torch.float64)
+    assert total_reward(values, task.reward_weights()).tolist() == want
+    # Reward functions define a reward, not an accuracy: none is reported (it was the reward, here 1.25 > 1).
+    assert res["accuracy"] is None and all(r["metric"] is None for r in res["records"])
+
+
+def test_own_rewards_on_a_builtin_tasks_examples_keep_its_accuracy():
+    from stp.tasks import get_task
+    from stp.tasks.custom import FunctionTask
+
+    sudoku = get_task("sudoku")
+    ex = sudoku.load("test", source="generated", n=1)[0]
+    task = FunctionTask(funcs=(_const,), base=sudoku)
+    for text in ("<answer>" + ex["solution"] + "</answer>", "<answer>1234</answer>", "nothing"):
+        assert task.metric(text, ex) == sudoku.metric(text, ex)
