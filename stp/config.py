@@ -429,6 +429,8 @@ class RunConfig(_Section):
     eval_examples: int = _f(256, "held-out prompts per evaluation (0 = no evaluation)")
     log_every: int = _f(1, "write metrics every N optimizer steps")
     max_nan_steps: int = _f(3, "stop after this many consecutive non-finite losses (each skips its update)")
+    max_no_signal_steps: int = _f(30, "stop after this many optimizer steps in a row without learning signal (in "
+                                  "every group all completions rewarded alike: every advantage 0); 0 = never")
     device: str = _f("auto", "auto (accelerate's choice: CUDA when available), cpu, cuda or cuda:N")
     mixed_precision: str = _f("no", "autocast precision (accelerate's names)", choices=MIXED_PRECISION)
     backend: str | None = _f(None, "stp_kernels backend for every fused op; none = the fastest available")

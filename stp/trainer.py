@@ -41,7 +41,8 @@ from stp.loss import RolloutBatch, group_advantages
 from stp.metrics import TIMING_KEYS, read_metrics
 from stp.seeds import derive_seed
 
-__all__ = ["train", "derive_seed", "TrainingDiverged", "TIMING_KEYS", "last_checkpoint", "read_metrics"]
+__all__ = ["train", "derive_seed", "TrainingDiverged", "NoLearningSignal", "TIMING_KEYS", "last_checkpoint",
+           "read_metrics"]
 
 
 def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, accelerator) -> torch.Tensor:
@@ -56,6 +57,25 @@ def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, acceler
 
 class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
+
+
+class NoLearningSignal(TrainingDiverged):
+    """``run.max_no_signal_steps`` optimizer steps in a row whose rollouts carried no signal: the run stopped
+    (metrics and a checkpoint are written)."""
+
+
+NO_SIGNAL_WARN = 5  # optimizer steps in a row without signal before the warning
+
+
+def _no_signal_message(steps: int, rm: dict, limit: int) -> str:
+    stop = (f"the run stops after run.max_no_signal_steps = {limit} such steps in a row" if limit else
+            "run.max_no_signal_steps = 0: the run goes on")
+    return (f"no learning signal for {steps} steps: in every group all completions got the same reward (last "
+            f"rollout: reward mean {rm['reward_mean']:.3f}, std {rm['reward_std']:.3f}), so every advantage is 0 "
+            f"and nothing but the KL term moves the policy. The task is too hard (reward always 0: the model never "
+            f"writes what the reward reads) or too easy (always the maximum) for this model: check the reward "
+            f"function on a few of its completions, raise rollout.temperature or grpo.num_generations, or start "
+            f"from a stronger model; {stop}")
 
 
 def _supplied_batch(method, lm, r: int, cfg: TrainConfig, accelerator, loss_module, ref_context) -> SavedRollout:
@@ -177,6 +197,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                    dynamic_ncols=True)
     t_segment = time.time()
     interrupted, diverged = False, False
+    if run.max_no_signal_steps < 0:
+        raise ConfigError.bad_value("run.max_no_signal_steps", run.max_no_signal_steps, "an integer >= 0")
+    no_signal, starved = 0, False  # optimizer steps in a row whose rollout had no signal (since this start)
     with checkpoint.StopFlag() as stop:
         while step < g.max_steps:
             r, it = divmod(step, mu)
@@ -222,8 +245,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                 if extra:
                     fn_names, weights = fn_names + list(extra), (*weights, *(1.0 for _ in extra))
                     fn_rewards = torch.cat([fn_rewards, torch.stack([v.float() for v in extra.values()], 1)], 1)
-                advantages = group_advantages(metrics.total_reward(fn_rewards, weights), rep,
-                                              scale_rewards=g.scale_rewards)  # [B]
+                totals = metrics.total_reward(fn_rewards, weights).view(-1, rep)  # [p, G]
+                advantages = group_advantages(totals.reshape(-1), rep, scale_rewards=g.scale_rewards)  # [B]
+                spread = accelerator.reduce((totals.amax(1) > totals.amin(1)).float().sum(), reduction="sum")
                 batch = RolloutBatch(prompt_ids=prompt_ids, prompt_attention_mask=prompt_mask,
                                      completion_ids=completions, advantages=advantages, sample_ids=sample_ids,
                                      anchors=None if prior is None else prior.mask, commit_step=gen.commit_step,
@@ -237,6 +261,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                 t_scoring = time.time() - t0
                 rm = metrics.rollout_metrics(accelerator, fn_names, fn_rewards, gen, completions, eos, ro.gen_length,
                                              t_rollout, t_scoring, state, weights=weights)
+                rm["groups_with_signal"] = spread.item() / g.prompts_per_step  # groups whose rewards differ
                 rollout = SavedRollout(index=r, batch=batch, scores=scores, mask_seed=mask_seed, metrics=rm)
 
             # ================= inner iteration it: the method's loss with grad, micro-batched, one optimizer step
@@ -297,9 +322,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                         row.update(metrics.eval_columns(ev))
             if log is not None:
                 if skipped:
-                    print(f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
-                          f"update skipped ({state['nan_streak']} in a row, limit {run.max_nan_steps})",
-                          file=sys.stderr)
+                    (print if bar is None else bar.write)(
+                        f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
+                        f"update skipped ({state['nan_streak']} in a row, limit {run.max_nan_steps})", file=sys.stderr)
                 log.write(row, jsonl=step % run.log_every == 0 or step == g.max_steps or skipped)
                 if bar is not None:
                     rm = rollout.metrics
@@ -310,6 +335,13 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             flag = torch.tensor([1.0 if stop.set else 0.0], device=accelerator.device)
             interrupted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
             diverged = state["nan_streak"] >= run.max_nan_steps
+            no_signal = no_signal + 1 if rollout.metrics.get("groups_with_signal", 1.0) == 0 else 0
+            if no_signal == min(NO_SIGNAL_WARN, run.max_no_signal_steps or NO_SIGNAL_WARN) and log is not None:
+                (print if bar is None else bar.write)(  # bar.write: on its own line, not the bar's
+                    f"stp.train: warning: step {step}: "
+                    f"{_no_signal_message(no_signal, rollout.metrics, run.max_no_signal_steps)}", file=sys.stderr)
+            if run.max_no_signal_steps and no_signal >= run.max_no_signal_steps:
+                diverged, starved = True, True
             done = step == g.max_steps
             if (run.save_every and step % run.save_every == 0) or done or interrupted or diverged:
                 state["train_seconds"] += time.time() - t_segment
@@ -347,6 +379,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
         log.close()
     fsdp.reshard_all(accelerator, loss_module)
     accelerator.wait_for_everyone()
+    if starved:
+        raise NoLearningSignal(f"{_no_signal_message(no_signal, rollout.metrics, run.max_no_signal_steps)}; "
+                               f"stopped at step {step}, checkpoint and metrics in {out}")
     if diverged:
         raise TrainingDiverged(f"{run.max_nan_steps} consecutive non-finite losses (run.max_nan_steps); stopped at "
                                f"step {step}, checkpoint and metrics in {out}")

@@ -209,3 +209,47 @@ def test_own_rewards_on_a_builtin_tasks_examples_keep_its_accuracy():
     task = FunctionTask(funcs=(_const,), base=sudoku)
     for text in ("<answer>" + ex["solution"] + "</answer>", "<answer>1234</answer>", "nothing"):
         assert task.metric(text, ex) == sudoku.metric(text, ex)
+
+
+# ------------------------------------------------------------------------------------------ 5: no learning signal
+
+SMALL = {"model.name_or_path": "tiny", "rollout.gen_length": 16, "rollout.block_length": 16, "rollout.steps": 8,
+         "grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.num_iterations": 1, "estimator.num_draws": 1,
+         "run.eval_examples": 0, "run.report_to": "none", "grpo.warmup_steps": 0}
+
+
+def _second_of_first_group(completions, **kwargs):
+    """Samples are grouped by prompt, G = 2 in a row: the first group gets (0, 1), the second (0, 0)."""
+    return [1.0 if i == 1 else 0.0 for i in range(len(completions))]
+
+
+def _train(tmp_path, fn, **overrides):
+    from stp import Trainer
+    from stp.config import resolve
+
+    config = resolve("elbo-tiny", overrides={**SMALL, "run.output_dir": str(tmp_path / "run"), **overrides})
+    data = [{"prompt": f"{i}+{i}="} for i in range(8)]
+    return Trainer(config, reward_funcs=[fn], train_dataset=data).train(progress=False)
+
+
+def test_no_learning_signal_warns_then_stops(tmp_path, capsys):
+    from stp.metrics import read_metrics
+    from stp.trainer import NoLearningSignal
+
+    with pytest.raises(NoLearningSignal, match="no learning signal for 6 steps"):
+        _train(tmp_path, _const, **{"grpo.max_steps": 20, "run.max_no_signal_steps": 6})
+    err = capsys.readouterr().err
+    assert err.count("stp.train: warning: step 5: no learning signal for 5 steps") == 1
+    assert "run.max_no_signal_steps = 6" in err
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # stopped there, not at step 20
+    assert all(r["groups_with_signal"] == 0 and r["reward_std"] == 0 for r in rows)
+
+
+def test_groups_with_signal_counts_the_groups_whose_rewards_differ(tmp_path, capsys):
+    from stp.metrics import read_metrics
+
+    _train(tmp_path, _second_of_first_group, **{"grpo.max_steps": 2, "run.max_no_signal_steps": 1})
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["groups_with_signal"] for r in rows] == [0.5, 0.5]  # group 1 (0, 1) has signal, group 2 (0, 0) not
+    assert "no learning signal" not in capsys.readouterr().err
