@@ -253,3 +253,40 @@ def test_groups_with_signal_counts_the_groups_whose_rewards_differ(tmp_path, cap
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["groups_with_signal"] for r in rows] == [0.5, 0.5]  # group 1 (0, 1) has signal, group 2 (0, 0) not
     assert "no learning signal" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ 6: extras
+
+
+def _extras() -> dict[str, list[str]]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_every_readme_install_line_names_extras_that_exist_hyphenated():
+    """pip 23.2 (a Python 3.11 venv's) skips an extra spelled with '_' ('does not provide the extra'); every extra
+    of pyproject is hyphenated, and every `pip install ...[extras]` of the README, docs and error messages names
+    existing ones."""
+    extras = _extras()
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) for name in extras), sorted(extras)
+    texts = [README, *(p.read_text() for p in (ROOT / "docs").glob("*.md")),
+             *(p.read_text() for p in (ROOT / "stp").rglob("*.py"))]
+    found = []
+    for text in texts:
+        for line in re.findall(r"pip install[^`\n]*", text):
+            for spec in re.findall(r"""['"]?(\S*?)\[([^\]]+)\]""", line):
+                target, names = spec
+                if target.strip("'\"") in ("-e .", ".", "stp", "") or target.endswith("."):
+                    found += [(line, n.strip()) for n in names.split(",")]
+    assert len(found) >= 5  # test, math, reasoning-gym, gpu, data at least
+    missing = [(line, n) for line, n in found if n not in extras]
+    assert not missing, missing
+    # The self-references inside pyproject too ("stp[data,math,reasoning-gym]").
+    for deps in extras.values():
+        for dep in deps:
+            m = re.fullmatch(r"stp\[([^\]]+)\]", dep)
+            if m:
+                assert all(n in extras for n in m.group(1).split(",")), dep

@@ -142,7 +142,7 @@ def load_rows(spec: str, split: str, *, n: int | None = None, seed: int = 0) -> 
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"dataset {spec!r} needs the `datasets` package: pip install 'stp[data]'") from exc
+        raise DataError(f"dataset {spec!r} needs the `datasets` package: pip install -e '.[data]'") from exc
     path = Path(spec).expanduser()
     if path.is_dir():
         try:
@@ -212,7 +212,7 @@ def load_reasoning_gym(name: str, split: str, *, n: int | None, seed: int) -> li
     try:
         import reasoning_gym
     except ImportError as exc:
-        raise DataError(f"dataset 'reasoning_gym:{name}' needs reasoning-gym: pip install 'stp[reasoning_gym]'"
+        raise DataError(f"dataset 'reasoning_gym:{name}' needs reasoning-gym: pip install -e '.[reasoning-gym]'"
                         ) from exc
     from stp.seeds import derive_seed
 

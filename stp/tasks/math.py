@@ -95,7 +95,7 @@ def verified_equal(prediction: str | None, reference: str) -> bool:
         from math_verify import parse, verify
     except ImportError as exc:
         raise ImportError("MATH's correctness reward compares answers with math-verify, which is not installed: "
-                          "pip install 'stp[math]' (or use d1_compat, d1's own comparison)") from exc
+                          "pip install -e '.[math]' (or use d1_compat, d1's own comparison)") from exc
     limit = 2 if threading.current_thread() is threading.main_thread() else None
     try:
         gold = parse(f"${reference}$", parsing_timeout=limit)
