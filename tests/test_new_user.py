@@ -290,3 +290,46 @@ def test_every_readme_install_line_names_extras_that_exist_hyphenated():
             m = re.fullmatch(r"stp\[([^\]]+)\]", dep)
             if m:
                 assert all(n in extras for n in m.group(1).split(",")), dep
+
+
+# ------------------------------------------------------------------------------------- 7: your own reward function
+
+
+def _readme_reward_function():
+    """The README's reward function (the "Your own task" example up to its data), executed."""
+    code = README.split("## Your own task", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code.split("\npuzzles = ")[0], "README.md", "exec"), namespace)
+    return namespace["keeps_givens"]
+
+
+def test_readme_reward_function_reads_text_and_chat_completions():
+    from stp.tasks import get_task
+
+    fn = _readme_reward_function()
+    ex = get_task("sudoku").load("train", source="generated", n=1)[0]
+    puzzle, solution = ex["puzzle"], ex["solution"]
+    wrong = "".join("1" if c != "1" else "2" for c in solution)  # every cell changed
+    # Reference by hand: the solution keeps every given, `wrong` none; fewer than 16 digits scores 0.
+    want = [1.0, 0.0, 0.0]
+    texts = [f"grid {solution}", wrong, "123"]
+    assert fn(texts, puzzle=[puzzle] * 3) == want
+    assert fn([[{"role": "assistant", "content": t}] for t in texts], puzzle=[puzzle] * 3) == want
+
+
+def _raises_on_chat(completions, **kwargs):
+    return [len(c[0]["content"]) for c in completions]
+
+
+def test_exception_in_a_reward_function_names_it_and_what_it_got():
+    from stp.tasks.reward_funcs import RewardFuncError, score
+
+    with pytest.raises(RewardFuncError) as e:
+        score([_raises_on_chat], ["abc", "de"], [{"prompt": "p", "puzzle": "x"}, {"prompt": "q", "puzzle": "y"}])
+    msg = str(e.value)
+    line = _raises_on_chat.__code__.co_firstlineno + 1
+    assert f"_raises_on_chat ({__file__}:{line - 1})" in msg  # the function, its file and line
+    assert "raised TypeError: string indices must be integers" in msg
+    assert f"at {__file__}:{line} ('return [len(c[0][\"content\"]) for c in completions]')" in msg
+    assert "completions = 2 strings (plain-text prompts), the first 'abc'; columns puzzle" in msg
+    assert isinstance(e.value.__cause__, TypeError)
