@@ -333,3 +333,81 @@ def test_exception_in_a_reward_function_names_it_and_what_it_got():
     assert f"at {__file__}:{line} ('return [len(c[0][\"content\"]) for c in completions]')" in msg
     assert "completions = 2 strings (plain-text prompts), the first 'abc'; columns puzzle" in msg
     assert isinstance(e.value.__cause__, TypeError)
+
+
+# ------------------------------------------------------------------------------------ 9: rewards fast on any input
+
+
+def test_math_reward_of_a_deeply_nested_box_never_reaches_math_verify(monkeypatch):
+    """The crafted completion that took 2.0 s: a \\boxed{} holding parentheses nested 199 deep."""
+    import time
+
+    import math_verify
+
+    from stp.tasks import get_task
+    from stp.tasks.math import MAX_VERIFY_DEPTH, bracket_depth
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("math-verify must not see an answer nested this deep")
+
+    monkeypatch.setattr(math_verify, "parse", refuse)
+    task = get_task("math")
+    for depth in (MAX_VERIFY_DEPTH + 1, 199):
+        text = "<answer>\\boxed{" + "(" * depth + "1" + ")" * depth + "}</answer>"
+        assert bracket_depth(text) == depth
+        t0 = time.perf_counter()
+        assert task.rewards(text, {"answer": "2"}) == {"correctness_reward": 0.0, "format_reward": 1.0}
+        assert time.perf_counter() - t0 < 0.5
+
+
+def test_bracket_depth_against_enumeration():
+    import itertools
+
+    from stp.tasks.math import bracket_depth
+
+    for n in range(7):
+        for chars in itertools.product("([)]x{", repeat=n):
+            text = "".join(chars)
+            depths, d = [0], 0
+            for c in text:  # reference: the running count of ( and [ (never below 0), its maximum
+                d = d + 1 if c in "([" else max(d - 1, 0) if c in ")]" else d
+                depths.append(d)
+            assert bracket_depth(text) == max(depths)
+
+
+def test_math_verify_is_time_boxed(monkeypatch):
+    import time
+
+    import math_verify
+
+    from stp.tasks.math import VERIFY_SECONDS, verified_equal
+
+    def slow(*args, **kwargs):
+        time.sleep(5)
+        return ["x"]
+
+    monkeypatch.setattr(math_verify, "parse", slow)
+    t0 = time.perf_counter()
+    assert verified_equal("x+1", "1+x") is False
+    assert time.perf_counter() - t0 < VERIFY_SECONDS + 0.5
+    import signal
+
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # the timer is off again
+
+
+def test_python_value_leaves_the_recursion_limit_alone(monkeypatch):
+    from stp.tasks import _d1
+
+    limit = sys.getrecursionlimit()
+    real = sys.setrecursionlimit
+
+    def refuse(n):
+        raise AssertionError("an ordinary answer must not change the interpreter's recursion limit")
+
+    monkeypatch.setattr(sys, "setrecursionlimit", refuse)
+    for text in ("(1+2)*3", "-" * 200 + "7", "2**-1 // 3", "((((((1))))))/4"):
+        assert _d1.python_value(text) == eval(text, {"__builtins__": None}, {})
+    monkeypatch.setattr(sys, "setrecursionlimit", real)
+    deep = "-" * 1501 + "3"  # deeper than the tree conversion's own check: raised for that parse only
+    assert _d1.python_value(deep) == eval(deep, {"__builtins__": None}, {}) == -3
+    assert sys.getrecursionlimit() == limit
