@@ -411,3 +411,79 @@ def test_python_value_leaves_the_recursion_limit_alone(monkeypatch):
     deep = "-" * 1501 + "3"  # deeper than the tree conversion's own check: raised for that parse only
     assert _d1.python_value(deep) == eval(deep, {"__builtins__": None}, {}) == -3
     assert sys.getrecursionlimit() == limit
+
+
+# ------------------------------------------------------------------------------------------- 11: the small ones
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"step": s, "iteration": (s - 1) % 2, "reward_mean": s / 20, "eval_reward": None, "time_rollout": 1.0,
+             "time_scoring": 0.5, "time_update": 0.2} for s in range(1, n + 1)]
+
+
+def test_progress_png_points_labels_legends_and_ticks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from stp.metrics import progress_figure
+
+    fig = progress_figure(_rows(10), title="t", before=0.0, after=0.5, last_step=10)
+    a, b = fig.axes
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    lo, hi = b.get_xlim()
+    assert all(float(t).is_integer() for t in b.get_xticks() if lo <= t <= hi)  # no 2.5, 7.5
+    held = next(line for line in a.get_lines() if line.get_label().startswith("held-out"))
+    assert held.get_linestyle() == "None" and list(held.get_xdata()) == [0, 10]  # points, not a trend line
+    assert "0.000 before, 0.500 after step 10" in a.get_title() and not a.texts  # numbers off the curves
+    for ax in (a, b):  # legends above their panels, not over the curves' ends
+        assert ax.get_legend().get_window_extent(renderer).y0 >= ax.get_window_extent(renderer).y1 - 1
+    assert a.get_legend().get_window_extent(renderer).y0 >= a.title.get_window_extent(renderer).y1 - 1
+
+
+def test_help_names_and_documents_every_flag(capsys):
+    from stp_kernels import acceptance
+
+    with pytest.raises(SystemExit) as e:
+        acceptance.main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m stp_kernels.acceptance")
+    from stp.prior import _parser
+
+    undocumented = [a.option_strings for a in _parser()._actions if not a.help]
+    assert not undocumented, undocumented
+    helps = {a.dest: a.help for a in _parser()._actions}
+    assert "1 - rho" in helps["rho"] and "answer_low_confidence" in helps["strategy"]
+
+
+def test_preset_typo_suggests_the_preset():
+    from stp.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=r"did you mean elbo-tiny\?"):
+        parse_args(["--preset", "elbo-tyni"])
+
+
+def test_no_future_warning_when_evaluating_an_adapter(tmp_path):
+    import warnings
+
+    run = _fake_run(tmp_path)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert stp_eval.main(["--run", str(run), "--limit", "1", "--output", str(tmp_path / "o.jsonl"),
+                              "--no-progress"]) == 0
+    assert not [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+
+
+def test_an_error_mid_run_starts_on_its_own_line_and_names_the_reward_function(tmp_path, monkeypatch, capsys):
+    from stp import train as stp_train
+
+    (tmp_path / "my_rewards.py").write_text("def broken(completions, **kwargs):\n"
+                                            "    return [c[0]['content'] for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--{k}={v}" for k, v in SMALL.items()]
+    code = stp_train.main(["--preset", "elbo-tiny", *flags, "--grpo.max_steps", "1", "--run.reward",
+                           "my_rewards.py:broken", "--run.output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "\nstp.train: error: reward function stp_user_rewards_my_rewards:broken (" in err
+    assert f"my_rewards.py:2 (\"return [c[0]['content'] for c in completions]\")" in err
+    assert "it was given completions = " in err
