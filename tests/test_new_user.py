@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+_TINY: dict = {}
+
+
+def _tiny():
+    """The random tiny model, built once for the tests that only read it (eval mode, no adapter)."""
+    if "lm" not in _TINY:
+        _TINY["lm"] = stp.models.load("tiny")
+    return _TINY["lm"]
+
+
 def _adapter(directory: Path) -> Path:
     """A LoRA adapter of the random tiny model with non-zero B (peft starts B at 0: a merge would change nothing)."""
     from peft import LoraConfig, get_peft_model
@@ -186,7 +196,7 @@ def test_heldout_reward_is_the_weighted_training_total_and_own_rewards_have_no_a
 
     task = FunctionTask(funcs=(_const, _flagged), weights=(1.0, 0.25))
     examples = [{"prompt": f"{i}+{i}=", "flag": i % 2 == 0} for i in range(4)]
-    res = evaluate(stp.models.load("tiny"), task, examples, gen_length=32, block_length=32, steps=16,
+    res = evaluate(_tiny(), task, examples, gen_length=32, block_length=32, steps=16,
                    progress=False)
     # Independent reference: 1 + 0.25 * 2 where the flag is set, 1 where _flagged says "not applicable".
     want = [1.5 if ex["flag"] else 1.0 for ex in examples]
@@ -487,3 +497,54 @@ def test_an_error_mid_run_starts_on_its_own_line_and_names_the_reward_function(t
     assert "\nstp.train: error: reward function stp_user_rewards_my_rewards:broken (" in err
     assert f"my_rewards.py:2 (\"return [c[0]['content'] for c in completions]\")" in err
     assert "it was given completions = " in err
+
+
+# -------------------------------------------------------------------------------------------- 4: progress bars
+
+
+def test_python_api_shows_progress_on_a_terminal(monkeypatch):
+    import stp.trainer
+    from stp import Trainer
+
+    seen = []
+    monkeypatch.setattr(stp.trainer, "train", lambda config, progress, **kw: seen.append(progress) or {})
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        Trainer("tiny").train()
+    Trainer("tiny").train(progress=True)
+    assert seen == [True, False, True]
+
+
+def test_prior_building_and_heldout_evaluation_show_bars(capsys):
+    from stp.config import resolve
+    from stp.metrics import evaluate_heldout
+    from stp.prior import build_priors, build_progress
+    from stp.tasks.prompts import task_with_prompt
+
+    lm = _tiny()
+    with build_progress(True):
+        build_priors(lm, ["1+1=", "2+2=", "3+3="], rho=0.95, strategy="low_confidence", gen_length=16,
+                     block_length=16, steps=8, seed=0)
+    err = capsys.readouterr().err
+    assert "static priors" in err and "3prompt" in err.replace(" ", "")
+    with build_progress(False):  # off: nothing
+        build_priors(lm, ["1+1="], rho=0.95, strategy="low_confidence", gen_length=16, block_length=16, steps=8,
+                     seed=0)
+    assert "static priors" not in capsys.readouterr().err
+    task = task_with_prompt("sudoku", "compact")
+    cfg = resolve("tiny", overrides={"rollout.gen_length": 16, "rollout.block_length": 16, "rollout.steps": 8})
+    evaluate_heldout(lm, task, task.load("test", source="generated", n=2), cfg, progress=True)
+    assert "eval sudoku" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_shows_every_phase(tmp_path, capsys):
+    from stp.config import resolve
+    from stp.trainer import train
+
+    config = resolve("tiny", overrides={**SMALL, "run.eval_examples": 2, "grpo.max_steps": 1,
+                                        "prior.path": str(tmp_path / "priors.jsonl"),
+                                        "run.output_dir": str(tmp_path / "run")})
+    train(config, progress=True)
+    err = capsys.readouterr().err
+    assert "static priors" in err and err.count("eval sudoku") >= 2 and "RL tiny" in err
