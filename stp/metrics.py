@@ -173,7 +173,7 @@ def progress_figure(rows: list[dict], *, title: str = "", before: float | None =
     if after is not None:
         ev = [*ev, (end, after)]
     if ev:
-        a.plot(*zip(*ev), "o", linestyle="none", color="C3", label="held-out reward (greedy)")
+        a.plot(*zip(*ev), "o", linestyle="none", color="C3", label="held-out reward")
     if before is not None and after is not None:
         a.set_title(f"held-out reward: {before:.3f} before, {after:.3f} after step {end}", fontsize=10, color="C3")
     a.set_ylabel("reward")
