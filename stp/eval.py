@@ -1,10 +1,17 @@
-"""d1 protocol evaluation from the command line: ``python -m stp.eval --model PATH --task NAME --gen-length 256``.
+"""d1 protocol evaluation from the command line: ``python -m stp.eval --model PATH --task NAME --gen-length 256``,
+or of a training run: ``python -m stp.eval --run runs/tiny``.
 
 The library (``evaluate``, ``eval_settings``, ``read_results``...) lives in ``stp.evaluation``, whose docstring
 gives the protocol, the row format and the resume rules; its public names are re-exported here, so ``from stp.eval
 import evaluate`` keeps working. This module adds what only the command line needs: loading the model ('tiny',
 'pretrained:TASK' through ``stp.pretrain``, a directory or a Hub id), merging an ``--adapter``, the data flags and
 the default output name.
+
+An adapter written by ``python -m stp.train`` sits in its run directory beside the run's ``config.yaml``: with
+``--adapter DIR`` (or ``--run RUN`` for ``RUN/adapter``) every flag of ``RUN_DEFAULTS`` that is not given takes the
+run's setting (model, task, prompt format, gen length, block length, steps, held-out temperature, d1_compat) and the
+run's data source, so the adapter is decoded as it was trained and evaluated; a given flag that differs from the
+run's is used, with a warning.
 
 Output: ``--output``, default ``eval_outputs/<task>_<gen_length>_<model>[+<adapter>].jsonl`` (``default_output``:
 another model or adapter gets another file); a rerun with the same file resumes it, ``--overwrite`` starts it again.
@@ -49,7 +56,7 @@ from stp.tasks import TASKS, DataError, Task
 
 __all__ = ["EvalError", "EvalWarning", "ResumeError", "evaluate", "eval_settings", "settings_hash", "check_decoding",
            "read_results", "summary_path", "default_output", "main", "D1_GEN_LENGTHS", "DEFAULT_BLOCK_LENGTH",
-           "DEFAULT_MAX_PROMPT_LENGTH"]
+           "DEFAULT_MAX_PROMPT_LENGTH", "RUN_DEFAULTS", "run_config"]
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -154,8 +154,9 @@ def verified_equal(prediction: str | None, reference: str) -> bool:
     """math-verify's symbolic equivalence (``x+1`` = ``1+x``, ``\\\\sqrt{8}`` = ``2\\\\sqrt{2}``, sets in any order),
     asked when ``stp.tasks.latex.is_equiv``'s spellings and exact numbers do not already match. Never equal:
     answers longer than ``MAX_ANSWER_CHARS`` or nested deeper than ``MAX_VERIFY_DEPTH`` parentheses / brackets
-    (math-verify's parse time grows exponentially with that nesting), and, in the main thread, a parse and comparison that take more than
-    ``VERIFY_SECONDS`` together (``signal.setitimer``; other threads rely on the two caps).
+    (math-verify's parse time grows exponentially with that nesting), and, in the main thread, a parse and
+    comparison that take more than ``VERIFY_SECONDS`` together (``signal.setitimer``; other threads rely on the two
+    caps).
 
     >>> verified_equal("1+x", "x+1"), verified_equal("\\\\sqrt{8}", "2\\\\sqrt{2}"), verified_equal("3", "4")
     (True, True, False)
