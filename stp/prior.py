@@ -378,6 +378,11 @@ def _validate(args, parser) -> dict:
             fail(flag, value, f"an integer >= {low}")
         return v
 
+    model_dir = Path(args.model).expanduser()
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        parser.error(f"--model {args.model!r} is a LoRA adapter, not a model; give its base model (the run's "
+                     f"model.name_or_path), or merge it first: python -m stp.export --adapter {args.model} --out DIR")
+
     def as_float(flag, value, low, high, what):
         try:
             v = float(value)

@@ -548,3 +548,13 @@ def test_train_shows_every_phase(tmp_path, capsys):
     train(config, progress=True)
     err = capsys.readouterr().err
     assert "static priors" in err and err.count("eval sudoku") >= 2 and "RL tiny" in err
+
+
+def test_prior_given_an_adapter_says_what_to_do(tmp_path, capsys):
+    from stp import prior
+
+    run = _fake_run(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prior.main(["--model", str(run / "adapter"), "--task", "sudoku", "--out", str(tmp_path / "p.jsonl")])
+    assert e.value.code == 2
+    assert "is a LoRA adapter, not a model" in capsys.readouterr().err
