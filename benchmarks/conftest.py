@@ -13,6 +13,7 @@ when the machine was busy (load above the core count, or a row whose rounds spre
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -20,7 +21,7 @@ from benchmarks._report import busy_warnings, device_line, format_table, load_av
 
 ROWS: list[dict] = []
 LOAD: dict[str, float | None] = {"start": load_average()}  # at import; the session start refines it
-GROUPS: dict[str, int] = {"start": 0}  # ROWS index where the running group's rows begin
+GROUPS: dict[str, float] = {"start": 0}  # ROWS index where the running group's rows begin, its CPU / wall start
 
 
 def pytest_addoption(parser):
@@ -63,12 +64,23 @@ def pytest_runtest_logfinish(nodeid, location):
     if index is None or (index + 1 < len(items) and _group_key(items[index + 1]) == _group_key(items[index])):
         return
     rows, GROUPS["start"] = ROWS[GROUPS["start"]:], len(ROWS)
+    cpu, wall = _cpu_seconds(), time.time()
+    spent = f"{wall - GROUPS['wall']:.0f} s, {cpu - GROUPS['cpu']:.0f} CPU s (memory measurements included)"
+    GROUPS["cpu"], GROUPS["wall"] = cpu, wall
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if rows and reporter is not None:
         reporter.write_line("")
         now = load_average()
-        reporter.write_line(format_table(rows, [f"(group done; 1-minute load average now "
+        reporter.write_line(format_table(rows, [f"(group done in {spent}; 1-minute load average now "
                                                 f"{'-' if now is None else f'{now:.2f}'})"]))
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the memory-measuring subprocesses)."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 _SESSION: dict = {}
@@ -77,6 +89,7 @@ _SESSION: dict = {}
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_finish(session):
     _SESSION["session"] = session
+    GROUPS["cpu"], GROUPS["wall"] = _cpu_seconds(), time.time()
 
 
 @pytest.fixture

@@ -558,3 +558,32 @@ def test_prior_given_an_adapter_says_what_to_do(tmp_path, capsys):
         prior.main(["--model", str(run / "adapter"), "--task", "sudoku", "--out", str(tmp_path / "p.jsonl")])
     assert e.value.code == 2
     assert "is a LoRA adapter, not a model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- 10: benchmarks' default
+
+
+def _pytest(*args: str) -> str:
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("STP_BENCH_FULL", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_default_full_flag_and_tables_as_groups_end():
+    quick = _pytest("benchmarks/", "--benchmark-only", "--collect-only", "-q").splitlines()
+    full = _pytest("benchmarks/", "--benchmark-only", "--collect-only", "-q", "--full").splitlines()
+    quick, full = [x for x in quick if "::" in x], [x for x in full if "::" in x]
+    assert set(quick) < set(full)
+    assert {x for x in full if "torch_compile" in x or "llada_proportioned" in x} == set(full) - set(quick)
+    # The variants of a group are contiguous: fwd's five, then fwd_bwd's.
+    modes = [x.rsplit("-", 1)[1] for x in quick if "test_masked_logprob" in x]
+    assert modes == sorted(modes, key=lambda m: modes.index(m))
+    out = _pytest("benchmarks/bench_sampler.py", "--benchmark-only", "-k", "sample_step", "-q")
+    done = out.index("(group done in")
+    assert done < out.index("stp benchmark summary") and "**sample_step" in out[done:out.index("stp benchmark")]
