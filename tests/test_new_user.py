@@ -537,7 +537,6 @@ def test_prior_building_and_heldout_evaluation_show_bars(capsys):
     assert "eval sudoku" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_train_shows_every_phase(tmp_path, capsys):
     from stp.config import resolve
     from stp.trainer import train
