@@ -24,6 +24,7 @@ saved in every checkpoint anyway and restored on resume (``stp.checkpoint``).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import sys
@@ -366,8 +367,13 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
         log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
-                                        diverged=diverged, world=world,
+                                        diverged=diverged and not starved, world=world,
                                         task=None if custom is None else "own: " + ", ".join(task.reward_names()))
+        if starved:  # stopped for want of signal, not diverged: say which in summary.json
+            from stp.files import write_atomic
+
+            summary["stopped_no_signal"] = True
+            write_atomic(out / "summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
         if m.use_lora and not (interrupted or diverged):
             # adapter_model.safetensors + adapter_config.json, which then names the base the run trained from
             lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)

@@ -254,6 +254,8 @@ def test_no_learning_signal_warns_then_stops(tmp_path, capsys):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # stopped there, not at step 20
     assert all(r["groups_with_signal"] == 0 and r["reward_std"] == 0 for r in rows)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_no_signal"] is True and summary["diverged"] is False and summary["steps"] == 6
 
 
 def test_groups_with_signal_counts_the_groups_whose_rewards_differ(tmp_path, capsys):
