@@ -133,3 +133,10 @@ def format_table(rows: list[dict], header_lines: list[str]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def full() -> bool:
+    """Whether the full sweep was asked for (`pytest benchmarks/ --benchmark-only --full`, or STP_BENCH_FULL=1)."""
+    import os
+
+    return os.environ.get("STP_BENCH_FULL", "") not in ("", "0")

@@ -19,8 +19,11 @@ import pytest
 import torch
 
 from benchmarks._memory import cpu_step_peak_mib, peak_in_subprocess
+from benchmarks._report import full
 
 SHAPES = {"tiny": (6, 40, 64), "llada_proportioned": (6, 200, 256)}
+# The quick default (`pytest benchmarks/ --benchmark-only`) times the tiny shape; --full adds the larger one.
+BENCH_SHAPES = list(SHAPES) if full() else ["tiny"]
 VARIANTS = ("naive", "packed")
 K = 3
 
@@ -84,7 +87,7 @@ def measure_in_subprocess(variant: str, shape: str) -> float:
     return peak_in_subprocess("benchmarks.bench_likelihood", ["--variant", variant, "--shape", shape], variant)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", BENCH_SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_likelihood(benchmark, record, variant, shape):
     b, p, c = SHAPES[shape]

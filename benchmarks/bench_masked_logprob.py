@@ -1,6 +1,7 @@
 """masked_logprob against the alternatives, forward and forward+backward, time and peak memory side by side.
 
     pytest benchmarks/bench_masked_logprob.py --benchmark-only            # CPU: N=2048, H=256, V=32768, fp32
+    pytest benchmarks/bench_masked_logprob.py --benchmark-only --full     # also torch.compile
     STP_BENCH_MD=out.md pytest benchmarks/ --benchmark-only               # also write the table
 
 On a GPU the shapes are LLaDA-8B's head (H=4096, V=126464, N in {2048, 4096}, bf16) and each row also reports the
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from benchmarks._memory import measure_in_subprocess
+from benchmarks._report import full
 from benchmarks._variants import make_inputs, step, variants
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,7 +24,8 @@ if DEVICE == "cuda":
     SHAPES = [(2048, 4096, 126464, "bfloat16"), (4096, 4096, 126464, "bfloat16")]
 else:
     SHAPES = [(2048, 256, 32768, "float32")]
-VARIANTS = list(variants(DEVICE))
+# torch.compile compiles for minutes on a CPU (twice: here and in the memory measurement): --full only.
+VARIANTS = [v for v in variants(DEVICE) if full() or v != "torch_compile"]
 MODES = ["fwd", "fwd_bwd"]
 
 _rate: dict[str, float] = {}

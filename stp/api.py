@@ -38,10 +38,26 @@ class Trainer:
         if eval_dataset is not None and train_dataset is None:
             raise ValueError("eval_dataset needs train_dataset (or set run.dataset and run.eval_split)")
 
-    def train(self, *, progress: bool = False) -> dict[str, Any]:
-        """Run; returns the summary (summary.json). Errors as ``stp.trainer.train``."""
+    def train(self, *, progress: bool | None = None) -> dict[str, Any]:
+        """Run; returns the summary (summary.json). Errors as ``stp.trainer.train``. ``progress``: bars for the
+        phases that take time (building priors, held-out evaluations, the training steps); default: when stderr is
+        a terminal."""
+        import sys
+
         from stp.trainer import train
 
+        quiet_known_warnings()
+        if progress is None:
+            progress = sys.stderr.isatty()
         return train(self.config, progress=progress, reward_funcs=self.reward_funcs,
                      reward_weights=self.reward_weights, train_dataset=self.train_dataset,
                      eval_dataset=self.eval_dataset)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the one warning every command printed that says nothing to the user: transformers' FutureWarning
+    about ``is_gradient_checkpointing``, raised when peft wraps a model (peft reads the deprecated name). Only that
+    message: every other warning still shows."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

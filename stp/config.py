@@ -312,7 +312,10 @@ def _layers(preset: str | None, config_file: str | Path | None, overrides: Mappi
         name, name_origin = data["preset"], f"{config_file}, line {lines['preset']}"
     name = DEFAULT_PRESET if name is None else name
     if not isinstance(name, str) or name not in PRESETS:
-        raise ConfigError.bad_value("preset", name, "one of " + ", ".join(PRESETS), origin=name_origin)
+        import difflib
+
+        close = "".join(f"; did you mean {c}?" for c in difflib.get_close_matches(str(name), PRESETS, n=1))
+        raise ConfigError.bad_value("preset", name, "one of " + ", ".join(PRESETS) + close, origin=name_origin)
     method_origin = "command line --method"
     if method is None and "method" in data:
         method, method_origin = data["method"], f"{config_file}, line {lines['method']}"

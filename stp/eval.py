@@ -1,10 +1,17 @@
-"""d1 protocol evaluation from the command line: ``python -m stp.eval --model PATH --task NAME --gen-length 256``.
+"""d1 protocol evaluation from the command line: ``python -m stp.eval --model PATH --task NAME --gen-length 256``,
+or of a training run: ``python -m stp.eval --run runs/tiny``.
 
 The library (``evaluate``, ``eval_settings``, ``read_results``...) lives in ``stp.evaluation``, whose docstring
 gives the protocol, the row format and the resume rules; its public names are re-exported here, so ``from stp.eval
 import evaluate`` keeps working. This module adds what only the command line needs: loading the model ('tiny',
 'pretrained:TASK' through ``stp.pretrain``, a directory or a Hub id), merging an ``--adapter``, the data flags and
 the default output name.
+
+An adapter written by ``python -m stp.train`` sits in its run directory beside the run's ``config.yaml``: with
+``--adapter DIR`` (or ``--run RUN`` for ``RUN/adapter``) every flag of ``RUN_DEFAULTS`` that is not given takes the
+run's setting (model, task, prompt format, gen length, block length, steps, held-out temperature, d1_compat) and the
+run's data source, so the adapter is decoded as it was trained and evaluated; a given flag that differs from the
+run's is used, with a warning.
 
 Output: ``--output``, default ``eval_outputs/<task>_<gen_length>_<model>[+<adapter>].jsonl`` (``default_output``:
 another model or adapter gets another file); a rerun with the same file resumes it, ``--overwrite`` starts it again.
@@ -49,7 +56,7 @@ from stp.tasks import TASKS, DataError, Task
 
 __all__ = ["EvalError", "EvalWarning", "ResumeError", "evaluate", "eval_settings", "settings_hash", "check_decoding",
            "read_results", "summary_path", "default_output", "main", "D1_GEN_LENGTHS", "DEFAULT_BLOCK_LENGTH",
-           "DEFAULT_MAX_PROMPT_LENGTH"]
+           "DEFAULT_MAX_PROMPT_LENGTH", "RUN_DEFAULTS", "run_config"]
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -94,19 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m stp.eval",
         description="Evaluate a masked diffusion LM on a task under the d1 protocol (greedy, block 32, "
                     "steps = gen_length / 2); writes per-example JSONL (resumable) and a summary JSON.")
-    p.add_argument("--model", required=True, help="'tiny', 'pretrained:TASK', a local model directory, or a Hub id")
+    p.add_argument("--model", default=None, help="'tiny', 'pretrained:TASK', a local model directory, or a Hub id "
+                                                 "[with --adapter / --run: the run's model.name_or_path]")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter directory to merge into --model first (the 'adapter' directory of a "
-                        "`python -m stp.train` run)")
-    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
+                        "`python -m stp.train` run: the run's config.yaml beside it gives the defaults of --model, "
+                        "--task, --prompt-format, --gen-length, --block-length, --steps, --temperature and the data "
+                        "source, and an explicit flag that differs from the run is warned about)")
+    p.add_argument("--run", default=None, metavar="DIR",
+                   help="a `python -m stp.train` run directory: the same as --adapter DIR/adapter")
+    p.add_argument("--task", default=None, help=f"one of: {', '.join(TASKS)} [with --adapter / --run: the run's]")
     p.add_argument("--prompt-format", default=None, choices=("chat", "compact"),
                    help="chat: the task's chat prompt (d1's); compact: stp.pretrain's one-line prompt (sudoku, "
                         "countdown), which the embedded tiny model reads [compact for the tiny model, else chat]")
-    p.add_argument("--gen-length", type=int, default=256,
-                   help="completion length; d1: 128, 256, 512 (any multiple of --block-length) [256]")
-    p.add_argument("--block-length", type=int, default=DEFAULT_BLOCK_LENGTH, help="block length [32]")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps [gen_length / 2]")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature [0 = greedy]")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="completion length; d1: 128, 256, 512 (any multiple of --block-length) [256; with "
+                        "--adapter / --run: the run's rollout.gen_length]")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="block length [32; with --adapter / --run: the run's]")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps [gen_length / 2; with --adapter / --run: the run's rollout.steps]")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature [0 = greedy; with --adapter / --run: the run's "
+                        "rollout.eval_temperature]")
     p.add_argument("--alg", default="llada", choices=("llada", *DREAM_ALGORITHMS),
                    help="decoding: llada (LLaDA's low-confidence remasking, d1 protocol) or one of Dream's "
                         "diffusion_generate algorithms (Dream-Instruct recommends entropy; Dream's own setting is "
@@ -150,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device [cuda if available, else cpu]")
     p.add_argument("--dtype", default="auto", help=f"one of: {', '.join(DTYPES)} [auto = the checkpoint's]")
     p.add_argument("--seed", type=int, default=0, help="sampler noise seed (matters only for temperature > 0) [0]")
-    p.add_argument("--d1-compat", action="store_true", help="score with d1's published reward code, bugs included")
+    p.add_argument("--d1-compat", action="store_true", default=None,
+                   help="score with d1's published reward code, bugs included [with --adapter / --run: the run's]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -166,8 +184,101 @@ def _is_tiny(model: str) -> bool:
         return False
 
 
+# Flags whose default, with --adapter / --run, is the training run's setting (config.yaml): (flag, attribute,
+# section, field, default without a run).
+RUN_DEFAULTS = (("--model", "model", "model", "name_or_path", None),
+                ("--task", "task", "run", "task", None),
+                ("--prompt-format", "prompt_format", "run", "prompt_format", None),
+                ("--gen-length", "gen_length", "rollout", "gen_length", 256),
+                ("--block-length", "block_length", "rollout", "block_length", DEFAULT_BLOCK_LENGTH),
+                ("--steps", "steps", "rollout", "steps", None),
+                ("--temperature", "temperature", "rollout", "eval_temperature", 0.0),
+                ("--d1-compat", "d1_compat", "run", "d1_compat", False))
+
+
+def run_config(adapter: str | Path) -> tuple[Path, dict] | None:
+    """(path, contents) of the config.yaml of the `python -m stp.train` run whose 'adapter' directory this is (the
+    file beside it), or None when there is none."""
+    path = Path(adapter).expanduser().resolve().parent / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise EvalError(f"{path}: the run's config.yaml could not be read ({e})") from e
+    if not isinstance(data, dict):
+        raise EvalError(f"{path}: not a run configuration (expected sections model, run, rollout)")
+    return path, data
+
+
+def _run_defaults(args: argparse.Namespace) -> None:
+    """--run DIR -> --adapter DIR/adapter; with an adapter of a `python -m stp.train` run, the flags not given take
+    the run's settings (RUN_DEFAULTS), and a given one that differs is warned about (the adapter learned under the
+    run's); every other unset flag takes its plain default."""
+    if args.run is not None:
+        if args.adapter is not None:
+            raise EvalError(f"--run {args.run!r} with --adapter {args.adapter!r}: --run DIR means --adapter "
+                            f"DIR/adapter; allowed: one of them")
+        run_dir = Path(args.run).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise EvalError(f"--run {args.run!r}: no config.yaml in that directory (expected the output directory "
+                            f"of a `python -m stp.train` run, e.g. runs/tiny)")
+        if not (run_dir / "adapter").is_dir():
+            raise EvalError(f"--run {args.run!r}: no 'adapter' directory in it (the run did not finish, or trained "
+                            f"without LoRA: then evaluate its checkpoint as --model)")
+        args.adapter = str(run_dir / "adapter")
+    found = run_config(args.adapter) if args.adapter is not None else None
+    if found is not None:
+        path, config = found
+        run = config.get("run") or {}
+        own = bool(run.get("dataset") or run.get("reward"))
+        taken = []
+        for flag, attr, section, field, _ in RUN_DEFAULTS:
+            value = (config.get(section) or {}).get(field)
+            if value is None or (own and attr in ("task", "d1_compat")):
+                continue  # a run on your own data / rewards: its task is not what it trained on
+            if attr == "steps" and args.gen_length not in (None, (config.get("rollout") or {}).get("gen_length")):
+                continue  # another --gen-length: steps follow it (gen_length / 2) unless --steps is given
+            given = getattr(args, attr)
+            if given is None:
+                setattr(args, attr, value)
+                if flag != "--d1-compat" or value:
+                    taken.append(flag if isinstance(value, bool) else f"{flag} {value}")
+            elif given != value and not (isinstance(given, float) and float(value) == given):
+                print(f"stp.eval: warning: {flag} {given} differs from the run's {section}.{field} = {value} "
+                      f"({path}); the adapter was trained with {value}: omit {flag} to use it", file=sys.stderr)
+        source = run.get("data_source")
+        if args.data is None and args.source is None and source in ("hub", "generated") and not own:
+            args.source = source
+            taken.append(f"--source {source}")
+        if own:
+            print(f"stp.eval: note: the run in {path.parent} trained on its own data or reward functions "
+                  f"(run.dataset / run.reward); --task scores with the built-in task's rewards", file=sys.stderr)
+        if taken:
+            print(f"stp.eval: from {path}: {' '.join(taken)}", file=sys.stderr)
+    for _, attr, _, _, default in RUN_DEFAULTS:
+        if getattr(args, attr) is None:
+            setattr(args, attr, default)
+    if args.model is None:
+        raise EvalError("--model is required (or --adapter / --run of a `python -m stp.train` run, whose "
+                        "config.yaml names its model)")
+    if args.task is None:
+        raise EvalError(f"--task is required (with --adapter / --run: the run's config.yaml names none usable); "
+                        f"allowed: {', '.join(TASKS)}")
+    model_dir = Path(args.model).expanduser()
+    if model_dir.is_dir() and not (model_dir / "config.json").is_file():
+        if (model_dir / "adapter_config.json").is_file():
+            raise EvalError(f"--model {args.model!r} is a LoRA adapter, not a model; pass it as --adapter "
+                            f"{args.model} (its run's config.yaml names the base model)")
+        if (model_dir / "config.yaml").is_file() and (model_dir / "adapter").is_dir():
+            raise EvalError(f"--model {args.model!r} is a training run's directory; pass it as --run {args.model}")
+
+
 def _validate_args(args: argparse.Namespace) -> tuple[Task, torch.device]:
     """Every check that can run before loading data or the model; EvalError naming the flag, value and allowed."""
+    _run_defaults(args)
     if args.task not in TASKS:
         raise EvalError(f"--task {args.task!r}: unknown task; allowed: {', '.join(TASKS)}")
     from stp.tasks.prompts import PRETRAIN_TASKS, task_with_prompt
@@ -277,6 +388,9 @@ def _adapter_identity(adapter: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from stp.api import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

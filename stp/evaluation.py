@@ -37,9 +37,11 @@ Output (``output``), one JSON object per line::
     completion_tokens int    tokens before the first EOS
     hit_eos           bool   whether an EOS was generated within gen_length
     answer            str?   ``task.extract_answer(completion)``
-    metric            float  ``task.metric(completion, example)`` (accuracy; Sudoku: fraction of cells right)
-    rewards           dict   ``task.rewards(completion, example)``: each reward function by name
-    reward            float  their sum
+    metric            float? ``task.metric(completion, example)`` (accuracy; Sudoku: fraction of cells right);
+                             null for a task that defines no accuracy (your own reward functions)
+    rewards           dict   ``task.rewards(completion, example)``: each reward function by name (NaN: None)
+    reward            float  their weighted sum (``total_reward``: the task's ``reward_weights``, a NaN counting
+                             as 0), the same total the trainer's rollouts are scored with
     nfe               int    forward passes used for this sample
 
 Resume: rows are keyed by (settings_hash, index). A rerun with the same output file reads it first, skips every
@@ -275,6 +277,18 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _mean_metric(values: Sequence[float | None]) -> float | None:
+    """The accuracy: the mean metric, None when the task defines none (a row's metric is None)."""
+    return None if any(v is None for v in values) else _mean(values)
+
+
+def total_reward(task: Task, rewards: Mapping[str, float]) -> float:
+    """One completion's total reward: the weighted sum of its reward functions' values (``task.reward_weights``,
+    in ``task.rewards``' order), a NaN ("not applicable") counting as 0: the total the trainer's rollouts get
+    (``stp.metrics.total_reward``), so the held-out reward and the training reward are on one scale."""
+    return sum(w * v for w, v in zip(task.reward_weights(), rewards.values(), strict=True) if not math.isnan(v))
+
+
 def evaluate(
     model,
     task: Task,
@@ -390,7 +404,7 @@ def evaluate(
     answered = [r for r in rows if r["answer"] is not None]
     result: dict[str, Any] = {
         "task": task.name,
-        "accuracy": _mean([r["metric"] for r in rows]),
+        "accuracy": _mean_metric([r["metric"] for r in rows]),
         "n": len(rows),
         "n_generated": n_generated,
         "n_resumed": n_resumed,
@@ -398,7 +412,7 @@ def evaluate(
         # What a low accuracy is made of: how often the task could read an answer at all, and how good those were.
         "n_answered": len(answered),
         "answer_rate": _mean([1.0 if r["answer"] is not None else 0.0 for r in rows]),
-        "accuracy_of_answered": _mean([r["metric"] for r in answered]) if answered else None,
+        "accuracy_of_answered": _mean_metric([r["metric"] for r in answered]) if answered else None,
         "mean_reward": _mean([r["reward"] for r in rows]),
         "mean_rewards": {k: _mean([r["rewards"][k] for r in rows]) for k in reward_names},
         "mean_nfe": _mean([r["nfe"] for r in rows]),
@@ -449,7 +463,8 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
     out_file = open(output, "a", encoding="utf-8") if output is not None else None
     bar = tqdm(total=len(examples), initial=n_resumed, desc=f"eval {task.name}", unit="ex", disable=not progress,
                dynamic_ncols=True)
-    metric_sum = sum(records[i]["metric"] for i in records if 0 <= i < len(examples))
+    metric_sum = sum(records[i]["metric"] or 0.0 for i in records if 0 <= i < len(examples))
+    reward_sum = sum(records[i]["reward"] for i in records if 0 <= i < len(examples))
     n_scored = len(records)
     try:
         for b in range(0, len(pending), batch_size):
@@ -485,6 +500,7 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
                 example = examples[i]
                 prompt, prompt_tokens, _, truncated = encoded[i]
                 rewards = task.rewards(text, example)
+                metric = task.metric(text, example)
                 row = {
                     "index": i,
                     "id": _example_id(example, i),
@@ -499,15 +515,16 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
                     "completion_tokens": len(toks),
                     "hit_eos": hit_eos,
                     "answer": task.extract_answer(text),
-                    "metric": float(task.metric(text, example)),
+                    "metric": metric if metric is None else float(metric),
                     "rewards": rewards,
-                    "reward": sum(rewards.values()),
+                    "reward": total_reward(task, rewards),
                     "nfe": int(nfe[r]),
                 }
                 if gammas is not None:
                     row["gamma"] = gammas[r]
                 records[i] = row
-                metric_sum += row["metric"]
+                metric_sum += row["metric"] or 0.0
+                reward_sum += row["reward"]
                 lines.append(json.dumps(row, default=str, ensure_ascii=False) + "\n")
             if out_file is not None:
                 out_file.write("".join(lines))
@@ -515,7 +532,10 @@ def _generate_pending(model, task, examples, pending, records, settings, shash, 
                 os.fsync(out_file.fileno())
             n_scored += len(batch)
             bar.update(len(batch))
-            bar.set_postfix(acc=f"{metric_sum / n_scored:.3f}")
+            if row["metric"] is None:
+                bar.set_postfix(reward=f"{reward_sum / n_scored:.3f}")
+            else:
+                bar.set_postfix(acc=f"{metric_sum / n_scored:.3f}")
     finally:
         bar.close()
         if out_file is not None:

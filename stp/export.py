@@ -41,7 +41,7 @@ import torch
 
 from stp.files import fsync_dir
 
-__all__ = ["export", "ExportError", "main", "parse_size"]
+__all__ = ["export", "ExportError", "main", "parse_size", "adapter_base", "record_adapter_base"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -110,6 +110,49 @@ def _check_out(out: str, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExportError(f"--out {out!r}: directory exists and is not empty; pass --overwrite to replace it")
     return path
+
+
+def record_adapter_base(adapter_dir: Path, base: str) -> None:
+    """Write the base model's name into an adapter's adapter_config.json (``base_model_name_or_path``: peft leaves
+    it null for a model it did not load itself). Set after peft's save, whose vocabulary check would otherwise look
+    the name up on the Hub; the file is replaced atomically."""
+    from stp.files import write_atomic
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base
+    write_atomic(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    """The base model an adapter was trained from: its run's config.yaml (``model.name_or_path``, beside the
+    adapter directory), else adapter_config.json's ``base_model_name_or_path``; None when neither names one."""
+    config = adapter_dir.expanduser().resolve().parent / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            name = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("model") or {}).get("name_or_path")
+        except (OSError, yaml.YAMLError, AttributeError) as e:
+            raise ExportError(f"{config}: the run's config.yaml could not be read ({e})") from e
+        if isinstance(name, str) and name:
+            return name
+    try:
+        name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def _check_not_adapter(model: str) -> None:
+    """A LoRA adapter or a run directory given as --model: say which flag takes it."""
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ExportError(f"--model {model!r} is a LoRA adapter, not a model; pass it as --adapter {model} (the "
+                              f"base then comes from its run's config.yaml, or give it as --model)")
+        if (path / "adapter" / "adapter_config.json").is_file():
+            raise ExportError(f"--model {model!r} is a training run's directory; pass --adapter {path / 'adapter'}")
 
 
 def _base_directory(model: str) -> Path | None:
@@ -289,12 +332,13 @@ def _flat(values):
 # ---------------------------------------------------------------------------------------------------- export
 
 
-def export(model: str, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None, dtype: str = "auto",
+def export(model: str | None, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None, dtype: str = "auto",
            merge_dtype: str = "float32", max_shard_size: str | int = "5GB", overwrite: bool = False,
            device: str = "cpu", progress: bool = True) -> Path:
     """Write `model` (+ the merged LoRA `adapter`) to `out` in the base checkpoint's own layout; returns `out`.
 
-    `model`: what ``stp.models.load`` accepts ('tiny', 'pretrained:TASK', a directory, a Hub id). `dtype`: output
+    `model`: what ``stp.models.load`` accepts ('tiny', 'pretrained:TASK', a directory, a Hub id); None: the base
+    the adapter's run trained from (``adapter_base``). `dtype`: output
     dtype ('auto' = the base's stored dtype). `merge_dtype`: dtype the model is loaded and merged in. Raises
     ExportError (bad flags, paths) before any model loads, when it can be known then."""
     from stp import models
@@ -311,6 +355,13 @@ def export(model: str, out: str | os.PathLike, *, adapter: str | os.PathLike | N
         raise ExportError(f"--device {device!r}: CUDA is not available here; allowed: cpu")
     adapter_dir = _check_adapter(None if adapter is None else str(adapter))
     out_dir = _check_out(str(out), overwrite)
+    if model is None:
+        model = adapter_base(adapter_dir) if adapter_dir is not None else None
+        if model is None:
+            raise ExportError("--model is required (without it, --adapter must be the 'adapter' directory of a "
+                              "`python -m stp.train` run, whose config.yaml or adapter_config.json names the base)")
+        _say(progress, f"base model {model!r} (from the adapter's run)")
+    _check_not_adapter(model)
     try:
         base_dir = _base_directory(model)
         layout, base_config = _layout(base_dir)
@@ -327,8 +378,8 @@ def export(model: str, out: str | os.PathLike, *, adapter: str | os.PathLike | N
     out_dtype = DTYPES[dtype] or (stored_dtype(weight_files(base_dir)) if base_dir is not None else torch.float32)
     load_dtype = DTYPES[merge_dtype] or out_dtype
     _say(progress, f"loading {model!r} ({layout} layout) in {DTYPE_NAMES[load_dtype]} on {dev}")
-    try:
-        lm = models.load(model, dtype=load_dtype, device=dev)
+    try:  # the resolved directory: 'pretrained:TASK' is a name of this project, not of stp.models.load
+        lm = models.load(model if base_dir is None else str(base_dir), dtype=load_dtype, device=dev)
     except (OSError, ValueError, NotImplementedError) as e:
         raise ExportError(f"--model {model!r}: {e}") from e
     if adapter_dir is not None:
@@ -376,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(LLaDA's names and config for LLaDA, Dream's for Dream, transformers' for the tiny model) with "
                     "its tokenizer files, as safetensors, for LLaDA's generate.py, lm-evaluation-harness and "
                     "transformers.")
-    p.add_argument("--model", required=True, help="the base: 'tiny', 'pretrained:TASK', a local model directory, "
-                                                  "or a Hub id")
+    p.add_argument("--model", default=None, help="the base: 'tiny', 'pretrained:TASK', a local model directory, "
+                                                 "or a Hub id [the base the --adapter's run trained from]")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter directory to merge (the 'adapter' directory of a `python -m stp.train` run); "
                         "omit to export the base as it is")
@@ -394,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from stp.api import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from stp.config import TrainConfig
 
 __all__ = ["TIMING_KEYS", "MetricsLog", "flat_config", "total_reward", "read_metrics", "truncate_metrics", "finite",
-           "plot", "evaluate_heldout", "batch_passes"]
+           "plot", "progress_figure", "evaluate_heldout", "batch_passes"]
 
 # Metrics that measure time: they differ between runs; every other field of metrics.jsonl is reproducible.
 TIMING_KEYS = ("time_rollout", "time_scoring", "time_update", "step_seconds", "tokens_per_s", "rollout_tokens_per_s",
@@ -134,10 +134,7 @@ def finite(x: float) -> float | None:
 
 def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None = None,
          after: float | None = None, last_step: int | None = None) -> None:
-    """progress.png: rewards per step with the held-out reward before training (step 0) and after it (the last
-    step) marked, and the seconds each optimizer step cost, split into its share of the rollout, of the scoring
-    and its own update. The time axis stops at 3x the median step so that one slow step (a held-out evaluation, a
-    busy machine) does not flatten the rest; steps above it are named in the panel."""
+    """progress.png (``progress_figure`` of metrics.jsonl's rows), written atomically."""
     rows = read_metrics(metrics_path)
     if not rows:
         return
@@ -146,8 +143,26 @@ def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = progress_figure(rows, title=title, before=before, after=after, last_step=last_step)
+    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def progress_figure(rows: list[dict], *, title: str = "", before: float | None = None, after: float | None = None,
+                    last_step: int | None = None):
+    """Rewards per step with the held-out reward before training (step 0), at each ``run.eval_every`` and after it
+    (the last step) as separate points (the evaluations are measurements, not a trend between them; the numbers are
+    in the panel's title, off the curves), and the seconds each optimizer step cost, split into its share of the
+    rollout, of the scoring and its own update. The legends sit above their panels, off the curves' ends; the step
+    axis has integer ticks. The time axis stops at 3x the median step so that one slow step (a held-out evaluation,
+    a busy machine) does not flatten the rest; steps above it are named in the panel."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True)
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7.5, 7.0), sharex=True)
     if title:
         fig.suptitle(title)
     a.plot(steps, [r["reward_mean"] for r in rows], label="reward of the training rollouts (mean)")
@@ -158,12 +173,12 @@ def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None
     if after is not None:
         ev = [*ev, (end, after)]
     if ev:
-        a.plot(*zip(*ev), "o-", color="C3", label="held-out reward")
+        a.plot(*zip(*ev), "o", linestyle="none", color="C3", label="held-out reward")
     if before is not None and after is not None:
-        a.annotate(f"held-out {before:.3f} -> {after:.3f}", xy=(end, after), xytext=(-8, 8),
-                   textcoords="offset points", ha="right", color="C3")
+        a.set_title(f"held-out reward: {before:.3f} before, {after:.3f} after step {end}", fontsize=10, color="C3")
     a.set_ylabel("reward")
-    a.legend(loc="lower right")
+    a.legend(loc="lower left", bbox_to_anchor=(0.0, 1.08 if before is not None and after is not None else 1.0),
+             ncol=2, fontsize=8, frameon=False)
     mu = max(1, max(r["iteration"] for r in rows) + 1)
     parts = [[r["time_rollout"] / mu for r in rows], [r["time_scoring"] / mu for r in rows],
              [r["time_update"] for r in rows]]
@@ -178,12 +193,10 @@ def plot(metrics_path: Path, png: Path, *, title: str = "", before: float | None
                f"{' ...' if len(slow) > 6 else ''}", transform=b.transAxes, va="top", fontsize=8)
     b.set_ylabel("seconds per optimizer step")
     b.set_xlabel("optimizer step")
-    b.legend(loc="upper right", fontsize=8)
+    b.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, fontsize=8, frameon=False)
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    return fig
 
 
 def batch_passes(nfe, batch_size: int) -> float:
@@ -201,9 +214,10 @@ def batch_passes(nfe, batch_size: int) -> float:
     return sum(calls) / len(calls)
 
 
-def evaluate_heldout(lm, task, examples, cfg: TrainConfig, **decoding: Any) -> dict[str, float] | None:
+def evaluate_heldout(lm, task, examples, cfg: TrainConfig, *, progress: bool = False,
+                     **decoding: Any) -> dict[str, float] | None:
     """Greedy held-out evaluation with the run's decoding settings; ``decoding``: the method's extra ones
-    (``Method.eval_kwargs``, e.g. the entropy bound or threshold controller)."""
+    (``Method.eval_kwargs``, e.g. the entropy bound or threshold controller); ``progress``: a bar."""
     if not examples:
         return None
     from stp.evaluation import evaluate
@@ -212,7 +226,7 @@ def evaluate_heldout(lm, task, examples, cfg: TrainConfig, **decoding: Any) -> d
     res = evaluate(lm, task, examples, gen_length=r.gen_length, block_length=r.block_length, steps=r.steps,
                    batch_size=min(32, len(examples)), temperature=r.eval_temperature,
                    max_prompt_length=r.max_prompt_length or 0, seed=derive_seed(cfg.run.seed, "eval"),
-                   progress=False, backend=cfg.run.backend, **decoding)
+                   progress=progress, backend=cfg.run.backend, **decoding)
     # What the reward is made of: how often the answer could be read at all, and the reward of the readable ones.
     readable = [r["reward"] for r in res["records"] if r["answer"] is not None]
     return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],

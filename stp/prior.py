@@ -76,7 +76,8 @@ from stp_kernels import masked_logprob
 
 __all__ = ["STRATEGIES", "FREE_RULES", "PRIOR_FORMAT", "Selection", "PriorFileError", "TornLineWarning",
            "prompt_id", "sample_id_of", "free_spans", "special_token_ids", "select_anchors", "score_completions",
-           "build_priors", "load_priors", "read_prior_file", "recorded_setting", "to_sampler_prior", "main"]
+           "build_priors", "build_progress", "load_priors", "read_prior_file", "recorded_setting",
+           "to_sampler_prior", "main"]
 
 PRIOR_FORMAT = 1
 # Settings that identify a prior file (a rerun must match them all), with the CLI flag each comes from.
@@ -87,6 +88,39 @@ SETTING_FLAGS = {"model": "--model", "task": "--task", "split": "--split", "sour
 # Settings added after files were first written, with the value every older file was built with.
 _SETTING_WHEN_MISSING = {"free_rule": "inclusive"}
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class build_progress:  # noqa: N801 - used as a context manager, like contextlib's
+    """While active, ``build_priors`` advances a progress bar of the prompts it builds, made at its first call (none
+    when nothing is built): ``stp.trainer`` wraps a method's preparation in it, whose prior building can take
+    minutes before step 1."""
+
+    _active: build_progress | None = None
+
+    def __init__(self, enabled: bool = True, desc: str = "static priors"):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __enter__(self) -> build_progress:
+        if self.enabled:
+            build_progress._active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if build_progress._active is self:
+            build_progress._active = None
+        if self.bar is not None:
+            self.bar.close()
+
+    @classmethod
+    def advance(cls, n: int) -> None:
+        me = cls._active
+        if me is None:
+            return
+        if me.bar is None:
+            from tqdm.auto import tqdm
+
+            me.bar = tqdm(desc=me.desc, unit="prompt", dynamic_ncols=True, file=sys.stderr)
+        me.bar.update(n)
 
 
 def recorded_setting(settings: Mapping[str, Any], key: str) -> Any:
@@ -227,6 +261,7 @@ def build_priors(model, prompts, *, rho: float, strategy: str, free_rule: str = 
             rec["scores"] = [v if math.isfinite(v) else -3.0e38 for v in scores[b].tolist()]
         rec["settings"] = dict(recorded)
         records.append(rec)
+    build_progress.advance(len(records))
     return records
 
 
@@ -297,23 +332,29 @@ def _parser() -> argparse.ArgumentParser:
                                 "task's prompts with a base model (docs/method.md section 1).")
     p.add_argument("--model", required=True, help="'tiny', a local model directory, or a Hub id")
     p.add_argument("--task", required=True, help="gsm8k, math, countdown, sudoku")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split whose prompts get priors [train]")
     p.add_argument("--data", default=None, help="a local data file (default: the task's default source)")
     p.add_argument("--source", default=None, help="file, hub or generated (default: file with --data, else the "
                    "task's default)")
     p.add_argument("--limit", default=None, help="only the first N prompts")
     p.add_argument("--out", required=True, help="output .jsonl (appended to / resumed)")
-    p.add_argument("--rho", default="0.95")
-    p.add_argument("--strategy", default="answer_low_confidence")
+    p.add_argument("--rho", default="0.95",
+                   help="share of the eligible positions freed (decoded by rollouts) in [0, 1]; the other 1 - rho "
+                        "become anchors, fixed at their positions [0.95: 5%% of the eligible tokens anchored]")
+    p.add_argument("--strategy", default="answer_low_confidence",
+                   help=f"which positions are freed, one of: {', '.join(STRATEGIES)}. low_confidence: the "
+                        f"lowest-scoring ones (score: log p(token | prompt, all masked)); random: uniformly random "
+                        f"ones; answer_*: the same, after always freeing the answer's text (--free-rule) "
+                        f"[answer_low_confidence, the STP authors' rule]")
     p.add_argument("--free-rule", default="inside", help="what the answer_* strategies always free: inside (the "
                    "text strictly inside <answer>...</answer> and \\boxed{...}, the STP authors' rule) or inclusive "
                    "(the tags and delimiters too, and everything after an unclosed one)")
-    p.add_argument("--gen-length", default="256")
-    p.add_argument("--block-length", default="32")
-    p.add_argument("--steps", default="256")
-    p.add_argument("--temperature", default="0.9")
-    p.add_argument("--seed", default="0")
-    p.add_argument("--batch-size", default="8")
+    p.add_argument("--gen-length", default="256", help="canvas length of the sampled completion [256]")
+    p.add_argument("--block-length", default="32", help="block length of the sampling [32]")
+    p.add_argument("--steps", default="256", help="denoising steps of the sampling [256]")
+    p.add_argument("--temperature", default="0.9", help="sampling temperature [0.9]")
+    p.add_argument("--seed", default="0", help="sampling and random-strategy seed [0]")
+    p.add_argument("--batch-size", default="8", help="prompts per generate call [8]")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", help=f"{', '.join(_DTYPES)} (auto: the checkpoint's)")
     p.add_argument("--no-scores", action="store_true", help="do not store the per-token scores")
@@ -336,6 +377,11 @@ def _validate(args, parser) -> dict:
         if v < low:
             fail(flag, value, f"an integer >= {low}")
         return v
+
+    model_dir = Path(args.model).expanduser()
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        parser.error(f"--model {args.model!r} is a LoRA adapter, not a model; give its base model (the run's "
+                     f"model.name_or_path), or merge it first: python -m stp.export --adapter {args.model} --out DIR")
 
     def as_float(flag, value, low, high, what):
         try:

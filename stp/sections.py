@@ -286,6 +286,8 @@ class RunConfig(Section):
     eval_examples: int = _f(256, "held-out prompts per evaluation (0 = no evaluation)")
     log_every: int = _f(1, "write metrics every N optimizer steps")
     max_nan_steps: int = _f(3, "stop after this many consecutive non-finite losses (each skips its update)")
+    max_no_signal_steps: int = _f(30, "stop after this many optimizer steps in a row without learning signal (in "
+                                  "every group all completions rewarded alike: every advantage 0); 0 = never")
     device: str = _f("auto", "auto (accelerate's choice: CUDA when available), cpu, cuda or cuda:N")
     mixed_precision: str = _f("no", "autocast precision (accelerate's names)", choices=MIXED_PRECISION)
     backend: str | None = _f(None, "stp_kernels backend for every fused op; none = the fastest available")
@@ -309,7 +311,7 @@ class RunConfig(Section):
         self._need("seed", self.seed >= 0, "an integer >= 0")
         self._need("train_examples", self.train_examples is None or self.train_examples >= 1,
                    "an integer >= 1, or none")
-        for name in ("save_every", "eval_every", "eval_examples"):
+        for name in ("save_every", "eval_every", "eval_examples", "max_no_signal_steps"):
             self._need(name, getattr(self, name) >= 0, "an integer >= 0")
         self._positive("log_every", "max_nan_steps")
         self._need("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device) is not None,

@@ -7,7 +7,8 @@ reward before and after. ``--model.name_or_path tiny`` is the randomly initialis
 
 Every setting is validated before any model loads (``stp.config``). Exit status: 0 done; 2 bad configuration or data
 (the message names the field or the file and line); 1 stopped after ``run.max_nan_steps`` non-finite losses in a
-row; 130 interrupted by SIGINT after saving a checkpoint (continue with ``--run.resume``).
+row, or after ``run.max_no_signal_steps`` steps without learning signal (all completions of every group rewarded
+alike; a warning comes after 5); 130 interrupted by SIGINT after saving a checkpoint (continue with ``--run.resume``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from stp.api import quiet_known_warnings
     from stp.prior import PriorFileError
     from stp.tasks import DataError
     from stp.tasks.reward_funcs import RewardFuncError
 
+    quiet_known_warnings()
     try:
         config = parse_args(argv)  # --help and a flag without its value exit here (status 0 and 2)
     except ConfigError as e:
@@ -38,12 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = train(config, progress=True)
     except (ConfigError, DataError, PriorFileError, RewardFuncError) as e:
+        _end_bars()
         print(f"stp.train: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # NoLearningSignal too
+        _end_bars()
         print(f"stp.train: stopped: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _end_bars()
         # Before the loop (model, priors, held-out evaluation) or a second Ctrl-C: nothing half-written is used later
         # (priors are appended per batch, checkpoints renamed into place when complete).
         from stp.checkpoint import last_checkpoint
@@ -71,6 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"stp.train: interrupted at step {summary['steps']} of {summary['max_steps']} (checkpoint saved); "
                   f"continue with: {resume}", file=sys.stderr)
     return 130 if summary.get("interrupted") else 0
+
+
+def _end_bars() -> None:
+    """Close the progress bars still open (an error raised mid-run leaves its bar's line unfinished), so the
+    message that follows starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _resume_command(argv: Sequence[str]) -> str:

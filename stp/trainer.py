@@ -24,6 +24,7 @@ saved in every checkpoint anyway and restored on resume (``stp.checkpoint``).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import sys
@@ -41,7 +42,8 @@ from stp.loss import RolloutBatch, group_advantages
 from stp.metrics import TIMING_KEYS, read_metrics
 from stp.seeds import derive_seed
 
-__all__ = ["train", "derive_seed", "TrainingDiverged", "TIMING_KEYS", "last_checkpoint", "read_metrics"]
+__all__ = ["train", "derive_seed", "TrainingDiverged", "NoLearningSignal", "TIMING_KEYS", "last_checkpoint",
+           "read_metrics"]
 
 
 def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, accelerator) -> torch.Tensor:
@@ -56,6 +58,25 @@ def _token_weights(completion_ids: torch.Tensor, eos: int, n_micro: int, acceler
 
 class TrainingDiverged(RuntimeError):
     """``run.max_nan_steps`` consecutive non-finite losses: the run stopped (metrics and a checkpoint are written)."""
+
+
+class NoLearningSignal(TrainingDiverged):
+    """``run.max_no_signal_steps`` optimizer steps in a row whose rollouts carried no signal: the run stopped
+    (metrics and a checkpoint are written)."""
+
+
+NO_SIGNAL_WARN = 5  # optimizer steps in a row without signal before the warning
+
+
+def _no_signal_message(steps: int, rm: dict, limit: int) -> str:
+    stop = (f"the run stops after run.max_no_signal_steps = {limit} such steps in a row" if limit else
+            "run.max_no_signal_steps = 0: the run goes on")
+    return (f"no learning signal for {steps} steps: in every group all completions got the same reward (last "
+            f"rollout: reward mean {rm['reward_mean']:.3f}, std {rm['reward_std']:.3f}), so every advantage is 0 "
+            f"and nothing but the KL term moves the policy. The task is too hard (reward always 0: the model never "
+            f"writes what the reward reads) or too easy (always the maximum) for this model: check the reward "
+            f"function on a few of its completions, raise rollout.temperature or grpo.num_generations, or start "
+            f"from a stronger model; {stop}")
 
 
 def _supplied_batch(method, lm, r: int, cfg: TrainConfig, accelerator, loss_module, ref_context) -> SavedRollout:
@@ -136,7 +157,12 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     text_of = data_order.PromptTexts(task, train_rows, tok)  # example index -> prompt text (cached)
 
     method = get_method(cfg.method)(cfg)
-    method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)], accelerator)
+    show = progress and accelerator.is_main_process  # bars: priors, held-out evaluations, the steps
+    from stp.prior import build_progress
+
+    with build_progress(show):
+        method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)],
+                       accelerator)
     ref_context = policy.setup_trainable(lm, cfg, dtype, accelerator.device)
     params = list(checkpoint.trainable(lm).values())
     # The model's group first; a method's own trainable modules (stp.methods.base) add theirs after it.
@@ -158,7 +184,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     if resume_from is None and run.eval_examples:
         with fsdp.full_parameters(accelerator, loss_module):  # every process takes part in the gather
             if accelerator.is_main_process:
-                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+                state["eval_before"] = metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show,
+                                                                **method.eval_kwargs())
     report_to = "none" if run.report_to == "tensorboard" and not run.tensorboard else run.report_to
     log = metrics.MetricsLog(out, step, report_to, metrics.flat_config(cfg)) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
@@ -171,6 +198,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                    dynamic_ncols=True)
     t_segment = time.time()
     interrupted, diverged = False, False
+    if run.max_no_signal_steps < 0:
+        raise ConfigError.bad_value("run.max_no_signal_steps", run.max_no_signal_steps, "an integer >= 0")
+    no_signal, starved = 0, False  # optimizer steps in a row whose rollout had no signal (since this start)
     with checkpoint.StopFlag() as stop:
         while step < g.max_steps:
             r, it = divmod(step, mu)
@@ -216,8 +246,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                 if extra:
                     fn_names, weights = fn_names + list(extra), (*weights, *(1.0 for _ in extra))
                     fn_rewards = torch.cat([fn_rewards, torch.stack([v.float() for v in extra.values()], 1)], 1)
-                advantages = group_advantages(metrics.total_reward(fn_rewards, weights), rep,
-                                              scale_rewards=g.scale_rewards)  # [B]
+                totals = metrics.total_reward(fn_rewards, weights).view(-1, rep)  # [p, G]
+                advantages = group_advantages(totals.reshape(-1), rep, scale_rewards=g.scale_rewards)  # [B]
+                spread = accelerator.reduce((totals.amax(1) > totals.amin(1)).float().sum(), reduction="sum")
                 batch = RolloutBatch(prompt_ids=prompt_ids, prompt_attention_mask=prompt_mask,
                                      completion_ids=completions, advantages=advantages, sample_ids=sample_ids,
                                      anchors=None if prior is None else prior.mask, commit_step=gen.commit_step,
@@ -231,6 +262,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                 t_scoring = time.time() - t0
                 rm = metrics.rollout_metrics(accelerator, fn_names, fn_rewards, gen, completions, eos, ro.gen_length,
                                              t_rollout, t_scoring, state, weights=weights)
+                rm["groups_with_signal"] = spread.item() / g.prompts_per_step  # groups whose rewards differ
                 rollout = SavedRollout(index=r, batch=batch, scores=scores, mask_seed=mask_seed, metrics=rm)
 
             # ================= inner iteration it: the method's loss with grad, micro-batched, one optimizer step
@@ -289,13 +321,14 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             if run.eval_every and step % run.eval_every == 0 and step < g.max_steps:
                 with fsdp.full_parameters(accelerator, loss_module):
                     if accelerator.is_main_process:
-                        ev = metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+                        ev = metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show,
+                                                      **method.eval_kwargs())
                         row.update(metrics.eval_columns(ev))
             if log is not None:
                 if skipped:
-                    print(f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
-                          f"update skipped ({state['nan_streak']} in a row, limit {run.max_nan_steps})",
-                          file=sys.stderr)
+                    (print if bar is None else bar.write)(
+                        f"stp.train: step {step}: non-finite loss or gradient ({loss_v}, grad norm {grad_norm}); "
+                        f"update skipped ({state['nan_streak']} in a row, limit {run.max_nan_steps})", file=sys.stderr)
                 log.write(row, jsonl=step % run.log_every == 0 or step == g.max_steps or skipped)
                 if bar is not None:
                     rm = rollout.metrics
@@ -306,6 +339,13 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             flag = torch.tensor([1.0 if stop.set else 0.0], device=accelerator.device)
             interrupted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
             diverged = state["nan_streak"] >= run.max_nan_steps
+            no_signal = no_signal + 1 if rollout.metrics.get("groups_with_signal", 1.0) == 0 else 0
+            if no_signal == min(NO_SIGNAL_WARN, run.max_no_signal_steps or NO_SIGNAL_WARN) and log is not None:
+                (print if bar is None else bar.write)(  # bar.write: on its own line, not the bar's
+                    f"stp.train: warning: step {step}: "
+                    f"{_no_signal_message(no_signal, rollout.metrics, run.max_no_signal_steps)}", file=sys.stderr)
+            if run.max_no_signal_steps and no_signal >= run.max_no_signal_steps:
+                diverged, starved = True, True
             done = step == g.max_steps
             if (run.save_every and step % run.save_every == 0) or done or interrupted or diverged:
                 state["train_seconds"] += time.time() - t_segment
@@ -325,21 +365,32 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     lora_state = fsdp.full_lora_state(lm.model, loss_module) if m.use_lora else None  # whole under FSDP, else None
     fsdp.unshard_all(accelerator, loss_module)  # the final evaluation reads whole weights
     if accelerator.is_main_process:
-        after = (metrics.evaluate_heldout(lm, task, heldout, cfg, **method.eval_kwargs())
+        after = (metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show, **method.eval_kwargs())
                  if not (interrupted or diverged) else None)
         log.heldout(after, step)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
-                                        diverged=diverged, world=world,
+                                        diverged=diverged and not starved, world=world,
                                         task=None if custom is None else "own: " + ", ".join(task.reward_names()))
+        if starved:  # stopped for want of signal, not diverged: say which in summary.json
+            from stp.files import write_atomic
+
+            summary["stopped_no_signal"] = True
+            write_atomic(out / "summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
         if m.use_lora and not (interrupted or diverged):
-            # adapter_model.safetensors + adapter_config.json
+            # adapter_model.safetensors + adapter_config.json, which then names the base the run trained from
             lm.model.save_pretrained(str(out / "adapter"), state_dict=lora_state)
+            from stp.export import record_adapter_base
+
+            record_adapter_base(out / "adapter", m.name_or_path)
         if not (interrupted or diverged):
             method.save_artifacts(out)  # e.g. DiFFPO's controller, beside the adapter
         log.close()
     fsdp.reshard_all(accelerator, loss_module)
     accelerator.wait_for_everyone()
+    if starved:
+        raise NoLearningSignal(f"{_no_signal_message(no_signal, rollout.metrics, run.max_no_signal_steps)}; "
+                               f"stopped at step {step}, checkpoint and metrics in {out}")
     if diverged:
         raise TrainingDiverged(f"{run.max_nan_steps} consecutive non-finite losses (run.max_nan_steps); stopped at "
                                f"step {step}, checkpoint and metrics in {out}")

@@ -398,7 +398,8 @@ def run(plan: Plan, smoke: bool) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m stp_kernels.acceptance", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, no torch.compile: checks the code path")
     ap.add_argument("--out", help="also write the markdown table to this file")
     args = ap.parse_args(argv)

@@ -41,6 +41,7 @@ import ast
 import operator
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -439,6 +440,29 @@ _PY_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operato
 _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Pow: "**"}
 
 
+_LIMIT_LOCK = threading.Lock()
+
+
+def _parse_tree(equation: str) -> ast.Expression:
+    """``ast.parse(equation, mode="eval")`` of a text ``compile`` accepted. Converting the tree to Python objects has
+    its own recursion check, stricter than compile's (about 1,000 nested unary signs fail there, not in eval). Only
+    then, and only for that parse, the interpreter's recursion limit is raised, under a lock, and restored: the
+    interpreter has one limit for all threads, so a thread recursing deeply at that moment sees the higher limit
+    (ordinary answers, nested less than that, never touch it; d1's completions cannot reach that depth). The depth
+    is bounded by the compile before, and the walk after uses no recursion."""
+    try:
+        return ast.parse(equation, mode="eval")
+    except RecursionError:
+        pass
+    with _LIMIT_LOCK:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 100_000))
+        try:
+            return ast.parse(equation, mode="eval")
+        finally:
+            sys.setrecursionlimit(limit)
+
+
 def python_value(equation: str):
     """What ``eval(equation, {"__builtins__": None}, {})`` returns, for texts over d1's characters
     ``[0-9+\\-*/().\\s]``; raises what it raises (any exception: d1 then scores ``format_score``).
@@ -471,15 +495,7 @@ def python_value(equation: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "'int' object is not callable" SyntaxWarning; eval prints it and runs on
         compile(equation, "<answer>", "eval")  # what eval compiles: its errors, on this interpreter; never run
-        # The tree, for evaluation. Converting it to Python objects has its own recursion check, stricter than
-        # compile's (1,000 unary signs fail there, not in eval): lifted while parsing; the depth is bounded by the
-        # compile above, and the walk below uses no recursion.
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(limit, 100_000))
-        try:
-            tree = ast.parse(equation, mode="eval")
-        finally:
-            sys.setrecursionlimit(limit)
+        tree = _parse_tree(equation)
     # Post-order walk with an explicit stack (no Python recursion, whatever the depth).
     stack: list[tuple[ast.AST, int]] = [(tree.body, 0)]
     values: list = []

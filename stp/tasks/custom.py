@@ -18,8 +18,9 @@ __all__ = ["FunctionTask"]
 class FunctionTask(Task):
     """A task made of TRL-form reward functions and prompts from the rows' ``prompt`` column (text as is; chat
     messages through the tokenizer's chat template), or from ``base``'s prompt format when the rows are a built-in
-    task's examples. The evaluation's ``metric`` is the weighted total reward and every completion counts as an
-    answer (the functions, not the task, read answers)."""
+    task's examples. Its ``metric`` (accuracy) is ``base``'s when the rows are a built-in task's examples, else
+    None: reward functions define a reward, not an accuracy. Without ``base`` every completion counts as an answer
+    (the functions, not the task, read answers)."""
 
     funcs: tuple[Callable, ...] = ()
     weights: tuple[float, ...] | None = None
@@ -61,8 +62,8 @@ class FunctionTask(Task):
     def extract_answer(self, completion: str) -> str | None:
         return self.base.extract_answer(completion) if self.base is not None else completion
 
-    def metric(self, completion: str, example: Mapping[str, Any]) -> float:
-        return self.reward(completion, example)
+    def metric(self, completion: str, example: Mapping[str, Any]) -> float | None:
+        return self.base.metric(completion, example) if self.base is not None else None
 
     def format_prompt(self, example: Mapping[str, Any], tokenizer: Any = None) -> list[dict[str, str]] | str:
         if self.base is not None:
@@ -141,7 +142,7 @@ def load_rows(spec: str, split: str, *, n: int | None = None, seed: int = 0) -> 
     try:
         import datasets
     except ImportError as exc:
-        raise DataError(f"dataset {spec!r} needs the `datasets` package: pip install 'stp[data]'") from exc
+        raise DataError(f"dataset {spec!r} needs the `datasets` package: pip install -e '.[data]'") from exc
     path = Path(spec).expanduser()
     if path.is_dir():
         try:
@@ -211,7 +212,7 @@ def load_reasoning_gym(name: str, split: str, *, n: int | None, seed: int) -> li
     try:
         import reasoning_gym
     except ImportError as exc:
-        raise DataError(f"dataset 'reasoning_gym:{name}' needs reasoning-gym: pip install 'stp[reasoning_gym]'"
+        raise DataError(f"dataset 'reasoning_gym:{name}' needs reasoning-gym: pip install -e '.[reasoning-gym]'"
                         ) from exc
     from stp.seeds import derive_seed
 

@@ -96,6 +96,36 @@ def _as_float(value: Any, fn: Callable, i: int) -> float:
     return float(value)
 
 
+def _given(completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> str:
+    """What a reward function was called with, in one line: the completions' form and first value, the columns."""
+    first = completions[0] if completions else None
+    if isinstance(first, str):
+        form = "strings (plain-text prompts)"
+    elif isinstance(first, (list, tuple)):
+        form = 'lists of chat messages [{"role": "assistant", "content": ...}] (chat prompts)'
+    else:
+        form = f"{type(first).__name__} values"
+    cols = ", ".join(columns) or "(none)"
+    return (f"completions = {len(completions)} {form}, the first {first!r:.80}; columns {cols}, plus prompts "
+            f"and completion_ids")
+
+
+def _raised(fn: Callable, e: Exception, completions: Sequence[Any], columns: Mapping[str, Sequence[Any]]) -> str:
+    """The message for an exception raised inside a reward function: the function (module, name, file, line), the
+    exception and the line of its code that raised it, and what it was given."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)[1:]  # [0] is score()'s call
+    try:
+        own = inspect.getsourcefile(inspect.unwrap(fn))
+    except TypeError:
+        own = None
+    mine = [f for f in frames if own is not None and f.filename == own] or frames
+    at = f" at {mine[-1].filename}:{mine[-1].lineno} ({(mine[-1].line or '').strip()!r:.100})" if mine else ""
+    return (f"reward function {where_defined(fn)} raised {type(e).__name__}: {e}{at}; it was given "
+            f"{_given(completions, columns)}")
+
+
 def score(funcs: Sequence[Callable], completions: Sequence[Any], rows: Sequence[Mapping[str, Any]], *,
           prompts: Sequence[Any] | None = None, completion_ids: Sequence[Sequence[int]] | None = None,
           ) -> list[list[float]]:
@@ -108,7 +138,12 @@ def score(funcs: Sequence[Callable], completions: Sequence[Any], rows: Sequence[
         extra["completion_ids"] = [list(c) for c in completion_ids]
     out: list[list[float]] = [[] for _ in completions]
     for fn in funcs:
-        values = fn(completions=list(completions), **extra, **columns)
+        try:
+            values = fn(completions=list(completions), **extra, **columns)
+        except RewardFuncError:
+            raise
+        except Exception as e:  # the user's code: say whose, where, and on what
+            raise RewardFuncError(_raised(fn, e, completions, columns)) from e
         if inspect.isawaitable(values):
             raise RewardFuncError(f"reward function {where_defined(fn)} is asynchronous; allowed: a plain function")
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
