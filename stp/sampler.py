@@ -61,16 +61,15 @@ from dataclasses import dataclass
 
 import torch
 
-from stp import decoding
-from stp_kernels import _validate, sample_step
-from stp_kernels.reference import counter_uniform, row_keys
+from stp import decoders, decoding
+from stp.decoders.entropy_bound import entropy_bounded_commit
+from stp_kernels import _validate
 
 __all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "behaviour_logprob", "entropy_bounded_commit",
            "ANCHOR", "CACHE_MODES"]
 
 ANCHOR = -1  # trace value of anchor positions (never decoded)
 _FILL_STEP = 0x7FFFFFFF  # noise counter of the one-shot fill, distinct from every regular step
-_RANDOM_REMASK_SALT = 0x5EED0F
 
 
 @dataclass
@@ -129,8 +128,8 @@ def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
     return base[:, None] + (idx[None, :] < remainder[:, None]).long()
 
 
-def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, remasking, prior,
-                early_stop, cfg_scale, confidence_threshold, dream=None):
+def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, prior, early_stop,
+                cfg_scale):
     fn = "stp.sampler.generate"
     if prompt_ids.dim() != 2:
         raise ValueError(f"{fn}: prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
@@ -148,24 +147,10 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
                          f"(gen_length / block_length = {num_blocks})")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"{fn}: temperature must be a finite number >= 0, got {temperature!r}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"{fn}: remasking={remasking!r}; allowed: 'low_confidence', 'random'")
     if early_stop is not None and not (isinstance(early_stop, (int, float)) and 0 < early_stop <= 1):
         raise ValueError(f"{fn}: early_stop (tau) must be in (0, 1], got {early_stop!r}")
     if cfg_scale < 0:
         raise ValueError(f"{fn}: cfg_scale must be >= 0, got {cfg_scale!r}")
-    if confidence_threshold is not None and not 0 < confidence_threshold <= 1:
-        raise ValueError(f"{fn}: confidence_threshold must be in (0, 1], got {confidence_threshold!r}")
-    if dream is not None:
-        if not isinstance(dream, decoding.DreamDecoding):
-            raise ValueError(f"{fn}: dream must be a stp.decoding.DreamDecoding or None, got {type(dream).__name__}")
-        dream.check(fn)
-        if remasking != "low_confidence":
-            raise ValueError(f"{fn}: remasking={remasking!r} is LLaDA's option; with dream set, dream.alg chooses "
-                             f"the positions (leave remasking='low_confidence')")
-        if confidence_threshold is not None:
-            raise ValueError(f"{fn}: confidence_threshold={confidence_threshold!r} cannot be combined with dream "
-                             f"(Dream's schedule fixes the count per step); allowed with dream: None")
     if prior is not None:
         if prior.tokens.shape != prior.mask.shape or prior.tokens.dim() != 2:
             raise ValueError(f"{fn}: prior.tokens {tuple(prior.tokens.shape)} and prior.mask "
@@ -178,59 +163,28 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
     return num_blocks, steps // num_blocks
 
 
-def _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream) -> torch.Tensor | None:
-    """``entropy_bound`` as a float32 [B] tensor on the prompts' device (None stays None), with its rules checked.
-    A tensor argument is range-checked with one host sync, once per call."""
+def _decoder_arg(decoder, remasking, confidence_threshold, entropy_bound, dream) -> decoders.Decoder:
+    """The decoding rule: ``decoder`` (a name or a ``stp.decoders.Decoder``) or the one the legacy keyword arguments
+    select (``stp.decoders.from_options``); checked."""
     fn = "stp.sampler.generate"
-    if entropy_bound is None:
-        return None
-    for name, value, off in (("dream", dream, None), ("confidence_threshold", confidence_threshold, None),
-                             ("remasking", remasking, "low_confidence")):
-        if value != off:
-            raise ValueError(f"{fn}: entropy_bound cannot be combined with {name}={value!r} (the entropy bound "
-                             f"chooses how many and which positions); allowed with entropy_bound: {off!r}")
-    batch = prompt_ids.shape[0]
-    if isinstance(entropy_bound, torch.Tensor):
-        if tuple(entropy_bound.shape) not in ((batch,), ()):
-            raise ValueError(f"{fn}: entropy_bound tensor has shape {tuple(entropy_bound.shape)}; allowed: [B={batch}] "
-                             f"(one gamma per sample) or a scalar")
-        gamma = entropy_bound.to(device=prompt_ids.device, dtype=torch.float32).expand(batch).contiguous()
-        if not bool((torch.isfinite(gamma) & (gamma >= 0)).all()):
-            raise ValueError(f"{fn}: entropy_bound holds values outside [0, inf) (min {gamma.min().item()!r}); "
-                             f"allowed: finite numbers >= 0")
-        return gamma
-    if isinstance(entropy_bound, bool) or not isinstance(entropy_bound, (int, float)) or not (
-            math.isfinite(entropy_bound) and entropy_bound >= 0):
-        raise ValueError(f"{fn}: entropy_bound={entropy_bound!r}; allowed: a finite number >= 0, a [B] tensor of "
-                         f"them, or None (off)")
-    return torch.full((batch,), float(entropy_bound), dtype=torch.float32, device=prompt_ids.device)
+    if decoder is None:
+        rule = decoders.from_options(fn, remasking=remasking, confidence_threshold=confidence_threshold,
+                                     entropy_bound=entropy_bound, dream=dream)
+    else:
+        legacy = dict(remasking=(remasking, "low_confidence"), confidence_threshold=(confidence_threshold, None),
+                      entropy_bound=(entropy_bound, None), dream=(dream, None))
+        for name, (value, off) in legacy.items():
+            if (value is not None) if off is None else value != off:
+                raise ValueError(f"{fn}: decoder={decoder!r} cannot be combined with {name}={value!r} (the "
+                                 f"decoder's own settings choose the rule); leave {name} at {off!r}")
+        rule = decoders.get(decoder) if isinstance(decoder, str) else decoder
+        if not isinstance(rule, decoders.Decoder):
+            raise ValueError(f"{fn}: decoder must be a name ({', '.join(decoders.DECODERS)}) or a "
+                             f"stp.decoders.Decoder, got {type(decoder).__name__}")
+    rule.check(fn)
+    return rule
 
 
-def entropy_bounded_commit(entropy: torch.Tensor, candidates: torch.Tensor, gamma: torch.Tensor,
-                           limit: torch.Tensor) -> torch.Tensor:
-    """Which positions one EB step commits: [B, n] bool.
-
-    Per row, the ``candidates`` sorted by ``entropy`` (ascending, stable) and the largest prefix with
-    ``sum H - max H <= gamma`` taken; at least one position when the row has a candidate, at most ``limit`` (the
-    temporal-pruning budget left; 0 commits nothing). In ascending order the prefix ending at j has max H = H_j, so
-    ``sum H - max H`` is the sum of the entropies before j: non-decreasing in j, hence the accepted positions are a
-    prefix and the count is how many of these exclusive sums are <= gamma. No host sync.
-
-    Args:
-        entropy: [B, n] float predictive entropies (>= 0; rounding below 0 is clamped).
-        candidates: [B, n] bool; gamma: [B] float thresholds; limit: [B] int64 most commits per row.
-    """
-    h = entropy.float().clamp(min=0.0).masked_fill(~candidates, math.inf)
-    order = h.argsort(dim=1, stable=True)
-    sorted_h = h.gather(1, order)
-    finite = torch.isfinite(sorted_h)
-    vals = torch.where(finite, sorted_h, torch.zeros_like(sorted_h))
-    before = vals.cumsum(1) - vals  # sum of the smaller entropies before each sorted position
-    count = ((before <= gamma[:, None].float()) & finite).sum(1)
-    count = torch.minimum(count.clamp(min=1) * candidates.any(1), limit.long())
-    positions = torch.arange(h.shape[1], device=h.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return (rank < count[:, None]) & candidates
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -338,6 +292,7 @@ def generate(
     dream: decoding.DreamDecoding | None = None,
     entropy_bound: float | torch.Tensor | None = None,
     cache: str = "none",
+    decoder: decoders.Decoder | str | None = None,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -369,14 +324,20 @@ def generate(
             entropy bound included (its samples may be in different blocks: a cached step then runs blocks from the
             lowest to the furthest, see ``_StepForward.hidden``); the cached keys/values are exact only for a
             one-layer model or one step per block, elsewhere close (measured in benchmarks/RESULTS.md).
+        decoder: the decoding rule (``stp.decoders``): a name (``low_confidence``, ``random``,
+            ``confidence_threshold``, ``entropy_bound``, ``dream``, ``fast_dllm``, ...; its default settings) or a
+            ``stp.decoders.Decoder`` with its settings, e.g. ``stp.decoders.get("fast_dllm", threshold=0.9)``. None
+            (default): the rule that ``remasking``, ``confidence_threshold``, ``entropy_bound`` and ``dream`` select
+            (they must stay at their defaults when ``decoder`` is given).
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
-                                              temperature, remasking, prior, early_stop, cfg_scale,
-                                              confidence_threshold, dream)
-    gamma = _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream)
-    eb = gamma is not None
+                                              temperature, prior, early_stop, cfg_scale)
+    rule = _decoder_arg(decoder, remasking, confidence_threshold, entropy_bound, dream)
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
+    rule = rule.bind(batch, device)
+    free = rule.pace == "free"  # each sample at its own block (stp.decoders.base)
+    fixed = not free and rule.fixed_counts  # the schedule's counts, known before the first pass
     total = plen + gen_length
     mask_id = int(model.mask_token_id)
     if seed is None:
@@ -432,35 +393,23 @@ def generate(
                            steps_per_block=steps_per_block, cache=cache, cfg_scale=cfg_scale)
 
     logprobs = torch.zeros(batch, gen_length, dtype=torch.float32, device=device) if record_logprobs else None
+    ctx = decoders.Draw(weight=weight, seed=seed, temperature=temperature, vocab=vocab, backend=backend,
+                        record_logprobs=record_logprobs)
 
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
         row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
-        if dream is not None:  # hook: Dream's scores (stp.decoding)
-            x0, conf, lp = decoding.dream_sample(h, weight, dream, temperature=temperature, seed=seed, step=step,
-                                                 row_ids=row_ids, vocab=vocab)
-            n = canvas_pos.numel()
-            return x0.view(batch, n), conf.view(batch, n), (lp.view(batch, n) if record_logprobs else None)
-        out = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature, vocab=vocab,
-                          backend=backend, check_inputs=False, return_entropy=eb)
-        x0, conf = out[0], out[1]
-        if eb:  # the entropy rides in the confidence slot's place: EB ranks by it (see the loop)
-            conf = out[2]
-        if remasking == "random":
-            keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
-            conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]
+        x0, score, lp = rule.draw(h, ctx, step=step, row_ids=row_ids)
         n = canvas_pos.numel()
-        lp = behaviour_logprob(h, weight, x0, temperature, vocab).view(batch, n) if record_logprobs else None
-        return x0.view(batch, n), conf.view(batch, n), lp
+        return x0.view(batch, n), score.view(batch, n), (lp.view(batch, n) if lp is not None else None)
 
-    data_dependent = confidence_threshold is not None or dream is not None  # counts follow the canvas: no table
-    timesteps = decoding.dream_timesteps(steps_per_block, dream.eps, device) if dream is not None else None
+    no_k = torch.zeros(batch, dtype=torch.long, device=device)  # the free pace has no schedule count
     forward_passes = 0
-    for step in range(gen_length if eb else total_steps):
+    for step in range(gen_length if free else total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
         lo = hi = step // steps_per_block
-        if eb:  # each sample's current block = its first block with a masked position; the one sync of the step
+        if free:  # each sample's current block = its first block with a masked position; the one sync of the step
             masked_now = x[:, plen:] == mask_id  # [B, L]
             live = (filled < budget) & masked_now.any(1)
             block_of = masked_now.int().argmax(1) // block_length  # [B]
@@ -469,31 +418,27 @@ def generate(
             if not any_live:
                 break
         canvas_pos = forward.positions(lo, hi)  # with a filled KV cache: the blocks lo..hi only
-        if not (eb or data_dependent):
+        if fixed:
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
-        elif not eb:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
+        elif not free:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
             live = filled < budget
             if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
                 continue
-        x0, conf, lp = sample(forward.hidden(lo, hi, canvas_pos), canvas_pos, step)
-        still = x[:, plen + canvas_pos] == mask_id  # [B, block]
-        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
-        if confidence_threshold is not None:
-            above = (still & (conf > confidence_threshold)).sum(1)
-            kk = torch.minimum(torch.maximum(k_sched[:, step], above), budget - filled) * live
-        elif dream is not None:  # hook: Dream's count for this step of the block
-            kd = decoding.dream_commit_counts(dream, still, conf, timesteps, step % steps_per_block)
-            kk = torch.minimum(kd, budget - filled) * live
-        if eb:  # conf holds the entropies here (see sample)
-            in_block = (canvas_pos // block_length)[None, :] == block_of[:, None]
-            commit = entropy_bounded_commit(conf, still & in_block, gamma, (budget - filled) * live)
+            kk = k_sched[:, step]
         else:
-            # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
-            order = conf.argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(1, order, canvas_idx[:canvas_pos.numel()].expand(batch, -1))
-            commit = (rank < kk[:, None]) & still
+            kk = no_k
+        x0, score, lp = sample(forward.hidden(lo, hi, canvas_pos), canvas_pos, step)
+        still = x[:, plen + canvas_pos] == mask_id  # [B, block]
+        score = torch.where(still, score, torch.full_like(score, -math.inf))
+        candidates = still
+        if free:
+            candidates = still & ((canvas_pos // block_length)[None, :] == block_of[:, None])
+        commit = rule.commit(decoders.Step(x0=x0, score=score, still=still, candidates=candidates, k=kk,
+                                           limit=kk if fixed else (budget - filled) * live,
+                                           step_in_block=step % steps_per_block, steps_per_block=steps_per_block,
+                                           rows=None))
         x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
         if logprobs is not None:
@@ -503,7 +448,7 @@ def generate(
         forward_passes += 1
 
     remaining = x[:, plen:] == mask_id
-    if (early_stop is not None or confidence_threshold is not None or eb) and bool(remaining.any()):  # one sync
+    if (early_stop is not None or rule.fills) and bool(remaining.any()):  # one sync
         x0, _, lp = sample(forward.full(), canvas_idx, _FILL_STEP)
         x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
         if logprobs is not None:

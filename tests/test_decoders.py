@@ -1,0 +1,97 @@
+"""Decoders as plug-ins (``stp.decoders``): the plug-in loop against the sampler before the refactor, the registry,
+the committed-[MASK] rule of the shared loop, and Fast-dLLM's rule against a reference loop written from it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import compare_decoding
+from stp import decoders
+from stp.decoding import DreamDecoding
+from stp.models import build_tiny
+from stp.sampler import Prior, generate
+
+from . import _sampler_reference
+
+_FIELDS = ("completions", "commit_step", "nfe", "one_shot", "behaviour_logprobs")
+
+
+def _same(got, ref, what):
+    for f in _FIELDS:
+        a, b = getattr(got, f), getattr(ref, f)
+        assert torch.equal(a, b), f"{what}: {f} differ"
+    assert got.forward_passes == ref.forward_passes, f"{what}: forward passes differ"
+
+
+def _grid_equal(models_wanted):
+    with tempfile.TemporaryDirectory() as tmp:
+        ms = compare_decoding.models(Path(tmp)) if models_wanted != {"tiny"} else {"tiny": build_tiny(
+            seed=3, num_hidden_layers=2).eval()}
+        n = 0
+        for name, mkey, kw in compare_decoding.grid(no_mask_vocab=True):
+            if mkey not in models_wanted:
+                continue
+            got = compare_decoding.run_case(ms[mkey], kw)
+            orig = compare_decoding.generate
+            compare_decoding.generate = _sampler_reference.generate
+            try:
+                ref = compare_decoding.run_case(ms[mkey], kw)
+            finally:
+                compare_decoding.generate = orig
+            for k in ref:
+                assert torch.equal(got[k], ref[k]), f"{name}: {k} differ from the sampler before the refactor"
+            n += 1
+        assert n > 0
+
+
+def test_plugin_loop_equals_the_loop_before_plugins_tiny():
+    """Every option of the grid (benchmarks.compare_decoding) on the tiny model: tokens, commit steps, NFE, one-shot
+    fills and behaviour log-probs bit for bit those of the frozen pre-refactor sampler (tests/_sampler_reference)."""
+    _grid_equal({"tiny"})
+
+
+@pytest.mark.slow
+def test_plugin_loop_equals_the_loop_before_plugins_micro_checkpoints():
+    _grid_equal({"llada", "dream"})
+
+
+def test_registry_finds_every_decoder_by_name():
+    assert list(decoders.DECODERS)[:2] == ["low_confidence", "random"]
+    assert {"confidence_threshold", "entropy_bound", "dream", "fast_dllm"} <= set(decoders.DECODERS)
+    for name, cls in decoders.DECODERS.items():
+        assert cls.name == name and cls.pace in ("schedule", "free")
+    with pytest.raises(ValueError, match="decoder 'nope': allowed: low_confidence, random"):
+        decoders.get("nope")
+
+
+@pytest.mark.parametrize("legacy, rule", [
+    (dict(), "low_confidence"),
+    (dict(remasking="random"), decoders.get("random")),
+    (dict(confidence_threshold=0.05), decoders.get("confidence_threshold", threshold=0.05)),
+    (dict(entropy_bound=0.7), decoders.get("entropy_bound", gamma=0.7)),
+    (dict(dream=DreamDecoding(alg="maskgit_plus")), decoders.get("dream", options=DreamDecoding(alg="maskgit_plus"))),
+])
+def test_decoder_argument_equals_the_legacy_keywords(legacy, rule):
+    model = build_tiny(seed=1, num_hidden_layers=1).eval()
+    ids = torch.randint(10, 60, (3, 4), generator=torch.Generator().manual_seed(0))
+    base = dict(gen_length=16, block_length=8, steps=8, temperature=0.7, seed=4, record_logprobs=True,
+                early_stop=0.8)
+    _same(generate(model, ids, decoder=rule, **base), generate(model, ids, **legacy, **base), str(legacy))
+
+
+def test_decoder_with_a_legacy_keyword_is_refused():
+    model = build_tiny(seed=1, num_hidden_layers=1).eval()
+    with pytest.raises(ValueError, match="decoder='fast_dllm' cannot be combined with entropy_bound=0.5"):
+        generate(model, torch.ones(1, 2, dtype=torch.long) * 10, gen_length=8, block_length=8, steps=8,
+                 decoder="fast_dllm", entropy_bound=0.5)
+    with pytest.raises(ValueError, match="fast_dllm threshold=1.5; allowed: a number in"):
+        generate(model, torch.ones(1, 2, dtype=torch.long) * 10, gen_length=8, block_length=8, steps=8,
+                 decoder=decoders.get("fast_dllm", threshold=1.5))
