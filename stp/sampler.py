@@ -443,7 +443,7 @@ def generate(
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
         if logprobs is not None:
             logprobs[:, canvas_pos] = torch.where(commit, lp, logprobs[:, canvas_pos])
-        filled += commit.sum(1)
+        filled += (commit & (x0 != mask_id)).sum(1)  # a committed [MASK] leaves its position masked
         nfe += live.long()
         forward_passes += 1
 

@@ -95,3 +95,56 @@ def test_decoder_with_a_legacy_keyword_is_refused():
     with pytest.raises(ValueError, match="fast_dllm threshold=1.5; allowed: a number in"):
         generate(model, torch.ones(1, 2, dtype=torch.long) * 10, gen_length=8, block_length=8, steps=8,
                  decoder=decoders.get("fast_dllm", threshold=1.5))
+
+
+# ------------------------------------------------------------------ a committed [MASK] is not a filled position
+
+
+class _MaskFirst:
+    """A model that predicts its own [MASK] at canvas position 0 in its first ``mask_calls`` forward passes (as an
+    untrained model may), and token 5 + p at position p otherwise, with confidence falling with p. Logits = hidden
+    states (identity LM head), vocabulary 16, [MASK] = 15."""
+
+    mask_token_id = 15
+    vocab_size = 16
+
+    def __init__(self, plen: int, mask_calls: int):
+        self.plen, self.mask_calls, self.calls = plen, mask_calls, 0
+        self.lm_head_weight = torch.eye(16)
+
+    def backbone(self, x, attn=None):
+        self.calls += 1
+        batch, total = x.shape
+        h = torch.zeros(batch, total, 16)
+        for p in range(total - self.plen):
+            h[:, self.plen + p, 5 + p] = 6.0 - p
+        if self.calls <= self.mask_calls:
+            h[:, self.plen, :] = 0.0
+            h[:, self.plen, 15] = 12.0
+        return h
+
+
+@pytest.mark.parametrize("rule", ["entropy_bound", "confidence_threshold", "fast_dllm"])
+def test_a_committed_mask_does_not_count_toward_the_budget(rule):
+    """With temporal pruning, a row stops once floor(tau * L) positions hold real tokens: a step that commits
+    [MASK] (the position stays masked) does not count, so exactly the budget is decoded by steps and the rest by
+    the one-shot fill."""
+    settings = {"entropy_bound": dict(gamma=0.0), "confidence_threshold": dict(threshold=0.999),
+                "fast_dllm": dict(threshold=0.999)}[rule]
+    model = _MaskFirst(plen=2, mask_calls=1)
+    out = generate(model, torch.full((1, 2), 3), gen_length=4, block_length=4, steps=4, early_stop=0.5,
+                   decoder=decoders.get(rule, **settings))
+    assert out.completions.tolist() == [[5, 6, 7, 8]]
+    assert int(out.num_one_shot[0]) == 4 - 2, "the row stopped before decoding its budget of real tokens"
+    assert out.commit_step[0].tolist() == [2, 3, 4, 4] and int(out.nfe[0]) == 4
+
+
+def test_dream_keeps_decoding_a_committed_mask():
+    """Dream's diffusion_generate recounts the masked positions at every step: a position whose committed x0 was
+    [MASK] is decoded again and the last step commits every masked position (no [MASK] left)."""
+    model = _MaskFirst(plen=2, mask_calls=2)
+    out = generate(model, torch.full((1, 2), 3), gen_length=4, block_length=4, steps=4,
+                   decoder=decoders.get("dream", options=DreamDecoding(alg="maskgit_plus")))
+    assert out.completions.tolist() == [[5, 6, 7, 8]]
+    # Dream's counts for M masked: int(M (1 - s / t)) at steps 1-3 (0, then 1 [MASK] at pass 2, then 1), then all.
+    assert out.commit_step[0].tolist() == [3, 4, 4, 4] and out.forward_passes == 4
