@@ -219,6 +219,7 @@ class _StepForward:
             self.kv = model.new_kv_cache()
             self.kv_uncond = model.new_kv_cache() if cfg_scale > 0 else None
         self.filled_block = -1  # the block whose first step filled the cache
+        self.kv_rows, self.kv_rows_count = None, x.shape[0]  # the batch rows the cache holds (None: all)
 
     def _cached(self, block: int) -> bool:
         return self.cache != "none" and block == self.filled_block
@@ -230,41 +231,67 @@ class _StepForward:
         end = (hi + 1) * self.block_length
         return self.canvas_idx[lo * self.block_length:end] if self._cached(lo) else self.canvas_idx[:end]
 
-    def _run(self, x: torch.Tensor, kv, canvas_pos: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+    def _rows(self, rows: torch.Tensor | None):
+        """The canvas, padding mask and CFG mask of the given rows (None: every row)."""
+        if rows is None:
+            return self.x, self.attn, self.uncond
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        return pick(self.x), pick(self.attn), pick(self.uncond)
+
+    def _keep_rows(self, rows: torch.Tensor | None) -> None:
+        """Compact the kept keys/values to ``rows`` (live-row compaction): rows only leave between two fills, so
+        ``rows`` is a subset of the rows the cache holds; their positions there are found by ``searchsorted``."""
+        if rows is None or self.kv_rows_count == rows.numel():
+            return
+        where = rows if self.kv_rows is None else torch.searchsorted(self.kv_rows, rows)
+        for kv in (self.kv, self.kv_uncond):
+            if kv is not None:
+                kv.select_rows(where)
+        self.kv_rows, self.kv_rows_count = rows, rows.numel()
+
+    def _run(self, x: torch.Tensor, attn, kv, canvas_pos: torch.Tensor, window: tuple[int, int] | None
+             ) -> torch.Tensor:
         batch = x.shape[0]
         if window is not None:  # [B, stop - start, H]; the block's rows come first
-            h = self.model.backbone(x, self.attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
+            h = self.model.backbone(x, attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
             return h.reshape(batch * canvas_pos.numel(), -1)
-        h = self.model.backbone(x, self.attn) if kv is None else self.model.backbone(x, self.attn, kv_cache=kv)
+        h = self.model.backbone(x, attn) if kv is None else self.model.backbone(x, attn, kv_cache=kv)
         return h[:, self.plen + canvas_pos].reshape(batch * canvas_pos.numel(), -1)
 
-    def hidden(self, lo: int, hi: int, canvas_pos: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B * len(canvas_pos), H] of ``positions(lo, hi)`` on the current canvas (guidance
-        folded in), running the pass the cache mode calls for. The cache is filled when the lowest block ``lo``
-        changes: every position before it is then committed in every live sample, and positions after block ``hi``
-        are still as at the fill (masked or anchors), so a cached step recomputes blocks ``lo..hi`` (``dual``) or
-        everything from ``lo`` on (``prefix``)."""
+    def hidden(self, lo: int, hi: int, canvas_pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [R * len(canvas_pos), H] of ``positions(lo, hi)`` on the current canvas (guidance
+        folded in) for the batch rows ``rows`` (sorted indices; None = all B), running the pass the cache mode calls
+        for. The cache is filled when the lowest block ``lo`` changes: every position before it is then committed in
+        every live sample, and positions after block ``hi`` are still as at the fill (masked or anchors), so a cached
+        step recomputes blocks ``lo..hi`` (``dual``) or everything from ``lo`` on (``prefix``). A fill keeps the
+        rows it ran; a cached step on fewer rows first drops the others' keys/values."""
         window = None
         if self._cached(lo):
             start = self.plen + lo * self.block_length
             stop = self.x.shape[1] if self.cache == "prefix" else self.plen + (hi + 1) * self.block_length
             window = (start, stop)
+            self._keep_rows(rows)
         elif self.cache != "none":
             self.filled_block = lo  # this full forward fills the cache for the later steps from block lo
-        h = self._run(self.x, self.kv, canvas_pos, window)
+            self.kv_rows = rows
+            self.kv_rows_count = self.x.shape[0] if rows is None else rows.numel()
+        x, attn, uncond = self._rows(rows)
+        h = self._run(x, attn, self.kv, canvas_pos, window)
         if self.cfg_scale > 0:
             # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
-            un_x = torch.where(self.uncond, self.model.mask_token_id, self.x)
-            un_h = self._run(un_x, self.kv_uncond, canvas_pos, window)
+            un_x = torch.where(uncond, self.model.mask_token_id, x)
+            un_h = self._run(un_x, attn, self.kv_uncond, canvas_pos, window)
             h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
         return h
 
-    def full(self) -> torch.Tensor:
-        """Hidden states of every canvas position from a full forward (the one-shot fill), the cache untouched."""
-        h = self._run(self.x, None, self.canvas_idx, None)
+    def full(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of every canvas position of ``rows`` from a full forward (the one-shot fill), the cache
+        untouched."""
+        x, attn, uncond = self._rows(rows)
+        h = self._run(x, attn, None, self.canvas_idx, None)
         if self.cfg_scale > 0:
-            un_x = torch.where(self.uncond, self.model.mask_token_id, self.x)
-            un_h = self._run(un_x, None, self.canvas_idx, None)
+            un_x = torch.where(uncond, self.model.mask_token_id, x)
+            un_h = self._run(un_x, attn, None, self.canvas_idx, None)
             h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
         return h
 
@@ -293,6 +320,7 @@ def generate(
     entropy_bound: float | torch.Tensor | None = None,
     cache: str = "none",
     decoder: decoders.Decoder | str | None = None,
+    compact: bool = True,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -329,6 +357,10 @@ def generate(
             ``stp.decoders.Decoder`` with its settings, e.g. ``stp.decoders.get("fast_dllm", threshold=0.9)``. None
             (default): the rule that ``remasking``, ``confidence_threshold``, ``entropy_bound`` and ``dream`` select
             (they must stay at their defaults when ``decoder`` is given).
+        compact: live-row compaction: a step runs the model only on the rows that can still commit (a sample that
+            stopped, or whose current block has no [MASK] left, leaves the forward); exact (same tokens, commit
+            steps, NFE and log-probs as ``compact=False``) wherever the model's rows are computed independently of
+            their batch (checked on CPU in tests/test_decoders.py).
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, prior, early_stop, cfg_scale)
@@ -379,7 +411,8 @@ def generate(
     reached = filled_before + k_budget >= budget
     total_steps = k_sched.shape[1]
     done_step = torch.where(reached.any(1), reached.long().argmax(1), torch.full_like(anchors_kept, total_steps - 1))
-    last_step = int(done_step.max().item()) if early_stop is not None else total_steps - 1  # the one sync
+    done_list = done_step.tolist() if early_stop is not None else None  # the one sync (host copy of the table)
+    last_step = max(done_list) if early_stop is not None else total_steps - 1
     active = torch.arange(total_steps, device=device)[None, :] <= done_step[:, None]  # [B, steps]
 
     trace = torch.full((batch, gen_length), ANCHOR, dtype=torch.long, device=device)
@@ -396,13 +429,26 @@ def generate(
     ctx = decoders.Draw(weight=weight, seed=seed, temperature=temperature, vocab=vocab, backend=backend,
                         record_logprobs=record_logprobs)
 
-    def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
-        row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+    def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int, rows: torch.Tensor | None):
+        ids = sample_ids if rows is None else sample_ids.index_select(0, rows)
+        row_ids = (ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
         x0, score, lp = rule.draw(h, ctx, step=step, row_ids=row_ids)
-        n = canvas_pos.numel()
-        return x0.view(batch, n), score.view(batch, n), (lp.view(batch, n) if lp is not None else None)
+        n, r = canvas_pos.numel(), ids.shape[0]
+        return x0.view(r, n), score.view(r, n), (lp.view(r, n) if lp is not None else None)
+
+    def widen(t: torch.Tensor, rows: torch.Tensor | None, fill) -> torch.Tensor:
+        """A [R, n] result of the live rows as [B, n], ``fill`` in the other rows (which commit nothing)."""
+        if rows is None:
+            return t
+        out = torch.full((batch, t.shape[1]), fill, dtype=t.dtype, device=device)
+        return out.index_copy_(0, rows, t)
+
+    def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return t if rows is None else t.index_select(0, rows)
 
     no_k = torch.zeros(batch, dtype=torch.long, device=device)  # the free pace has no schedule count
+    all_rows = torch.arange(batch, device=device)
+    rows = None  # live-row compaction: the rows this step runs (None = all)
     forward_passes = 0
     for step in range(gen_length if free else total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
@@ -417,42 +463,61 @@ def generate(
                                             torch.where(live, block_of, num_blocks).min()]).tolist()
             if not any_live:
                 break
+            if compact:
+                rows = live.nonzero()[:, 0]
         canvas_pos = forward.positions(lo, hi)  # with a filled KV cache: the blocks lo..hi only
         if fixed:
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
+            if compact and done_list is not None:
+                n_live = sum(d >= step for d in done_list)  # host copy of the table: no sync
+                if n_live < batch and (rows is None or rows.numel() != n_live):
+                    rows = torch.tensor([b for b, d in enumerate(done_list) if d >= step], device=device)
         elif not free:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
             live = filled < budget
-            if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
+            runs = (x[:, plen + canvas_pos] == mask_id).any(1) & live
+            if compact:
+                rows = runs.nonzero()[:, 0]  # rows with nothing to commit leave the forward
+                if rows.numel() == 0:
+                    continue
+                if rows.numel() == batch:
+                    rows = None
+            elif not bool(runs.any()):
                 continue
             kk = k_sched[:, step]
         else:
             kk = no_k
-        x0, score, lp = sample(forward.hidden(lo, hi, canvas_pos), canvas_pos, step)
-        still = x[:, plen + canvas_pos] == mask_id  # [B, block]
+        if rows is not None and rows.numel() == batch:
+            rows = None
+        x0, score, lp = sample(forward.hidden(lo, hi, canvas_pos, rows), canvas_pos, step, rows)
+        still = pick(x[:, plen + canvas_pos], rows) == mask_id  # [R, block]
         score = torch.where(still, score, torch.full_like(score, -math.inf))
         candidates = still
         if free:
-            candidates = still & ((canvas_pos // block_length)[None, :] == block_of[:, None])
-        commit = rule.commit(decoders.Step(x0=x0, score=score, still=still, candidates=candidates, k=kk,
-                                           limit=kk if fixed else (budget - filled) * live,
-                                           step_in_block=step % steps_per_block, steps_per_block=steps_per_block,
-                                           rows=None))
+            candidates = still & ((canvas_pos // block_length)[None, :] == pick(block_of, rows)[:, None])
+        limit = kk if fixed else (budget - filled) * live
+        commit = rule.commit(decoders.Step(x0=x0, score=score, still=still, candidates=candidates, k=pick(kk, rows),
+                                           limit=pick(limit, rows), step_in_block=step % steps_per_block,
+                                           steps_per_block=steps_per_block, rows=rows))
+        commit, x0 = widen(commit, rows, False), widen(x0, rows, mask_id)
         x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
         if logprobs is not None:
-            logprobs[:, canvas_pos] = torch.where(commit, lp, logprobs[:, canvas_pos])
+            logprobs[:, canvas_pos] = torch.where(commit, widen(lp, rows, 0.0), logprobs[:, canvas_pos])
         filled += (commit & (x0 != mask_id)).sum(1)  # a committed [MASK] leaves its position masked
         nfe += live.long()
         forward_passes += 1
 
     remaining = x[:, plen:] == mask_id
     if (early_stop is not None or rule.fills) and bool(remaining.any()):  # one sync
-        x0, _, lp = sample(forward.full(), canvas_idx, _FILL_STEP)
-        x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
+        fill_rows = remaining.any(1).nonzero()[:, 0] if compact else None
+        if fill_rows is not None and fill_rows.numel() == batch:
+            fill_rows = None
+        x0, _, lp = sample(forward.full(fill_rows), canvas_idx, _FILL_STEP, fill_rows)
+        x[:, plen:] = torch.where(remaining, widen(x0, fill_rows, mask_id), x[:, plen:])
         if logprobs is not None:
-            logprobs = torch.where(remaining, lp, logprobs)
+            logprobs = torch.where(remaining, widen(lp, fill_rows, 0.0), logprobs)
         one_shot = remaining
         trace = torch.where(remaining, forward_passes, trace)
         nfe += remaining.any(1).long()

@@ -31,15 +31,20 @@ def _same(got, ref, what):
     assert got.forward_passes == ref.forward_passes, f"{what}: forward passes differ"
 
 
-def _grid_equal(models_wanted):
+def _quick(name: str) -> bool:
+    """A fifth of the tiny grid for the quick tests: sampled draws, every decoder and cache, alternating extras."""
+    return "/t09/" in name and not name.endswith("/plain")
+
+
+def _grid_equal(models_wanted, quick=False):
     with tempfile.TemporaryDirectory() as tmp:
         ms = compare_decoding.models(Path(tmp)) if models_wanted != {"tiny"} else {"tiny": build_tiny(
             seed=3, num_hidden_layers=2).eval()}
         n = 0
         for name, mkey, kw in compare_decoding.grid(no_mask_vocab=True):
-            if mkey not in models_wanted:
+            if mkey not in models_wanted or (quick and not _quick(name)):
                 continue
-            got = compare_decoding.run_case(ms[mkey], kw)
+            got = compare_decoding.run_case(ms[mkey], dict(kw, compact=False))
             orig = compare_decoding.generate
             compare_decoding.generate = _sampler_reference.generate
             try:
@@ -52,9 +57,16 @@ def _grid_equal(models_wanted):
         assert n > 0
 
 
+def test_plugin_loop_equals_the_loop_before_plugins_tiny_quick():
+    """Every decoder and cache mode of the grid (benchmarks.compare_decoding) on the tiny model with anchors and early
+    stop, padding, CFG and a vocabulary prior: tokens, commit steps, NFE, one-shot fills and behaviour log-probs bit
+    for bit those of the frozen pre-refactor sampler (tests/_sampler_reference); no [MASK] in the vocabulary, where
+    the committed-[MASK] fix plays no part."""
+    _grid_equal({"tiny"}, quick=True)
+
+
+@pytest.mark.slow
 def test_plugin_loop_equals_the_loop_before_plugins_tiny():
-    """Every option of the grid (benchmarks.compare_decoding) on the tiny model: tokens, commit steps, NFE, one-shot
-    fills and behaviour log-probs bit for bit those of the frozen pre-refactor sampler (tests/_sampler_reference)."""
     _grid_equal({"tiny"})
 
 
@@ -148,3 +160,63 @@ def test_dream_keeps_decoding_a_committed_mask():
     assert out.completions.tolist() == [[5, 6, 7, 8]]
     # Dream's counts for M masked: int(M (1 - s / t)) at steps 1-3 (0, then 1 [MASK] at pass 2, then 1), then all.
     assert out.commit_step[0].tolist() == [3, 4, 4, 4] and out.forward_passes == 4
+
+
+# ------------------------------------------------------------------ live-row compaction
+
+
+def _compact_grid(models_wanted, exact: bool, quick=False):
+    with tempfile.TemporaryDirectory() as tmp:
+        ms = compare_decoding.models(Path(tmp)) if models_wanted != {"tiny"} else {"tiny": build_tiny(
+            seed=3, num_hidden_layers=2).eval()}
+        compacted = 0
+        for name, mkey, kw in compare_decoding.grid(no_mask_vocab=False):
+            if mkey not in models_wanted or (quick and not _quick(name)):
+                continue
+            model = _CountRows(ms[mkey])
+            got = compare_decoding.run_case(model, dict(kw, compact=True))
+            rows_on = model.rows
+            model.rows = 0
+            ref = compare_decoding.run_case(model, dict(kw, compact=False))
+            compacted += rows_on < model.rows
+            for k in ref:
+                if exact or k != "behaviour_logprobs":
+                    assert torch.equal(got[k], ref[k]), f"{name}: {k} differ with compaction"
+                else:
+                    assert torch.allclose(got[k], ref[k], atol=1e-5, rtol=0), f"{name}: log-probs differ"
+        assert compacted > (5 if quick else 10), "the grid never compacted"
+
+
+class _CountRows:
+    """The model, with the batch rows of its forward passes counted."""
+
+    def __init__(self, model):
+        self._model, self.rows = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def backbone(self, x, attn=None, **kw):
+        self.rows += x.shape[0]
+        return self._model.backbone(x, attn, **kw)
+
+
+def test_compaction_is_exact_on_the_tiny_model_quick():
+    _compact_grid({"tiny"}, exact=True, quick=True)
+
+
+@pytest.mark.slow
+def test_compaction_is_exact_on_the_tiny_model():
+    """Every option of the grid, [MASK] draws included (early stop, EB with per-sample gamma, thresholds, Dream's
+    counts, prefix and dual caches, CFG, padding): with and without live-row compaction the tokens, commit steps,
+    NFE, one-shot fills and log-probs are bit for bit equal, while the compacted runs send fewer rows through the
+    model. The tiny model's rows are computed independently of their batch on CPU, so equality is bitwise."""
+    _compact_grid({"tiny"}, exact=True)
+
+
+@pytest.mark.slow
+def test_compaction_on_micro_checkpoints():
+    """The micro LLaDA / Dream checkpoints' forward is batch-invariant only up to float rounding (a row's hidden
+    state may differ in the last bit with the batch size on CPU): tokens, commit steps and NFE equal, log-probs
+    within 1e-5."""
+    _compact_grid({"llada", "dream"}, exact=False)

@@ -78,6 +78,13 @@ class BlockKVCache(Cache):
         self.filled = False
         super().__init__(layers=[_BlockLayer(self) for _ in range(num_layers)])
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` of every layer's keys/values (live-row compaction of the sampler)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Query positions are passed explicitly (position_ids); the mask is built against the whole buffer.
         return 0
