@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -220,3 +221,100 @@ def test_compaction_on_micro_checkpoints():
     state may differ in the last bit with the batch size on CPU): tokens, commit steps and NFE equal, log-probs
     within 1e-5."""
     _compact_grid({"llada", "dream"}, exact=False)
+
+
+# ------------------------------------------------------------------ Fast-dLLM's rule against a reference loop
+
+
+def fast_dllm_reference(model, prompt, *, gen_length, block_length, threshold, temperature, seed, sample_id,
+                        early_stop=None, anchors=None):
+    """Fast-dLLM's threshold decoding for one unpadded prompt [1, P], written from the rule: each step runs the
+    model on the whole sequence, draws x0 (Gumbel-max from the shared counter noise, float64 logits, [MASK]
+    excluded) and commits, among the masked positions of the first block that has one, the most confident and every
+    other with confidence >= threshold; a block ends when it has no [MASK]. With early_stop, at most the budget left
+    is committed and the rest is filled by one more pass. Returns completion, commit steps (1-based; 0 anchors), NFE."""
+    from stp.sampler import _FILL_STEP
+    from stp_kernels.reference import counter_uniform, row_keys
+
+    mask_id, plen = model.mask_token_id, prompt.shape[1]
+    x = torch.cat([prompt, torch.full((1, gen_length), mask_id)], 1)
+    commit_step = torch.zeros(gen_length, dtype=torch.long)
+    if anchors is not None:
+        tokens, where = anchors
+        x[0, plen:][where] = tokens[where]
+    budget = math.floor(early_stop * gen_length) if early_stop is not None else gen_length
+    filled = int((x[0, plen:] != mask_id).sum())
+    vocab = torch.arange(model.vocab_size)
+
+    def draw(step):
+        with torch.no_grad():
+            logits = model.logits(x).double()[0, plen:]
+        logits[:, mask_id] = -math.inf
+        if temperature > 0:
+            u = counter_uniform(row_keys(seed, step, sample_id * gen_length + torch.arange(gen_length)), vocab).double()
+            x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+        else:
+            x0 = logits.argmax(-1)
+        return x0, torch.softmax(logits, -1).gather(1, x0[:, None])[:, 0]
+
+    step = 0
+    for b in range(gen_length // block_length):
+        lo, hi = b * block_length, (b + 1) * block_length
+        while filled < budget and bool((x[0, plen + lo:plen + hi] == mask_id).any()):
+            x0, conf = draw(step)
+            cand = [j for j in range(lo, hi) if int(x[0, plen + j]) == mask_id]
+            order = sorted(cand, key=lambda j: (-float(conf[j]), j))
+            take = [order[0]] + [j for j in order[1:] if float(conf[j]) >= threshold]
+            for j in take[:budget - filled]:
+                x[0, plen + j] = x0[j]
+                commit_step[j] = step + 1
+            filled += len(take[:budget - filled])
+            step += 1
+    nfe = step
+    left = x[0, plen:] == mask_id
+    if bool(left.any()):
+        x0, _ = draw(_FILL_STEP)
+        x[0, plen:][left] = x0[left]
+        commit_step[left] = -1  # the one-shot fill: the batch's last pass
+        nfe += 1
+    return x[0, plen:], commit_step, nfe
+
+
+@pytest.mark.parametrize("temperature, early_stop, use_anchors, layers, cache", [
+    (0.0, None, False, 2, "none"), (0.9, None, True, 2, "none"), (0.9, 0.7, True, 2, "none"),
+    (0.7, 0.8, True, 1, "dual"), (0.7, None, False, 1, "prefix"),
+])
+def test_fast_dllm_equals_the_rule(temperature, early_stop, use_anchors, layers, cache):
+    """Token for token, commit step for commit step and NFE for NFE against the reference loop above, per sample of
+    a batch (anchors, early stop, compaction; one layer with the caches, where they are exact); the steps per
+    block vary with the confidences."""
+    model = build_tiny(seed=2, num_hidden_layers=layers).eval()
+    with torch.no_grad():  # sharper predictions than at initialisation: confidences on both sides of the threshold
+        model.lm_head_weight.mul_(30.0)
+    gen = torch.Generator().manual_seed(5)
+    batch, gen_length, block = 3, 16, 8
+    ids = torch.randint(10, 60, (batch, 4), generator=gen)
+    prior = None
+    if use_anchors:
+        prior = Prior(tokens=torch.randint(10, 60, (batch, gen_length), generator=gen),
+                      mask=torch.rand(batch, gen_length, generator=gen) < 0.25)
+    vocab = torch.arange(model.vocab_size)
+    vocab = vocab[vocab != model.mask_token_id]
+    threshold = 0.7
+    out = generate(model, ids, gen_length=gen_length, block_length=block, steps=4, temperature=temperature,
+                   seed=9, early_stop=early_stop, prior=prior, vocab=vocab, cache=cache,
+                   decoder=decoders.get("fast_dllm", threshold=threshold))
+    per_step = []
+    for b in range(batch):
+        anchors = None if prior is None else (prior.tokens[b], prior.mask[b])
+        comp, steps, nfe = fast_dllm_reference(model, ids[b:b + 1], gen_length=gen_length, block_length=block,
+                                               threshold=threshold, temperature=temperature, seed=9, sample_id=b,
+                                               early_stop=early_stop, anchors=anchors)
+        assert torch.equal(out.completions[b], comp), f"sample {b}: tokens differ from the rule"
+        steps = torch.where(steps == -1, out.forward_passes, steps)  # the fill: counted over the batch
+        assert torch.equal(out.commit_step[b], steps), f"sample {b}: commit steps differ"
+        assert int(out.nfe[b]) == nfe, f"sample {b}: NFE {int(out.nfe[b])} != {nfe}"
+        in_steps = steps[(steps > 0) & ~out.one_shot[b]]
+        per_step += torch.bincount(in_steps).tolist()
+    assert max(per_step) > 1, "no step committed more than one position: the threshold plays no part"
+    assert out.forward_passes > 2 * (gen_length // block) or early_stop, "a block per step: the rule plays no part"

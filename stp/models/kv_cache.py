@@ -62,7 +62,9 @@ class _BlockLayer(CacheLayerMixin):
         return self.keys.shape[-2], 0
 
     def get_seq_length(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized else 0
+        # 0 during a fill: the model derives the positions of a call without position_ids from the cached length,
+        # and a refill (the next block's first step) must run at positions 0.., not after the kept sequence.
+        return self.keys.shape[-2] if self.is_initialized and self._owner.start is not None else 0
 
     def get_max_length(self) -> int:
         return -1
