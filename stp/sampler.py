@@ -202,7 +202,8 @@ class _StepForward:
     """
 
     def __init__(self, model, x: torch.Tensor, attn: torch.Tensor | None, uncond: torch.Tensor | None, *, plen: int,
-                 block_length: int, steps_per_block: int, cache: str, cfg_scale: float) -> None:
+                 block_length: int, steps_per_block: int, cache: str, cfg_scale: float,
+                 share_first: bool = False) -> None:
         fn = "stp.sampler.generate"
         if cache not in CACHE_MODES:
             raise ValueError(f"{fn}: cache={cache!r}; allowed: {', '.join(map(repr, CACHE_MODES))}")
@@ -220,6 +221,7 @@ class _StepForward:
             self.kv_uncond = model.new_kv_cache() if cfg_scale > 0 else None
         self.filled_block = -1  # the block whose first step filled the cache
         self.kv_rows, self.kv_rows_count = None, x.shape[0]  # the batch rows the cache holds (None: all)
+        self.share_first = share_first  # run the first pass once per distinct sequence
 
     def _cached(self, block: int) -> bool:
         return self.cache != "none" and block == self.filled_block
@@ -276,13 +278,43 @@ class _StepForward:
             self.kv_rows = rows
             self.kv_rows_count = self.x.shape[0] if rows is None else rows.numel()
         x, attn, uncond = self._rows(rows)
-        h = self._run(x, attn, self.kv, canvas_pos, window)
+        share = None
+        if self.share_first and window is None:
+            self.share_first = False  # the first pass only: later canvases differ by their draws
+            share = self._distinct(x, attn)
+        h = self._run_shared(x, attn, self.kv, canvas_pos, window, share)
         if self.cfg_scale > 0:
             # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
             un_x = torch.where(uncond, self.model.mask_token_id, x)
-            un_h = self._run(un_x, attn, self.kv_uncond, canvas_pos, window)
+            un_h = self._run_shared(un_x, attn, self.kv_uncond, canvas_pos, window, share)
             h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
         return h
+
+    @staticmethod
+    def _distinct(x: torch.Tensor, attn: torch.Tensor | None):
+        """(first row of each distinct sequence, each row's distinct index) when some rows are equal (a group's
+        samples of one prompt before their first draw), else None. One host sync."""
+        key = x if attn is None else torch.cat([x, attn.to(x.dtype)], 1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if uniq.shape[0] == x.shape[0]:
+            return None
+        order = torch.arange(x.shape[0], device=x.device)
+        first = torch.full((uniq.shape[0],), x.shape[0], dtype=torch.long, device=x.device)
+        first = first.scatter_reduce(0, inverse, order, reduce="amin")
+        return first, inverse
+
+    def _run_shared(self, x, attn, kv, canvas_pos, window, share) -> torch.Tensor:
+        """``_run``, over the distinct rows only when ``share`` is given (results and kept keys/values copied to
+        their equal rows)."""
+        if share is None:
+            return self._run(x, attn, kv, canvas_pos, window)
+        first, inverse = share
+        h = self._run(x.index_select(0, first), None if attn is None else attn.index_select(0, first), kv,
+                      canvas_pos, window)
+        if kv is not None:
+            kv.select_rows(inverse)
+        n = canvas_pos.numel()
+        return h.view(first.numel(), n, -1).index_select(0, inverse).reshape(x.shape[0] * n, -1)
 
     def full(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of every canvas position of ``rows`` from a full forward (the one-shot fill), the cache
@@ -321,6 +353,7 @@ def generate(
     cache: str = "none",
     decoder: decoders.Decoder | str | None = None,
     compact: bool = True,
+    share_first: bool = True,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -361,6 +394,9 @@ def generate(
             stopped, or whose current block has no [MASK] left, leaves the forward); exact (same tokens, commit
             steps, NFE and log-probs as ``compact=False``) wherever the model's rows are computed independently of
             their batch (checked on CPU in tests/test_decoders.py).
+        share_first: the batch's first pass runs once per distinct sequence (a group's G samples of one prompt start
+            from the same canvas: prompt, [MASK] and the same anchors) and its hidden states (and kept keys/values)
+            are copied to the equal rows; the draws still differ per sample id. Exact where ``compact`` is.
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
                                               temperature, prior, early_stop, cfg_scale)
@@ -423,7 +459,7 @@ def generate(
 
     uncond = torch.cat([prompt_real, torch.zeros_like(anchor)], 1) if cfg_scale > 0 else None  # masked by CFG
     forward = _StepForward(model, x, attn, uncond, plen=plen, block_length=block_length,
-                           steps_per_block=steps_per_block, cache=cache, cfg_scale=cfg_scale)
+                           steps_per_block=steps_per_block, cache=cache, cfg_scale=cfg_scale, share_first=share_first)
 
     logprobs = torch.zeros(batch, gen_length, dtype=torch.float32, device=device) if record_logprobs else None
     ctx = decoders.Draw(weight=weight, seed=seed, temperature=temperature, vocab=vocab, backend=backend,

@@ -318,3 +318,46 @@ def test_fast_dllm_equals_the_rule(temperature, early_stop, use_anchors, layers,
         per_step += torch.bincount(in_steps).tolist()
     assert max(per_step) > 1, "no step committed more than one position: the threshold plays no part"
     assert out.forward_passes > 2 * (gen_length // block) or early_stop, "a block per step: the rule plays no part"
+
+
+# ------------------------------------------------------------------ the group's first pass once
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(cache="dual", early_stop=0.8), dict(cache="prefix", cfg_scale=1.5),
+    dict(decoder="entropy_bound", cache="dual", padded=True), dict(decoder="fast_dllm", prior=True),
+    dict(dream=DreamDecoding(alg="entropy"), prior=True),
+])
+def test_the_groups_first_pass_runs_once_per_prompt(kw):
+    """Two prompts x G 4 (left padding, shared anchors per prompt): with ``share_first`` the first pass runs 2 rows,
+    and tokens, commit steps, NFE, fills and log-probs equal the unshared run bit for bit (tiny model, CPU)."""
+    kw = dict(kw)
+    model = _CountRows(build_tiny(seed=4, num_hidden_layers=2).eval())
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 60, (2, 5), generator=gen)
+    mask = None
+    if kw.pop("padded", False):
+        mask = torch.ones(2, 5, dtype=torch.long)
+        mask[0, :2] = 0
+        mask = mask.repeat_interleave(4, 0)
+    if kw.pop("prior", False):
+        kw["prior"] = Prior(tokens=torch.randint(10, 60, (2, 16), generator=gen).repeat_interleave(4, 0),
+                            mask=(torch.rand(2, 16, generator=gen) < 0.3).repeat_interleave(4, 0))
+    if isinstance(kw.get("decoder"), str):
+        kw["decoder"] = decoders.get(kw["decoder"])
+    base = dict(attention_mask=mask, gen_length=16, block_length=8, steps=8, temperature=0.9, seed=3,
+                record_logprobs=True, **kw)
+    calls = []
+    orig = model.backbone
+
+    def spy(x, attn=None, **k):
+        calls.append(x.shape[0])
+        return orig(x, attn, **k)
+
+    model.backbone = spy
+    shared = generate(model, ids.repeat_interleave(4, 0), share_first=True, **base)
+    first_rows = calls[0]
+    calls.clear()
+    plain = generate(model, ids.repeat_interleave(4, 0), share_first=False, **base)
+    _same(shared, plain, str(kw))
+    assert first_rows == 2 and calls[0] == 8
