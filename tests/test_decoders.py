@@ -361,3 +361,18 @@ def test_the_groups_first_pass_runs_once_per_prompt(kw):
     plain = generate(model, ids.repeat_interleave(4, 0), share_first=False, **base)
     _same(shared, plain, str(kw))
     assert first_rows == 2 and calls[0] == 8
+
+
+def test_config_names_the_registered_decoders():
+    from stp.config import DECODER_NAMES, RolloutConfig
+    from stp.config import ConfigError
+
+    assert set(DECODER_NAMES) == set(decoders.DECODERS)
+    rule = RolloutConfig(decoder="fast_dllm", decoder_threshold=0.8).decoder_rule()
+    assert isinstance(rule, decoders.DECODERS["fast_dllm"]) and rule.threshold == 0.8
+    assert RolloutConfig(decoder="entropy_bound", decoder_gamma=0.3).decoder_rule().gamma == 0.3
+    assert RolloutConfig().decoder_rule() is None
+    with pytest.raises(ConfigError, match="rollout.decoder"):
+        RolloutConfig(decoder="fast_dllm", remasking="random")
+    with pytest.raises(ConfigError, match="rollout.decoder_threshold"):
+        RolloutConfig(decoder="fast_dllm", decoder_threshold=0.0)
