@@ -15,6 +15,19 @@ transfers only up to that budget); when every sample has stopped, one more forwa
 ``[MASK]`` with its sampled x0. A sample's NFE counts the forward passes it used: the steps until it stopped, plus
 the fill when it had positions left.
 
+Decoding rules are plug-ins (``stp.decoders``, ``generate(decoder=...)``): this loop owns what every rule shares
+(canvas, blocks, anchors, temporal pruning, KV caches, the record, the one-shot fill) and a rule decides which
+positions a step commits from the step's draw. The legacy keywords ``remasking``, ``confidence_threshold``,
+``entropy_bound`` and ``dream`` select the matching rule. A committed x0 that is [MASK] leaves its position masked
+and is not counted toward the budget (the row keeps decoding it; the fixed-k schedule's table, fixed before the
+first pass, is LLaDA's and unaffected).
+
+Two savings that change no output: live-row compaction (``compact``; a step runs the model only on the rows that
+can still commit: a sample that reached its budget or whose current block has nothing masked leaves the forward,
+its KV-cache rows with it) and the group's shared first pass (``share_first``; equal canvases at the first pass --
+a prompt's G samples -- run once). Both are bit-identical wherever a row's forward does not depend on its batch
+(the tiny model on CPU; a few checkpoints differ there in the last float bit, see ``generate``).
+
 NFE against the paper: the STP authors' code marks a sample done only when its count would pass the budget, so a
 sample that lands exactly on it runs one more forward pass that commits nothing; this sampler stops on reaching it
 (same tokens, one forward pass fewer for such a sample). At the paper's setting (256 tokens, block 32, 128 steps,
