@@ -5,7 +5,7 @@ cache, each decoder, temporal pruning and live-row compaction on/off, in one run
     python -m benchmarks.rollout_engine --model pretrained:sudoku --task sudoku --gen-length 32 --block-length 8 \\
         --steps 16
 
-Rows (``ROWS``): ``d1`` (cache none, low_confidence, every step), ``prefix`` / ``dual`` (the KV caches), ``es``
+Rows (``rows``): ``d1`` (cache none, low_confidence, every step, every row: no compaction, no shared first pass), ``prefix`` / ``dual`` (the KV caches), ``es``
 (temporal pruning at tau, compaction on and off), the decoders ``confidence_threshold``, ``fast_dllm`` and
 ``entropy_bound`` (compaction on and off, with and without the dual cache). Columns: wall seconds per rollout batch
 (min / median / max over ``--repeats``), tokens/s (batch x gen_length / median seconds), batch passes (forward passes
@@ -37,7 +37,7 @@ from stp.sampler import generate
 def rows(tau: float, threshold: float, gamma: float) -> list[tuple[str, dict]]:
     fd = lambda: decoders.get("fast_dllm", threshold=threshold)  # noqa: E731
     return [
-        ("d1", dict()),
+        ("d1", dict(compact=False, share_first=False)),  # d1's engine: every row in every pass
         ("prefix", dict(cache="prefix")),
         ("dual", dict(cache="dual")),
         ("es", dict(early_stop=tau, compact=False)),
@@ -109,6 +109,33 @@ def _rewards(model, task_name, completions, examples, prompt_of) -> torch.Tensor
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _profile(model, ids, base, kw, args) -> int:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    inner = model._model.backbone
+    spent = {"backbone": 0.0}
+
+    def timed(x, attn=None, **k):
+        t0 = time.perf_counter()
+        with record_function("backbone"):
+            out = inner(x, attn, **k)
+        spent["backbone"] += time.perf_counter() - t0
+        return out
+
+    model._model.backbone = timed
+    generate(model, ids, **base, **kw)  # warm-up
+    spent["backbone"] = 0.0
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = generate(model, ids, **base, **kw)
+    wall = time.perf_counter() - t0
+    print(f"# profile of row {args.profile!r}: {out.forward_passes} passes, wall {wall:.3f} s (under the profiler), "
+          f"model forward {spent['backbone']:.3f} s ({100 * spent['backbone'] / wall:.1f}%), the rest (sampling, "
+          f"commit, Python) {wall - spent['backbone']:.3f} s")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="micro", help="micro (random tiny architecture), tiny, pretrained:TASK or a path")
@@ -126,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default=None, help="comma-separated row names to run (d1 always runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="ROW",
+                   help="instead of the table: one rollout of this row under torch.profiler, the top ops by self CPU "
+                        "time and the share of the model's forward (backbone) in the wall time")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = _CountRows(_model(args.model).eval())
@@ -137,6 +167,8 @@ def main(argv=None) -> int:
     base = dict(attention_mask=mask, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                 temperature=args.temperature, seed=args.seed)
     batch = ids.shape[0]
+    if args.profile:
+        return _profile(model, ids, base, dict(table)[args.profile], args)
     results = []
     for name, kw in table:
         times = []
