@@ -1,5 +1,5 @@
 """Frozen copy of stp/sampler.py before decoders became plug-ins (stp.decoders): the reference loop that
-tests/test_decoders.py compares the plug-in loop against, token for token. Not to be edited; only its imports changed."""
+tests/test_decoders.py compares the plug-in loop against, token for token. Not to be edited."""
 
 from __future__ import annotations
 

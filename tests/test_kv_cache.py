@@ -385,4 +385,5 @@ def test_a_refilled_cache_keeps_the_positions(tmp_path, layout):
         changed = ids.clone()
         changed[:, 12:14] = 81
         got = model.backbone(changed, None, kv_cache=cache, window=(12, 20))
-        assert_close(got, model.backbone(changed)[:, 12:20], atol=1e-5, rtol=1e-5, what=f"{layout}: window after a refill")
+        assert_close(got, model.backbone(changed)[:, 12:20], atol=1e-5, rtol=1e-5,
+                     what=f"{layout}: window after a refill")
