@@ -7,8 +7,8 @@ cache, each decoder, temporal pruning and live-row compaction on/off, in one run
 
 Rows (``rows``): ``d1`` (cache none, low_confidence, every step, every row: no compaction, no shared first pass),
 ``prefix`` / ``dual`` (the KV caches), ``es`` (temporal pruning at tau, compaction on and off), the decoders
-``confidence_threshold``, ``fast_dllm`` and ``entropy_bound`` (compaction on and off, with and without the dual cache). Columns: wall seconds per rollout batch
-(min / median / max over ``--repeats``), tokens/s (batch x gen_length / median seconds), batch passes (forward passes
+``confidence_threshold``, ``fast_dllm`` and ``entropy_bound`` (compaction on and off, with and without the dual
+cache). Columns: wall seconds per rollout batch (min / median / max over ``--repeats``), tokens/s (batch x gen_length / median seconds), batch passes (forward passes
 of the batch), NFE per sample (mean), model rows (rows sent through the model, summed over passes: what compaction
 saves) and, with ``--task``, the mean reward of the completions and its paired standard error against ``d1``
 (per-prompt mean reward differences over the same prompts; greedy at ``--temperature 0``). The last line: the
