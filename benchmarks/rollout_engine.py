@@ -8,11 +8,12 @@ cache, each decoder, temporal pruning and live-row compaction on/off, in one run
 Rows (``rows``): ``d1`` (cache none, low_confidence, every step, every row: no compaction, no shared first pass),
 ``prefix`` / ``dual`` (the KV caches), ``es`` (temporal pruning at tau, compaction on and off), the decoders
 ``confidence_threshold``, ``fast_dllm`` and ``entropy_bound`` (compaction on and off, with and without the dual
-cache). Columns: wall seconds per rollout batch (min / median / max over ``--repeats``), tokens/s (batch x gen_length / median seconds), batch passes (forward passes
-of the batch), NFE per sample (mean), model rows (rows sent through the model, summed over passes: what compaction
-saves) and, with ``--task``, the mean reward of the completions and its paired standard error against ``d1``
-(per-prompt mean reward differences over the same prompts; greedy at ``--temperature 0``). The last line: the
-fastest row whose reward is within one paired SE of d1's (with ``--task``), else the fastest row.
+cache). Columns: wall seconds per rollout batch (min / median / max over ``--repeats``), tokens/s (batch x
+gen_length / median seconds), batch passes (forward passes of the batch), NFE per sample (mean), model rows (rows
+sent through the model, summed over passes: what compaction saves) and, with ``--task``, the mean reward of the
+completions and its paired standard error against ``d1`` (per-prompt mean reward differences over the same prompts;
+greedy at ``--temperature 0``). The last line: the fastest row whose reward is within one paired SE of d1's (with
+``--task``), else the fastest row.
 
 ``--model micro`` is the embedded tiny model's architecture randomly initialised (its speed is the engine's alone:
 an untrained model's confidences are flat, so threshold rules decode about one token per step). One torch thread;
