@@ -35,9 +35,9 @@ from typing import Any
 
 from stp.recipes import FOLDER as RECIPES  # the presets' files
 from stp.recipes import Preset, read_recipes
-from stp.sections import (ATTN_IMPLEMENTATIONS, CACHE_MODES, ESTIMATORS, FREE_RULES, MASK_SCHEMES,  # noqa: F401
-                          REPORT_TO, SCORE_MODES, SHARED, STRATEGIES, EstimatorConfig, GRPOConfig, ModelConfig,
-                          PriorConfig, RolloutConfig, RunConfig, check_shared)
+from stp.sections import (ATTN_IMPLEMENTATIONS, CACHE_MODES, DECODER_NAMES, ESTIMATORS, FREE_RULES,  # noqa: F401
+                          MASK_SCHEMES, REPORT_TO, SCORE_MODES, SHARED, STRATEGIES, EstimatorConfig, GRPOConfig,
+                          ModelConfig, PriorConfig, RolloutConfig, RunConfig, check_shared)
 from stp.settings import ConfigError, Section, _split_type, load_yaml
 
 __all__ = ["ConfigError", "ModelConfig", "RolloutConfig", "PriorConfig", "EstimatorConfig", "GRPOConfig", "RunConfig",

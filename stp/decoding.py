@@ -32,7 +32,12 @@ leaves the order unspecified):
 - ``origin``: no ranking: each masked position is committed independently with probability ``1 - s / t`` (all at
   the last step); Dream draws ``torch.rand``, this module a counter uniform u per (seed, step, sample, position).
   The score returned is -u and the commit count the number of masked positions with u < 1 - s / t, so committing
-  the top-scoring positions commits exactly those.
+  the top-scoring positions commits exactly those. ``origin`` draws its positions at random even at temperature 0,
+  so it equals Dream's ``diffusion_generate`` token for token only given Dream's draws (the same uniforms, as
+  tests/test_dream_decoding.py feeds both); a run of Dream's own code draws other positions and decodes otherwise.
+
+A position whose committed x0 is [MASK] itself (only an untrained model predicts it) stays masked, is not counted
+as decoded and is decoded again at the next step, as in Dream's code (which recounts the masked positions).
 
 Not offered: ``alg_temp`` > 0 (Dream's random choice of positions weighted by confidence; Dream's default is 0).
 """

@@ -15,6 +15,19 @@ transfers only up to that budget); when every sample has stopped, one more forwa
 ``[MASK]`` with its sampled x0. A sample's NFE counts the forward passes it used: the steps until it stopped, plus
 the fill when it had positions left.
 
+Decoding rules are plug-ins (``stp.decoders``, ``generate(decoder=...)``): this loop owns what every rule shares
+(canvas, blocks, anchors, temporal pruning, KV caches, the record, the one-shot fill) and a rule decides which
+positions a step commits from the step's draw. The legacy keywords ``remasking``, ``confidence_threshold``,
+``entropy_bound`` and ``dream`` select the matching rule. A committed x0 that is [MASK] leaves its position masked
+and is not counted toward the budget (the row keeps decoding it; the fixed-k schedule's table, fixed before the
+first pass, is LLaDA's and unaffected).
+
+Two savings that change no output: live-row compaction (``compact``; a step runs the model only on the rows that
+can still commit: a sample that reached its budget or whose current block has nothing masked leaves the forward,
+its KV-cache rows with it) and the group's shared first pass (``share_first``; equal canvases at the first pass --
+a prompt's G samples -- run once). Both are bit-identical wherever a row's forward does not depend on its batch
+(the tiny model on CPU; a few checkpoints differ there in the last float bit, see ``generate``).
+
 NFE against the paper: the STP authors' code marks a sample done only when its count would pass the budget, so a
 sample that lands exactly on it runs one more forward pass that commits nothing; this sampler stops on reaching it
 (same tokens, one forward pass fewer for such a sample). At the paper's setting (256 tokens, block 32, 128 steps,
@@ -61,16 +74,15 @@ from dataclasses import dataclass
 
 import torch
 
-from stp import decoding
-from stp_kernels import _validate, sample_step
-from stp_kernels.reference import counter_uniform, row_keys
+from stp import decoders, decoding
+from stp.decoders.entropy_bound import entropy_bounded_commit
+from stp_kernels import _validate
 
 __all__ = ["Prior", "GenerationOutput", "generate", "transfer_schedule", "behaviour_logprob", "entropy_bounded_commit",
            "ANCHOR", "CACHE_MODES"]
 
 ANCHOR = -1  # trace value of anchor positions (never decoded)
 _FILL_STEP = 0x7FFFFFFF  # noise counter of the one-shot fill, distinct from every regular step
-_RANDOM_REMASK_SALT = 0x5EED0F
 
 
 @dataclass
@@ -129,8 +141,8 @@ def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
     return base[:, None] + (idx[None, :] < remainder[:, None]).long()
 
 
-def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, remasking, prior,
-                early_stop, cfg_scale, confidence_threshold, dream=None):
+def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, temperature, prior, early_stop,
+                cfg_scale):
     fn = "stp.sampler.generate"
     if prompt_ids.dim() != 2:
         raise ValueError(f"{fn}: prompt_ids must be [B, P], got shape {tuple(prompt_ids.shape)}")
@@ -148,24 +160,10 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
                          f"(gen_length / block_length = {num_blocks})")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"{fn}: temperature must be a finite number >= 0, got {temperature!r}")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"{fn}: remasking={remasking!r}; allowed: 'low_confidence', 'random'")
     if early_stop is not None and not (isinstance(early_stop, (int, float)) and 0 < early_stop <= 1):
         raise ValueError(f"{fn}: early_stop (tau) must be in (0, 1], got {early_stop!r}")
     if cfg_scale < 0:
         raise ValueError(f"{fn}: cfg_scale must be >= 0, got {cfg_scale!r}")
-    if confidence_threshold is not None and not 0 < confidence_threshold <= 1:
-        raise ValueError(f"{fn}: confidence_threshold must be in (0, 1], got {confidence_threshold!r}")
-    if dream is not None:
-        if not isinstance(dream, decoding.DreamDecoding):
-            raise ValueError(f"{fn}: dream must be a stp.decoding.DreamDecoding or None, got {type(dream).__name__}")
-        dream.check(fn)
-        if remasking != "low_confidence":
-            raise ValueError(f"{fn}: remasking={remasking!r} is LLaDA's option; with dream set, dream.alg chooses "
-                             f"the positions (leave remasking='low_confidence')")
-        if confidence_threshold is not None:
-            raise ValueError(f"{fn}: confidence_threshold={confidence_threshold!r} cannot be combined with dream "
-                             f"(Dream's schedule fixes the count per step); allowed with dream: None")
     if prior is not None:
         if prior.tokens.shape != prior.mask.shape or prior.tokens.dim() != 2:
             raise ValueError(f"{fn}: prior.tokens {tuple(prior.tokens.shape)} and prior.mask "
@@ -178,59 +176,28 @@ def _check_args(prompt_ids, attention_mask, gen_length, block_length, steps, tem
     return num_blocks, steps // num_blocks
 
 
-def _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream) -> torch.Tensor | None:
-    """``entropy_bound`` as a float32 [B] tensor on the prompts' device (None stays None), with its rules checked.
-    A tensor argument is range-checked with one host sync, once per call."""
+def _decoder_arg(decoder, remasking, confidence_threshold, entropy_bound, dream) -> decoders.Decoder:
+    """The decoding rule: ``decoder`` (a name or a ``stp.decoders.Decoder``) or the one the legacy keyword arguments
+    select (``stp.decoders.from_options``); checked."""
     fn = "stp.sampler.generate"
-    if entropy_bound is None:
-        return None
-    for name, value, off in (("dream", dream, None), ("confidence_threshold", confidence_threshold, None),
-                             ("remasking", remasking, "low_confidence")):
-        if value != off:
-            raise ValueError(f"{fn}: entropy_bound cannot be combined with {name}={value!r} (the entropy bound "
-                             f"chooses how many and which positions); allowed with entropy_bound: {off!r}")
-    batch = prompt_ids.shape[0]
-    if isinstance(entropy_bound, torch.Tensor):
-        if tuple(entropy_bound.shape) not in ((batch,), ()):
-            raise ValueError(f"{fn}: entropy_bound tensor has shape {tuple(entropy_bound.shape)}; allowed: [B={batch}] "
-                             f"(one gamma per sample) or a scalar")
-        gamma = entropy_bound.to(device=prompt_ids.device, dtype=torch.float32).expand(batch).contiguous()
-        if not bool((torch.isfinite(gamma) & (gamma >= 0)).all()):
-            raise ValueError(f"{fn}: entropy_bound holds values outside [0, inf) (min {gamma.min().item()!r}); "
-                             f"allowed: finite numbers >= 0")
-        return gamma
-    if isinstance(entropy_bound, bool) or not isinstance(entropy_bound, (int, float)) or not (
-            math.isfinite(entropy_bound) and entropy_bound >= 0):
-        raise ValueError(f"{fn}: entropy_bound={entropy_bound!r}; allowed: a finite number >= 0, a [B] tensor of "
-                         f"them, or None (off)")
-    return torch.full((batch,), float(entropy_bound), dtype=torch.float32, device=prompt_ids.device)
+    if decoder is None:
+        rule = decoders.from_options(fn, remasking=remasking, confidence_threshold=confidence_threshold,
+                                     entropy_bound=entropy_bound, dream=dream)
+    else:
+        legacy = dict(remasking=(remasking, "low_confidence"), confidence_threshold=(confidence_threshold, None),
+                      entropy_bound=(entropy_bound, None), dream=(dream, None))
+        for name, (value, off) in legacy.items():
+            if (value is not None) if off is None else value != off:
+                raise ValueError(f"{fn}: decoder={decoder!r} cannot be combined with {name}={value!r} (the "
+                                 f"decoder's own settings choose the rule); leave {name} at {off!r}")
+        rule = decoders.get(decoder) if isinstance(decoder, str) else decoder
+        if not isinstance(rule, decoders.Decoder):
+            raise ValueError(f"{fn}: decoder must be a name ({', '.join(decoders.DECODERS)}) or a "
+                             f"stp.decoders.Decoder, got {type(decoder).__name__}")
+    rule.check(fn)
+    return rule
 
 
-def entropy_bounded_commit(entropy: torch.Tensor, candidates: torch.Tensor, gamma: torch.Tensor,
-                           limit: torch.Tensor) -> torch.Tensor:
-    """Which positions one EB step commits: [B, n] bool.
-
-    Per row, the ``candidates`` sorted by ``entropy`` (ascending, stable) and the largest prefix with
-    ``sum H - max H <= gamma`` taken; at least one position when the row has a candidate, at most ``limit`` (the
-    temporal-pruning budget left; 0 commits nothing). In ascending order the prefix ending at j has max H = H_j, so
-    ``sum H - max H`` is the sum of the entropies before j: non-decreasing in j, hence the accepted positions are a
-    prefix and the count is how many of these exclusive sums are <= gamma. No host sync.
-
-    Args:
-        entropy: [B, n] float predictive entropies (>= 0; rounding below 0 is clamped).
-        candidates: [B, n] bool; gamma: [B] float thresholds; limit: [B] int64 most commits per row.
-    """
-    h = entropy.float().clamp(min=0.0).masked_fill(~candidates, math.inf)
-    order = h.argsort(dim=1, stable=True)
-    sorted_h = h.gather(1, order)
-    finite = torch.isfinite(sorted_h)
-    vals = torch.where(finite, sorted_h, torch.zeros_like(sorted_h))
-    before = vals.cumsum(1) - vals  # sum of the smaller entropies before each sorted position
-    count = ((before <= gamma[:, None].float()) & finite).sum(1)
-    count = torch.minimum(count.clamp(min=1) * candidates.any(1), limit.long())
-    positions = torch.arange(h.shape[1], device=h.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return (rank < count[:, None]) & candidates
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -248,7 +215,8 @@ class _StepForward:
     """
 
     def __init__(self, model, x: torch.Tensor, attn: torch.Tensor | None, uncond: torch.Tensor | None, *, plen: int,
-                 block_length: int, steps_per_block: int, cache: str, cfg_scale: float) -> None:
+                 block_length: int, steps_per_block: int, cache: str, cfg_scale: float,
+                 share_first: bool = False) -> None:
         fn = "stp.sampler.generate"
         if cache not in CACHE_MODES:
             raise ValueError(f"{fn}: cache={cache!r}; allowed: {', '.join(map(repr, CACHE_MODES))}")
@@ -265,6 +233,8 @@ class _StepForward:
             self.kv = model.new_kv_cache()
             self.kv_uncond = model.new_kv_cache() if cfg_scale > 0 else None
         self.filled_block = -1  # the block whose first step filled the cache
+        self.kv_rows, self.kv_rows_count = None, x.shape[0]  # the batch rows the cache holds (None: all)
+        self.share_first = share_first  # run the first pass once per distinct sequence
 
     def _cached(self, block: int) -> bool:
         return self.cache != "none" and block == self.filled_block
@@ -276,41 +246,97 @@ class _StepForward:
         end = (hi + 1) * self.block_length
         return self.canvas_idx[lo * self.block_length:end] if self._cached(lo) else self.canvas_idx[:end]
 
-    def _run(self, x: torch.Tensor, kv, canvas_pos: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+    def _rows(self, rows: torch.Tensor | None):
+        """The canvas, padding mask and CFG mask of the given rows (None: every row)."""
+        if rows is None:
+            return self.x, self.attn, self.uncond
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        return pick(self.x), pick(self.attn), pick(self.uncond)
+
+    def _keep_rows(self, rows: torch.Tensor | None) -> None:
+        """Compact the kept keys/values to ``rows`` (live-row compaction): rows only leave between two fills, so
+        ``rows`` is a subset of the rows the cache holds; their positions there are found by ``searchsorted``."""
+        if rows is None or self.kv_rows_count == rows.numel():
+            return
+        where = rows if self.kv_rows is None else torch.searchsorted(self.kv_rows, rows)
+        for kv in (self.kv, self.kv_uncond):
+            if kv is not None:
+                kv.select_rows(where)
+        self.kv_rows, self.kv_rows_count = rows, rows.numel()
+
+    def _run(self, x: torch.Tensor, attn, kv, canvas_pos: torch.Tensor, window: tuple[int, int] | None
+             ) -> torch.Tensor:
         batch = x.shape[0]
         if window is not None:  # [B, stop - start, H]; the block's rows come first
-            h = self.model.backbone(x, self.attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
+            h = self.model.backbone(x, attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
             return h.reshape(batch * canvas_pos.numel(), -1)
-        h = self.model.backbone(x, self.attn) if kv is None else self.model.backbone(x, self.attn, kv_cache=kv)
+        h = self.model.backbone(x, attn) if kv is None else self.model.backbone(x, attn, kv_cache=kv)
         return h[:, self.plen + canvas_pos].reshape(batch * canvas_pos.numel(), -1)
 
-    def hidden(self, lo: int, hi: int, canvas_pos: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B * len(canvas_pos), H] of ``positions(lo, hi)`` on the current canvas (guidance
-        folded in), running the pass the cache mode calls for. The cache is filled when the lowest block ``lo``
-        changes: every position before it is then committed in every live sample, and positions after block ``hi``
-        are still as at the fill (masked or anchors), so a cached step recomputes blocks ``lo..hi`` (``dual``) or
-        everything from ``lo`` on (``prefix``)."""
+    def hidden(self, lo: int, hi: int, canvas_pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [R * len(canvas_pos), H] of ``positions(lo, hi)`` on the current canvas (guidance
+        folded in) for the batch rows ``rows`` (sorted indices; None = all B), running the pass the cache mode calls
+        for. The cache is filled when the lowest block ``lo`` changes: every position before it is then committed in
+        every live sample, and positions after block ``hi`` are still as at the fill (masked or anchors), so a cached
+        step recomputes blocks ``lo..hi`` (``dual``) or everything from ``lo`` on (``prefix``). A fill keeps the
+        rows it ran; a cached step on fewer rows first drops the others' keys/values."""
         window = None
         if self._cached(lo):
             start = self.plen + lo * self.block_length
             stop = self.x.shape[1] if self.cache == "prefix" else self.plen + (hi + 1) * self.block_length
             window = (start, stop)
+            self._keep_rows(rows)
         elif self.cache != "none":
             self.filled_block = lo  # this full forward fills the cache for the later steps from block lo
-        h = self._run(self.x, self.kv, canvas_pos, window)
+            self.kv_rows = rows
+            self.kv_rows_count = self.x.shape[0] if rows is None else rows.numel()
+        x, attn, uncond = self._rows(rows)
+        share = None
+        if self.share_first and window is None:
+            self.share_first = False  # the first pass only: later canvases differ by their draws
+            share = self._distinct(x, attn)
+        h = self._run_shared(x, attn, self.kv, canvas_pos, window, share)
         if self.cfg_scale > 0:
             # Logits are linear in the hidden state, so guidance on logits equals guidance on hidden states.
-            un_x = torch.where(self.uncond, self.model.mask_token_id, self.x)
-            un_h = self._run(un_x, self.kv_uncond, canvas_pos, window)
+            un_x = torch.where(uncond, self.model.mask_token_id, x)
+            un_h = self._run_shared(un_x, attn, self.kv_uncond, canvas_pos, window, share)
             h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
         return h
 
-    def full(self) -> torch.Tensor:
-        """Hidden states of every canvas position from a full forward (the one-shot fill), the cache untouched."""
-        h = self._run(self.x, None, self.canvas_idx, None)
+    @staticmethod
+    def _distinct(x: torch.Tensor, attn: torch.Tensor | None):
+        """(first row of each distinct sequence, each row's distinct index) when some rows are equal (a group's
+        samples of one prompt before their first draw), else None. One host sync."""
+        key = x if attn is None else torch.cat([x, attn.to(x.dtype)], 1)
+        uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if uniq.shape[0] == x.shape[0]:
+            return None
+        order = torch.arange(x.shape[0], device=x.device)
+        first = torch.full((uniq.shape[0],), x.shape[0], dtype=torch.long, device=x.device)
+        first = first.scatter_reduce(0, inverse, order, reduce="amin")
+        return first, inverse
+
+    def _run_shared(self, x, attn, kv, canvas_pos, window, share) -> torch.Tensor:
+        """``_run``, over the distinct rows only when ``share`` is given (results and kept keys/values copied to
+        their equal rows)."""
+        if share is None:
+            return self._run(x, attn, kv, canvas_pos, window)
+        first, inverse = share
+        h = self._run(x.index_select(0, first), None if attn is None else attn.index_select(0, first), kv,
+                      canvas_pos, window)
+        if kv is not None:
+            kv.select_rows(inverse)
+        n = canvas_pos.numel()
+        return h.view(first.numel(), n, -1).index_select(0, inverse).reshape(x.shape[0] * n, -1)
+
+    def full(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of every canvas position of ``rows`` from a full forward (the one-shot fill), the cache
+        untouched."""
+        x, attn, uncond = self._rows(rows)
+        h = self._run(x, attn, None, self.canvas_idx, None)
         if self.cfg_scale > 0:
-            un_x = torch.where(self.uncond, self.model.mask_token_id, self.x)
-            un_h = self._run(un_x, None, self.canvas_idx, None)
+            un_x = torch.where(uncond, self.model.mask_token_id, x)
+            un_h = self._run(un_x, attn, None, self.canvas_idx, None)
             h = un_h + (self.cfg_scale + 1.0) * (h - un_h)
         return h
 
@@ -338,6 +364,9 @@ def generate(
     dream: decoding.DreamDecoding | None = None,
     entropy_bound: float | torch.Tensor | None = None,
     cache: str = "none",
+    decoder: decoders.Decoder | str | None = None,
+    compact: bool = True,
+    share_first: bool = True,
 ) -> GenerationOutput:
     """Decode completions for a batch of (left-padded) prompts.
 
@@ -369,14 +398,27 @@ def generate(
             entropy bound included (its samples may be in different blocks: a cached step then runs blocks from the
             lowest to the furthest, see ``_StepForward.hidden``); the cached keys/values are exact only for a
             one-layer model or one step per block, elsewhere close (measured in benchmarks/RESULTS.md).
+        decoder: the decoding rule (``stp.decoders``): a name (``low_confidence``, ``random``,
+            ``confidence_threshold``, ``entropy_bound``, ``dream``, ``fast_dllm``, ...; its default settings) or a
+            ``stp.decoders.Decoder`` with its settings, e.g. ``stp.decoders.get("fast_dllm", threshold=0.9)``. None
+            (default): the rule that ``remasking``, ``confidence_threshold``, ``entropy_bound`` and ``dream`` select
+            (they must stay at their defaults when ``decoder`` is given).
+        compact: live-row compaction: a step runs the model only on the rows that can still commit (a sample that
+            stopped, or whose current block has no [MASK] left, leaves the forward); exact (same tokens, commit
+            steps, NFE and log-probs as ``compact=False``) wherever the model's rows are computed independently of
+            their batch (checked on CPU in tests/test_decoders.py).
+        share_first: the batch's first pass runs once per distinct sequence (a group's G samples of one prompt start
+            from the same canvas: prompt, [MASK] and the same anchors) and its hidden states (and kept keys/values)
+            are copied to the equal rows; the draws still differ per sample id. Exact where ``compact`` is.
     """
     num_blocks, steps_per_block = _check_args(prompt_ids, attention_mask, gen_length, block_length, steps,
-                                              temperature, remasking, prior, early_stop, cfg_scale,
-                                              confidence_threshold, dream)
-    gamma = _entropy_bound_arg(entropy_bound, prompt_ids, remasking, confidence_threshold, dream)
-    eb = gamma is not None
+                                              temperature, prior, early_stop, cfg_scale)
+    rule = _decoder_arg(decoder, remasking, confidence_threshold, entropy_bound, dream)
     device = prompt_ids.device
     batch, plen = prompt_ids.shape
+    rule = rule.bind(batch, device)
+    free = rule.pace == "free"  # each sample at its own block (stp.decoders.base)
+    fixed = not free and rule.fixed_counts  # the schedule's counts, known before the first pass
     total = plen + gen_length
     mask_id = int(model.mask_token_id)
     if seed is None:
@@ -418,7 +460,8 @@ def generate(
     reached = filled_before + k_budget >= budget
     total_steps = k_sched.shape[1]
     done_step = torch.where(reached.any(1), reached.long().argmax(1), torch.full_like(anchors_kept, total_steps - 1))
-    last_step = int(done_step.max().item()) if early_stop is not None else total_steps - 1  # the one sync
+    done_list = done_step.tolist() if early_stop is not None else None  # the one sync (host copy of the table)
+    last_step = max(done_list) if early_stop is not None else total_steps - 1
     active = torch.arange(total_steps, device=device)[None, :] <= done_step[:, None]  # [B, steps]
 
     trace = torch.full((batch, gen_length), ANCHOR, dtype=torch.long, device=device)
@@ -429,39 +472,39 @@ def generate(
 
     uncond = torch.cat([prompt_real, torch.zeros_like(anchor)], 1) if cfg_scale > 0 else None  # masked by CFG
     forward = _StepForward(model, x, attn, uncond, plen=plen, block_length=block_length,
-                           steps_per_block=steps_per_block, cache=cache, cfg_scale=cfg_scale)
+                           steps_per_block=steps_per_block, cache=cache, cfg_scale=cfg_scale, share_first=share_first)
 
     logprobs = torch.zeros(batch, gen_length, dtype=torch.float32, device=device) if record_logprobs else None
+    ctx = decoders.Draw(weight=weight, seed=seed, temperature=temperature, vocab=vocab, backend=backend,
+                        record_logprobs=record_logprobs)
 
-    def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int):
-        row_ids = (sample_ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
-        if dream is not None:  # hook: Dream's scores (stp.decoding)
-            x0, conf, lp = decoding.dream_sample(h, weight, dream, temperature=temperature, seed=seed, step=step,
-                                                 row_ids=row_ids, vocab=vocab)
-            n = canvas_pos.numel()
-            return x0.view(batch, n), conf.view(batch, n), (lp.view(batch, n) if record_logprobs else None)
-        out = sample_step(h, weight, seed=seed, step=step, row_ids=row_ids, temperature=temperature, vocab=vocab,
-                          backend=backend, check_inputs=False, return_entropy=eb,
-                          return_tempered_logp=record_logprobs)
-        x0, conf = out[0], out[1]
-        if eb:  # the entropy rides in the confidence slot's place: EB ranks by it (see the loop)
-            conf = out[2]
-        if remasking == "random":
-            keys = row_keys(seed ^ _RANDOM_REMASK_SALT, step, row_ids)
-            conf = counter_uniform(keys, torch.zeros(1, dtype=torch.long, device=device))[:, 0]
-        n = canvas_pos.numel()
-        lp = out[-1].view(batch, n) if record_logprobs else None  # from the sampling pass, no second one
-        return x0.view(batch, n), conf.view(batch, n), lp
+    def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int, rows: torch.Tensor | None):
+        ids = sample_ids if rows is None else sample_ids.index_select(0, rows)
+        row_ids = (ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+        x0, score, lp = rule.draw(h, ctx, step=step, row_ids=row_ids)
+        n, r = canvas_pos.numel(), ids.shape[0]
+        return x0.view(r, n), score.view(r, n), (lp.view(r, n) if lp is not None else None)
 
-    data_dependent = confidence_threshold is not None or dream is not None  # counts follow the canvas: no table
-    timesteps = decoding.dream_timesteps(steps_per_block, dream.eps, device) if dream is not None else None
+    def widen(t: torch.Tensor, rows: torch.Tensor | None, fill) -> torch.Tensor:
+        """A [R, n] result of the live rows as [B, n], ``fill`` in the other rows (which commit nothing)."""
+        if rows is None:
+            return t
+        out = torch.full((batch, t.shape[1]), fill, dtype=t.dtype, device=device)
+        return out.index_copy_(0, rows, t)
+
+    def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return t if rows is None else t.index_select(0, rows)
+
+    no_k = torch.zeros(batch, dtype=torch.long, device=device)  # the free pace has no schedule count
+    all_rows = torch.arange(batch, device=device)
+    rows = None  # live-row compaction: the rows this step runs (None = all)
     forward_passes = 0
-    for step in range(gen_length if eb else total_steps):
+    for step in range(gen_length if free else total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
         # such a position stays masked and competes again. Fixed shapes: no host sync.
         lo = hi = step // steps_per_block
-        if eb:  # each sample's current block = its first block with a masked position; the one sync of the step
+        if free:  # each sample's current block = its first block with a masked position; the one sync of the step
             masked_now = x[:, plen:] == mask_id  # [B, L]
             live = (filled < budget) & masked_now.any(1)
             block_of = masked_now.int().argmax(1) // block_length  # [B]
@@ -469,46 +512,61 @@ def generate(
                                             torch.where(live, block_of, num_blocks).min()]).tolist()
             if not any_live:
                 break
+            if compact:
+                rows = live.nonzero()[:, 0]
         canvas_pos = forward.positions(lo, hi)  # with a filled KV cache: the blocks lo..hi only
-        if not (eb or data_dependent):
+        if fixed:
             if step > last_step:
                 break
             live, kk = active[:, step], k_budget[:, step]
-        elif not eb:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
+            if compact and done_list is not None:
+                n_live = sum(d >= step for d in done_list)  # host copy of the table: no sync
+                if n_live < batch and (rows is None or rows.numel() != n_live):
+                    rows = torch.tensor([b for b, d in enumerate(done_list) if d >= step], device=device)
+        elif not free:  # data-dependent transfers: one sync per step to skip finished blocks and stop when all are done
             live = filled < budget
-            if not bool(((x[:, plen + canvas_pos] == mask_id).any(1) & live).any()):
+            runs = (x[:, plen + canvas_pos] == mask_id).any(1) & live
+            if compact:
+                rows = runs.nonzero()[:, 0]  # rows with nothing to commit leave the forward
+                if rows.numel() == 0:
+                    continue
+                if rows.numel() == batch:
+                    rows = None
+            elif not bool(runs.any()):
                 continue
-        x0, conf, lp = sample(forward.hidden(lo, hi, canvas_pos), canvas_pos, step)
-        still = x[:, plen + canvas_pos] == mask_id  # [B, block]
-        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
-        if confidence_threshold is not None:
-            above = (still & (conf > confidence_threshold)).sum(1)
-            kk = torch.minimum(torch.maximum(k_sched[:, step], above), budget - filled) * live
-        elif dream is not None:  # hook: Dream's count for this step of the block
-            kd = decoding.dream_commit_counts(dream, still, conf, timesteps, step % steps_per_block)
-            kk = torch.minimum(kd, budget - filled) * live
-        if eb:  # conf holds the entropies here (see sample)
-            in_block = (canvas_pos // block_length)[None, :] == block_of[:, None]
-            commit = entropy_bounded_commit(conf, still & in_block, gamma, (budget - filled) * live)
+            kk = k_sched[:, step]
         else:
-            # Top-k per row without a Python loop: each position's rank by confidence (stable sort).
-            order = conf.argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(1, order, canvas_idx[:canvas_pos.numel()].expand(batch, -1))
-            commit = (rank < kk[:, None]) & still
+            kk = no_k
+        if rows is not None and rows.numel() == batch:
+            rows = None
+        x0, score, lp = sample(forward.hidden(lo, hi, canvas_pos, rows), canvas_pos, step, rows)
+        still = pick(x[:, plen + canvas_pos], rows) == mask_id  # [R, block]
+        score = torch.where(still, score, torch.full_like(score, -math.inf))
+        candidates = still
+        if free:
+            candidates = still & ((canvas_pos // block_length)[None, :] == pick(block_of, rows)[:, None])
+        limit = kk if fixed else (budget - filled) * live
+        commit = rule.commit(decoders.Step(x0=x0, score=score, still=still, candidates=candidates, k=pick(kk, rows),
+                                           limit=pick(limit, rows), step_in_block=step % steps_per_block,
+                                           steps_per_block=steps_per_block, rows=rows))
+        commit, x0 = widen(commit, rows, False), widen(x0, rows, mask_id)
         x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
         trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
         if logprobs is not None:
-            logprobs[:, canvas_pos] = torch.where(commit, lp, logprobs[:, canvas_pos])
-        filled += commit.sum(1)
+            logprobs[:, canvas_pos] = torch.where(commit, widen(lp, rows, 0.0), logprobs[:, canvas_pos])
+        filled += (commit & (x0 != mask_id)).sum(1)  # a committed [MASK] leaves its position masked
         nfe += live.long()
         forward_passes += 1
 
     remaining = x[:, plen:] == mask_id
-    if (early_stop is not None or confidence_threshold is not None or eb) and bool(remaining.any()):  # one sync
-        x0, _, lp = sample(forward.full(), canvas_idx, _FILL_STEP)
-        x[:, plen:] = torch.where(remaining, x0, x[:, plen:])
+    if (early_stop is not None or rule.fills) and bool(remaining.any()):  # one sync
+        fill_rows = remaining.any(1).nonzero()[:, 0] if compact else None
+        if fill_rows is not None and fill_rows.numel() == batch:
+            fill_rows = None
+        x0, _, lp = sample(forward.full(fill_rows), canvas_idx, _FILL_STEP, fill_rows)
+        x[:, plen:] = torch.where(remaining, widen(x0, fill_rows, mask_id), x[:, plen:])
         if logprobs is not None:
-            logprobs = torch.where(remaining, lp, logprobs)
+            logprobs = torch.where(remaining, widen(lp, fill_rows, 0.0), logprobs)
         one_shot = remaining
         trace = torch.where(remaining, forward_passes, trace)
         nfe += remaining.any(1).long()

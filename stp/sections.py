@@ -21,6 +21,7 @@ Reading this module does not import torch.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ FREE_RULES = ("inside", "inclusive")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
+# stp.decoders
+DECODER_NAMES = ("low_confidence", "random", "confidence_threshold", "dream", "entropy_bound", "fast_dllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")  # transformers.get_scheduler names
@@ -125,9 +128,28 @@ class RolloutConfig(Section):
                     "the whole sequence), prefix (the prompt's and finished blocks' keys/values computed at a block's "
                     "first step and reused for its other steps), dual (the masked suffix's too); the held-out "
                     "evaluation always decodes without (stp.eval --cache evaluates with one)", choices=CACHE_MODES)
+    decoder: str | None = _f(None, "decoding rule by name (stp.decoders): low_confidence, random, "
+                             "confidence_threshold, entropy_bound, fast_dllm (Fast-dLLM's parallel decoding: top-1 "
+                             "plus every position with confidence >= rollout.decoder_threshold, blocks end when "
+                             "decoded); "
+                             "none = the rule rollout.remasking / rollout.confidence_threshold select",
+                             choices=tuple(n for n in DECODER_NAMES if n != "dream"))
+    decoder_threshold: float = _f(0.9, "rollout.decoder fast_dllm / confidence_threshold: the confidence "
+                                  "threshold, in (0, 1]")
+    decoder_gamma: float = _f(0.1, "rollout.decoder entropy_bound: the entropy bound gamma, >= 0")
     max_prompt_length: int | None = _f(None, "prompts longer than this many tokens are left-truncated (TRL's "
                                        "behaviour); none = no limit")
     eval_temperature: float = _f(0.0, "sampling temperature of the held-out evaluation (0 = greedy, d1's protocol)")
+
+    def decoder_rule(self):
+        """The ``stp.decoders.Decoder`` that ``decoder`` names, with its settings (None when unset)."""
+        if self.decoder is None:
+            return None
+        from stp import decoders
+        settings = {"fast_dllm": {"threshold": self.decoder_threshold},
+                    "confidence_threshold": {"threshold": self.decoder_threshold},
+                    "entropy_bound": {"gamma": self.decoder_gamma}}.get(self.decoder, {})
+        return decoders.get(self.decoder, **settings)
 
     def __post_init__(self):
         self._coerce_all()
@@ -143,6 +165,11 @@ class RolloutConfig(Section):
         self._need("confidence_threshold", self.confidence_threshold is None or 0 < self.confidence_threshold <= 1,
                    "a number in (0, 1], or none")
         self._need("cfg_scale", self.cfg_scale >= 0, "a number >= 0")
+        self._need("decoder_threshold", 0 < self.decoder_threshold <= 1, "a number in (0, 1]")
+        self._need("decoder_gamma", math.isfinite(self.decoder_gamma) and self.decoder_gamma >= 0, "a number >= 0")
+        if self.decoder is not None:
+            self._need("decoder", self.remasking == "low_confidence" and self.confidence_threshold is None,
+                       "none while rollout.remasking or rollout.confidence_threshold is set (they select a rule too)")
         self._need("max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
                    "an integer >= 1, or none")
 

@@ -228,6 +228,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                                    remasking=ro.remasking, prior=prior, early_stop=ro.early_stop,
                                    seed=derive_seed(run.seed, "rollout", r), sample_ids=sample_ids,
                                    cfg_scale=ro.cfg_scale, confidence_threshold=ro.confidence_threshold, cache=ro.cache,
+                                   decoder=ro.decoder_rule(),
                                    record_logprobs=method.rollout.behaviour_logprobs, backend=run.backend,
                                    **method.sampler_kwargs(prompt_ids, sample_ids, attention_mask=prompt_mask,
                                                            seed=derive_seed(run.seed, "rollout", r)))

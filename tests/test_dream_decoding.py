@@ -9,7 +9,8 @@ filters, then softmax) and commits the ``int(M * (1 - s / t))`` best, M = the ba
 remaining one at the last step. The schedule is computed as Dream computes it (float32 ``linspace``), the scores in
 float64 with plain loops over rows and positions. ``origin``'s uniforms come from the counter the sampler uses (a
 fixed noise tensor shared by both, as tests/test_sampler.py does for LLaDA's Gumbel noise); Dream draws them from
-``torch.rand``. Ties of confidence go to the earlier position (Dream's ``topk`` leaves them unspecified).
+``torch.rand``, so ``origin`` equals Dream's only given Dream's draws. Ties of confidence go to the earlier position
+(Dream's ``topk`` leaves them unspecified).
 
 The model: a random Dream-shaped checkpoint (tests/_models_reference.py) whose [MASK] row of the LM head is zero, so
 that [MASK] (logit 0) is never the argmax, as for a trained Dream.

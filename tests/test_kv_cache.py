@@ -365,3 +365,25 @@ def test_eval_command_line_takes_the_cache():
     assert build_parser().parse_args(["--model", "tiny", "--task", "sudoku"]).cache == "none"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "tiny", "--task", "sudoku", "--cache", "full"])
+
+
+@pytest.mark.parametrize("layout", ["tiny", "llada", "dream"])
+def test_a_refilled_cache_keeps_the_positions(tmp_path, layout):
+    """A second fill of the same cache (the next block's first step) runs at positions 0.. as the first: its kept
+    keys/values are the full forward's, so a later window pass of a one-layer model is exact (before the fix, a
+    refill without padding took its positions after the cached length, and every block after the first was decoded
+    from keys rotated by the sequence length)."""
+    model = _checkpoint(tmp_path, layout, 3, layers=1)
+    ids = torch.randint(0, 90, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model.new_kv_cache()
+        model.backbone(ids, None, kv_cache=cache)
+        ids[:, 4:12] = 33
+        model.backbone(ids, None, kv_cache=cache, window=(4, 12))
+        refill = model.backbone(ids, None, kv_cache=cache)
+        assert_close(refill, model.backbone(ids), atol=1e-6, rtol=1e-6, what=f"{layout}: the refill")
+        changed = ids.clone()
+        changed[:, 12:14] = 81
+        got = model.backbone(changed, None, kv_cache=cache, window=(12, 20))
+        assert_close(got, model.backbone(changed)[:, 12:20], atol=1e-5, rtol=1e-5,
+                     what=f"{layout}: window after a refill")

@@ -51,7 +51,7 @@ def test_replaying_the_record_rebuilds_every_canvas(model, settings):
     vocab = vocab_without_mask(model)
     rec = Recording(model)
     out = generate(rec, ids, attention_mask=attn, prior=prior, seed=11, vocab=vocab, record_logprobs=True,
-                   **settings)
+                   compact=False, **settings)  # every row in every pass: the recorded canvases are the batch's
     plain = generate(model, ids, attention_mask=attn, prior=prior, seed=11, vocab=vocab, **settings)
     assert torch.equal(out.completions, plain.completions) and torch.equal(out.nfe, plain.nfe)
     assert plain.behaviour_logprobs is None and torch.equal(plain.commit_step, out.commit_step)

@@ -62,7 +62,9 @@ class _BlockLayer(CacheLayerMixin):
         return self.keys.shape[-2], 0
 
     def get_seq_length(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized else 0
+        # 0 during a fill: the model derives the positions of a call without position_ids from the cached length,
+        # and a refill (the next block's first step) must run at positions 0.., not after the kept sequence.
+        return self.keys.shape[-2] if self.is_initialized and self._owner.start is not None else 0
 
     def get_max_length(self) -> int:
         return -1
@@ -77,6 +79,13 @@ class BlockKVCache(Cache):
         self.start: int | None = None
         self.filled = False
         super().__init__(layers=[_BlockLayer(self) for _ in range(num_layers)])
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows ``index`` of every layer's keys/values (live-row compaction of the sampler)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Query positions are passed explicitly (position_ids); the mask is built against the whole buffer.
