@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import stp.sampler
 from stp.models import load
 from stp.sampler import Prior, entropy_bounded_commit, generate
 from stp_kernels import available_backends
+
+from tests._decoding import Recording
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +135,175 @@ def test_bad_entropy_bounds_are_refused(model):
         generate(model, ids, entropy_bound=1.0, remasking="random", **kw)
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu", op="sample_step"))
-def test_every_backend_decodes_eb_like_the_reference(model, backend):
-    """The entropies come from each backend's fused pass; a threshold far from any prefix sum commits the same
-    positions everywhere (gamma 0 and a huge one are exact limits; 0.5 checks a real cut, with the float32
-    entropies of the backends agreeing to ~1e-6)."""
-    ids = _prompts(model, batch=2)
-    for gamma in (0.0, 0.5, 1e9):
-        ref = generate(model, ids, gen_length=16, block_length=8, steps=2, temperature=0.0, entropy_bound=gamma,
-                       seed=0, backend="torch")
-        got = generate(model, ids, gen_length=16, block_length=8, steps=2, temperature=0.0, entropy_bound=gamma,
+# Float32 entropies near log(V) have an ulp of ~5e-7; every backend is within a few ulps of the float64 value. A
+# backend whose entropy is within ENT_TOL of it can order two positions against float64 only when their float64
+# entropies are within 2 * ENT_TOL (TIE): such a near-tie may go either way, and two correct backends may then decode
+# differently from there on (the tiny model's random weights give near-uniform, near-tied entropies).
+ENT_TOL = 5e-6
+TIE = 2 * ENT_TOL
+TOKEN_TOL = 1e-5  # a committed token's float64 logit is within this of the largest (T = 0: argmax up to rounding)
+
+
+def _candidates(masked: torch.Tensor, block: int) -> torch.Tensor:
+    """[L] bool: the EB step's candidates for one sample, the masked positions of its first block holding one."""
+    cand = torch.zeros_like(masked)
+    if masked.any():
+        cur = int(masked.int().argmax()) // block
+        cand[cur * block:(cur + 1) * block] = masked[cur * block:(cur + 1) * block]
+    return cand
+
+
+def _eb_replay(model, ids, gamma, backend):
+    """Decode with the entropy bound (T = 0, gen 16, block 8) through ``backend`` and check every forward pass
+    against a float64 replay of the pass, from the hidden states the decoder gave ``sample_step`` and the canvas the
+    model saw (both recorded during the run):
+
+    - the backend's entropies are within ENT_TOL of the float64 ones and its x0 are float64 argmaxes (up to
+      TOKEN_TOL); the committed tokens are too;
+    - the committed set is an entropy-bounded commit up to rounding: the candidates are the still-masked positions
+      of the sample's current block (its first block holding a masked position); the committed ones have the
+      lowest float64 entropies up to TIE; their count is the number of exclusive prefix sums of the sorted
+      entropies <= gamma (at least 1) for gamma moved by the rounding slack either way.
+
+    Returns (output, recorded canvases, float64 entropies [passes, B, L], +inf beyond each pass's rows)."""
+    rec = Recording(model)
+    calls = []
+    real = stp.sampler.sample_step
+
+    def recording_sample_step(hidden, weight, **kwargs):
+        out = real(hidden, weight, **kwargs)
+        calls.append((hidden.clone(), out[0].clone(), out[2].clone()))
+        return out
+
+    stp.sampler.sample_step = recording_sample_step
+    try:
+        out = generate(rec, ids, gen_length=16, block_length=8, steps=2, temperature=0.0, entropy_bound=gamma,
                        seed=0, backend=backend)
+    finally:
+        stp.sampler.sample_step = real
+    states = rec.calls
+    batch, plen = ids.shape
+    length, block = 16, 8
+    weight = model.lm_head_weight.double()
+    assert len(states) == len(calls) == out.forward_passes and not out.one_shot.any(), (backend, gamma)  # no fill
+    ent64 = torch.full((len(calls), batch, length), torch.inf, dtype=torch.float64)
+    for f, (x, (hid, x0_b, h_b)) in enumerate(zip(states, calls)):
+        n = hid.shape[0] // batch  # the pass computed canvas positions 0..n-1
+        z = (hid.double() @ weight.T).view(batch, n, -1)
+        p = z.softmax(-1)
+        h64 = torch.logsumexp(z, -1) - (p * z).sum(-1)  # [B, n]
+        ent64[f, :, :n] = h64
+        err = (h_b.double().view(batch, n) - h64).abs().max().item()
+        assert err <= ENT_TOL, (backend, gamma, f, "entropy off by", err)
+        zmax = z.max(-1).values
+        x0_gap = (zmax - z.gather(-1, x0_b.view(batch, n, 1))[..., 0]).max().item()
+        assert x0_gap <= TOKEN_TOL, (backend, gamma, f, "x0 is not the argmax; logit gap", x0_gap)
+        masked = x[:, plen:] == model.mask_token_id
+        for b in range(batch):
+            committed = out.trace[b] == f
+            assert torch.equal(states[f + 1][b, plen:] if f + 1 < len(states) else out.completions[b],
+                               torch.where(committed, out.completions[b], x[b, plen:])), (backend, gamma, f, b)
+            cand = _candidates(masked[b], block)
+            assert not (committed & ~cand).any(), (backend, gamma, f, b, "commits a non-candidate")
+            if not cand.any():
+                assert not committed.any()
+                continue
+            assert not cand[n:].any(), (backend, gamma, f, b, "the pass did not compute a candidate")
+            committed, cand = committed[:n], cand[:n]
+            tok = out.completions[b, :n][committed]
+            gap = (zmax[b, committed] - z[b, committed].gather(-1, tok[:, None])[:, 0]).max().item()
+            assert gap <= TOKEN_TOL, (backend, gamma, f, b, "committed token is not the argmax; gap", gap)
+            e = h64[b]
+            rest = cand & ~committed
+            if rest.any():
+                spread = (e[committed].max() - e[rest].min()).item()
+                assert spread <= TIE, (backend, gamma, f, b, "a lower-entropy position was passed over by", spread)
+            srt = e[cand].sort().values
+            before = srt.cumsum(0) - srt
+            slack = srt.numel() * ENT_TOL
+            lo = max(1, int((before <= gamma - slack).sum()))
+            hi = max(1, int((before <= gamma + slack).sum()))
+            assert lo <= int(committed.sum()) <= hi, (backend, gamma, f, b, int(committed.sum()), lo, hi)
+    return out, states, ent64
+
+
+def _same_as_reference_or_split_at_a_tie(model, ids, gamma, backend):
+    """Both runs pass the float64 replay; they agree exactly until the first pass at which their commits differ
+    (if any); at that pass both saw the same canvas, and every position one committed and the other not is within
+    TIE, in float64, of every such position of the other (a near-tie broken differently by rounding), or, when the
+    counts differ, gamma is within the rounding slack of a prefix sum. Returns that pass, or None."""
+    ref, ref_states, ent = _eb_replay(model, ids, gamma, "torch")
+    got, got_states, _ = _eb_replay(model, ids, gamma, backend)
+    split = next((f for f in range(min(ref.forward_passes, got.forward_passes))
+                  if not torch.equal(ref.trace == f, got.trace == f)), None)
+    if split is None:
         assert torch.equal(got.completions, ref.completions) and torch.equal(got.trace, ref.trace), (backend, gamma)
+        assert torch.equal(got.nfe, ref.nfe) and got.forward_passes == ref.forward_passes
+        return None
+    for f in range(split + 1):  # the same canvases up to and including the split pass
+        assert torch.equal(ref_states[f], got_states[f]), (backend, gamma, f)
+    for b in range(ids.shape[0]):
+        mine, theirs = ref.trace[b] == split, got.trace[b] == split
+        if torch.equal(mine, theirs):
+            continue
+        e = ent[split, b]
+        if int(mine.sum()) == int(theirs.sum()):
+            gap = (e[mine & ~theirs][:, None] - e[theirs & ~mine][None, :]).abs().max().item()
+            assert gap <= TIE, (backend, gamma, split, b, "commits differ at entropies apart by", gap)
+        else:
+            cand = _candidates(ref_states[split][b, ids.shape[1]:] == model.mask_token_id, 8)
+            srt = e[cand].sort().values
+            before = srt.cumsum(0) - srt
+            assert ((before - gamma).abs() <= srt.numel() * ENT_TOL).any(), (backend, gamma, split, b)
+    return split
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu", op="sample_step"))
+def test_every_backend_decodes_eb_like_the_reference(model, backend, seed):
+    """The entropies come from each backend's fused pass. Every run is checked against a float64 replay at each step
+    (``_eb_replay``), and against the torch backend's run: exactly equal, or equal until a step where the two
+    committed different positions of a near-tie (float64 entropies within TIE; float32 rounding of ~5e-7 decides
+    those: at gamma 0 Triton's interpreter commits two such positions of the first prompt in the other order). The
+    prompts: two fixed ones and a fresh one per run. gamma 0 and 1e9 are the limits, 10 a real cut (the entropies
+    are near log V ~ 4.65: three positions per step)."""
+    ids = torch.cat([_prompts(model, batch=2), _prompts(model, batch=1, seed=seed)])
+    for gamma in (0.0, 10.0, 1e9):
+        _same_as_reference_or_split_at_a_tie(model, ids, gamma, backend)
+
+
+def _perturbed(monkeypatch, change, backend="torch"):
+    """Make the sampler's ``sample_step`` return ``change(x0, entropy)`` in place of its x0 and entropy when it runs
+    on ``backend``."""
+    real = stp.sampler.sample_step
+
+    def wrapped(*args, **kwargs):
+        out = list(real(*args, **kwargs))
+        if kwargs.get("return_entropy") and kwargs.get("backend") == backend:
+            out[0], out[2] = change(out[0], out[2])
+        return tuple(out)
+
+    monkeypatch.setattr(stp.sampler, "sample_step", wrapped)
+
+
+def test_the_backend_check_catches_wrong_entropies_tokens_and_orders(model, monkeypatch):
+    """Negative controls of the check above: entropies off by 1e-3 on every other row, a wrong token, or the
+    highest entropy committed first are each refused; a backend within rounding of the float64 entropies that breaks
+    near-ties differently (rounded to a coarser grid) passes, though its decoding departs from the torch backend's."""
+    ids = _prompts(model, batch=2)
+    with monkeypatch.context() as mp:
+        _perturbed(mp, lambda x0, h: (x0, h + 1e-3 * (torch.arange(h.numel()) % 2)))
+        with pytest.raises(AssertionError, match="entropy off by"):
+            _eb_replay(model, ids, 0.0, "torch")
+    with monkeypatch.context() as mp:
+        _perturbed(mp, lambda x0, h: (torch.where(torch.arange(x0.numel()) == 3, (x0 + 1) % model.vocab_size, x0),
+                                      h))
+        with pytest.raises(AssertionError, match="argmax"):
+            _eb_replay(model, ids, 0.0, "torch")
+    with monkeypatch.context() as mp:  # the commit rule itself reversed: highest entropy first
+        real_commit = stp.sampler.entropy_bounded_commit
+        mp.setattr(stp.sampler, "entropy_bounded_commit", lambda h, c, g, lim: real_commit(10 - h, c, g, lim))
+        with pytest.raises(AssertionError, match="passed over"):
+            _eb_replay(model, ids, 0.0, "torch")
+    with monkeypatch.context() as mp:  # entropies rounded to a 2^-18 grid (error <= 1.9e-6): ties broken by position
+        _perturbed(mp, lambda x0, h: (x0, torch.round(h * 2.0**18) / 2.0**18), backend="torch_chunked")
+        assert _same_as_reference_or_split_at_a_tie(model, ids, 0.0, "torch_chunked") is not None
