@@ -541,13 +541,17 @@ class DTRPOConfig(_Section):
     section: ClassVar[str] = "dtrpo"
 
     mode: str = _f("exact", "how the drawn states are evaluated: exact (one sequence per block state) or packed (one "
-                   "[prompt ; noisy ; clean] sequence with a block-diffusion mask: exact for block-causal models, an "
-                   "approximation for LLaDA)", choices=TRAJECTORY_MODES)
+                   "[prompt ; noisy ; clean] sequence with a block-diffusion mask: only for a model declaring "
+                   "block-causal attention; refused for LLaDA, Dream and the tiny model, where it is biased)",
+                   choices=TRAJECTORY_MODES)
     block_mean: bool = _f(False, "weight each block's drawn step by 1 (the block mean) instead of T_B (the unbiased "
-                          "trajectory sum)")
+                          "trajectory sum): the trajectory log-ratio divided by T_B")
+    temperature: float | None = _f(None, "temperature the log-probs are scored at; none = the sampling temperature "
+                                   "(rollout.temperature, recorded in the pairs file), so the ratio is the sampling "
+                                   "policy's")
     beta: float = _f(0.1, "DPO inverse temperature: loss = -log sigmoid(beta * (Delta_chosen - Delta_rejected))")
-    length_normalize: bool = _f(False, "divide each trajectory log-ratio by its number of decoded (non-anchor) "
-                                "tokens")
+    length_normalize: bool = _f(False, "divide each trajectory log-ratio by its completion's real length (tokens "
+                                "through the first EOS)")
     pairs_path: str | None = _f(None, "JSONL of `python -m stp.pairs`; built there first with the base model when "
                                 "prompts are missing; none = <run.output_dir>/pairs.jsonl; 'cache' = a file named "
                                 "by the pair settings in the stp cache ($STP_CACHE_DIR/pairs, like pretrained "
@@ -559,6 +563,7 @@ class DTRPOConfig(_Section):
     def __post_init__(self):
         self._coerce_all()
         self._need("beta", self.beta > 0, "a number > 0")
+        self._need("temperature", self.temperature is None or self.temperature > 0, "a number > 0, or none")
         self._need("pair_prompts", self.pair_prompts is None or self.pair_prompts >= 1, "an integer >= 1, or none")
         self._positive("build_batch_size")
 

@@ -136,7 +136,9 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     text_of = data_order.PromptTexts(task, train_rows, tok)  # example index -> prompt text (cached)
 
     method = get_method(cfg.method)(cfg)
-    method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)], accelerator)
+    run_idx = order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)
+    method.task, method.rows = task, [train_rows[i] for i in run_idx]  # the run's rewards and examples (dTRPO's pairs)
+    method.prepare(lm, [text_of(i) for i in run_idx], accelerator)
     ref_context = policy.setup_trainable(lm, cfg, dtype, accelerator.device)
     params = list(checkpoint.trainable(lm).values())
     # The model's group first; a method's own trainable modules (stp.methods.base) add theirs after it.
