@@ -43,6 +43,7 @@ Two evaluation modes, one body forward each (chunked by whole samples under ``me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ from stp_kernels import masked_logprob
 from stp_kernels.reference import counter_uniform, row_keys
 
 __all__ = ["MODES", "U_SALT", "TrajectoryLogprobs", "block_steps", "trajectory_logprobs", "trajectory_delta",
-           "dpo_loss"]
+           "dpo_loss", "selection_logprob"]
 
 MODES = ("exact", "packed")
 U_SALT = 0x64747270_6F5F7562  # "dtrpo_ub" in ASCII: a stream apart from the sampler's and the masks'
@@ -315,3 +316,52 @@ def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor, 
         metrics = {"accuracy": (z > 0).float().mean(), "margin": z.mean(), "delta_chosen": dw.mean(),
                    "delta_rejected": dl.mean()}
     return loss, metrics
+
+
+@torch.no_grad()
+def selection_logprob(model, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor | None,
+                      completion_ids: torch.Tensor, commit_step: torch.Tensor, *, block_length: int, steps: int,
+                      temperature: float, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] float64: the selection term of a low-confidence-remasking trajectory, the part of log pi(tau) that the
+    newly-unmasked tokens' log-probs leave out (docs/method.md 7). The sampler (``stp.sampler``, schedule mode, no
+    anchors, no early stop) draws x_j ~ softmax(z_j / T) at every still-masked position j of the pass's block and
+    commits the k most confident, confidence softmax(z_j)[x_j] (untempered). Given the revealed tokens y_S, the
+    other candidates j must have drawn a token less confident than c = min_{i in S} softmax(z_i)[y_i]::
+
+        log P(selection | y_S) = sum_f sum_{j in M_f - S_f} log sum_{v: softmax(z_j)_v < c_f} softmax(z_j / T)_v
+
+    (ties of confidence, of probability 0 for continuous logits, are ignored). Full forward passes, one per pass of
+    the schedule, float64 head: a measuring tool, not a training path. ``vocab``: the sampler's vocabulary prior."""
+    fn = "stp.trajectory_ratio.selection_logprob"
+    if not temperature > 0:
+        raise ValueError(f"{fn}: temperature={temperature}; allowed: > 0 (greedy decoding selects deterministically)")
+    num_blocks, t_b = _check(prompt_ids, prompt_attention_mask, completion_ids, commit_step, block_length, steps,
+                             "exact", None, None)
+    s = commit_step.long()
+    if bool(((s < 1) | (s > steps)).any()):
+        raise ValueError(f"{fn}: every position must be committed by one of the {steps} scheduled passes (no anchors, "
+                         f"no one-shot fill); commit steps range over [{int(s.min())}, {int(s.max())}]")
+    batch, p_len = prompt_ids.shape
+    c_len = completion_ids.shape[1]
+    ids = torch.arange(model.lm_head_weight.shape[0], device=completion_ids.device) if vocab is None else vocab
+    head = model.lm_head_weight.index_select(0, ids.to(model.lm_head_weight.device)).double()
+    slot = (ids.to(completion_ids.device)[None, None, :] == completion_ids[:, :, None]).int().argmax(-1)  # [B, C]
+    attn = None
+    if prompt_attention_mask is not None:
+        attn = torch.cat([prompt_attention_mask, torch.ones_like(completion_ids)], 1)
+    block_of = torch.arange(c_len, device=completion_ids.device) // block_length
+    total = torch.zeros(batch, dtype=torch.float64, device=completion_ids.device)
+    for f in range(1, steps + 1):
+        masked, sel = s >= f, s == f
+        cand = masked & ~sel & (block_of == (f - 1) // t_b)[None, :]
+        if not bool((cand.any(1) & sel.any(1)).any()):
+            continue
+        canvas = torch.where(masked, int(model.mask_token_id), completion_ids)
+        h = model.backbone(torch.cat([prompt_ids, canvas], 1), attn)[:, p_len:].double()
+        z = h @ head.T  # [B, C, V']
+        p, q = torch.softmax(z, -1), torch.softmax(z / temperature, -1)
+        conf = p.gather(2, slot[:, :, None])[:, :, 0]
+        c_min = torch.where(sel, conf, torch.full_like(conf, math.inf)).min(1).values  # [B]; inf: nothing revealed
+        below = torch.where(p < c_min[:, None, None], q, torch.zeros_like(q)).sum(-1)  # [B, C]
+        total += torch.where(cand, below.log(), torch.zeros_like(below)).sum(1)
+    return total
