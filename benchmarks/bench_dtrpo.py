@@ -19,13 +19,14 @@ the pretrained tiny model (Sudoku prompts, 4 blocks of 8), whose predictions do.
 (bidirectional) models; the cost and gap tables mark a copy of the model as declaring it, to measure what the packed
 sequence would cost and how far off it would be.
 
-    python -m benchmarks.bench_dtrpo --reference-only [--repeats 5]
+    python -m benchmarks.bench_dtrpo --reference-only [--repeats 5] [--model micro|tiny]
     python -m benchmarks.bench_dtrpo --selection-only [--samples 32] [--theta-adapter RUN/adapter]
 
-``--reference-only``: the reference terms of offline dTRPO with fresh steps every epoch, two ways, on the micro model
-with a LoRA adapter: recomputed per visit with the adapter disabled (no grad, the N_B drawn states: what the trainer
-does) against caching every position's reference log-prob once per pair (no grad, all N_B T_B states of the
-trajectory); the cache pays when a pair is visited more than (cache time / recompute time) times.
+``--reference-only``: the reference terms of offline dTRPO with fresh steps every epoch, two ways, on ``--model``
+(micro: 8 blocks of T_B 16, tiny: 2 blocks of T_B 16) with a LoRA adapter: recomputed per visit with the adapter
+disabled (no grad, the N_B drawn states: what the trainer does) against caching every position's reference log-prob
+once per pair (no grad, all N_B T_B states of the trajectory); the cache pays when a pair is visited more than
+(cache time / recompute time) times.
 ``--selection-only``: the selection term of low-confidence remasking (``stp.trajectory_ratio.selection_logprob``) on
 the pretrained tiny model (``pretrained:sudoku``) at dtrpo-tiny's pair settings (compact Sudoku prompts of the
 generated test split, L 32 / block 32 / 16 steps, T 0.9): per sample, the selection log-probability under the
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> str | None:
     torch.set_num_threads(1)
     load_start = load_average()
     if a.reference_only or a.selection_only:
-        lines = reference_table(a.repeats) if a.reference_only else selection_table(a.samples, a.theta_adapter)
+        lines = (reference_table(a.repeats, a.model) if a.reference_only
+                 else selection_table(a.samples, a.theta_adapter))
         lines += ["", *machine_lines(load_start, load_average())]
         text = "\n".join(lines) + "\n"
         print(text)
@@ -245,14 +247,14 @@ def _spread(xs) -> str:
     return f"{min(xs):.3g} / {statistics.median(xs):.3g} / {max(xs):.3g}"
 
 
-def reference_table(repeats: int) -> list[str]:
+def reference_table(repeats: int, name: str) -> list[str]:
     """Reference terms per visit (adapter disabled, N_B states) vs a per-pair cache of every pass (N_B T_B states)."""
     from stp.config import resolve
     from stp.policy import add_lora
     from stp.trajectory_ratio import trajectory_logprobs
 
-    b, p, c, steps = MODELS["micro"]
-    model, prompt, pam, comp, commit, steps, _ = make("micro")
+    b, p, c, steps = MODELS[name]
+    model, prompt, pam, comp, commit, steps, _ = make(name)
     add_lora(model, resolve("tiny"))
     n_blocks, t_b = c // BLOCK, steps // (c // BLOCK)
     kw = dict(block_length=BLOCK, steps=steps, mode="exact")
@@ -270,20 +272,20 @@ def reference_table(repeats: int) -> list[str]:
                 trajectory_logprobs(model, prompt, pam, comp, commit, seed=1, iteration=0, fixed_steps=fixed, **kw)
 
     rows = []
-    for name, fn, states in (("recompute per visit (adapter disabled)", recompute, n_blocks),
-                             ("cache every pass, once per pair", cache_all, n_blocks * t_b)):
+    for way, fn, states in (("recompute per visit (adapter disabled)", recompute, n_blocks),
+                            ("cache every pass, once per pair", cache_all, n_blocks * t_b)):
         fn()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3 / b)
-        rows.append((name, states, times))
+        rows.append((way, states, times))
     ratio = statistics.median(rows[1][2]) / statistics.median(rows[0][2])
-    lines = [f"Reference terms of offline dTRPO with fresh steps every epoch: micro model + LoRA (r 16), {b} samples x "
-             f"(prompt {p} + completion {c}), {n_blocks} blocks of T_B = {t_b}; no grad; per sample", "",
+    lines = [f"Reference terms of offline dTRPO with fresh steps every epoch: {name} model + LoRA (r 16), {b} "
+             f"samples x (prompt {p} + completion {c}), {n_blocks} blocks of T_B = {t_b}; no grad; per sample", "",
              "| way | states / sample | ms / sample min / median / max |", "|---|---|---|"]
-    lines += [f"| {name} | {states} | {_spread(times)} |" for name, states, times in rows]
+    lines += [f"| {way} | {states} | {_spread(times)} |" for way, states, times in rows]
     lines += ["", f"cache / recompute (medians): {ratio:.1f}: the cache is cheaper only for pairs visited more than "
               f"{ratio:.1f} times (T_B = {t_b} passes per block)"]
     return lines
