@@ -213,7 +213,6 @@ def test_reference_terms_are_the_base_on_the_visits_fresh_steps(lora_pairs):
 # ------------------------------------------------------------------------ item 2: the run's own rewards and data
 
 
-@pytest.mark.slow
 def test_pairs_are_built_from_the_trainers_reward_functions_and_dataset(tmp_path):
     """``stp.Trainer(reward_funcs=..., train_dataset=...)`` with method dtrpo: the pairs are scored by exactly those
     functions on those rows (a reward of -1000 stays -1000), and the settings name the functions."""
