@@ -130,7 +130,7 @@ def test_steps_are_fresh_every_epoch_keyed_by_epoch_and_prompt_id(seed):
     m = DTRPO(cfg)
     m.pairs = pairs
     n = len(pairs)
-    epochs = 12
+    epochs = 64  # a value of 4 missed in 64 epochs: probability 4 (3/4)^64 < 1e-7 per (pair, side, block)
     ids = torch.tensor([2 * (e * n + p) + k for e in range(epochs) for p in range(n) for k in (0, 1)])
     steps = m.visit_steps(ids, 2, 4).view(epochs, n, 2, 2)  # [epoch, pair, side, block]
     lo = torch.tensor([1, 5])
