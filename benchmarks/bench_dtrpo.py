@@ -15,6 +15,24 @@ backward of sum(logprobs * g) with a random g. The STP estimator runs without an
 per-sample trajectory log-ratio Delta between the model and a copy with perturbed weights, over 4 drawn u; on the
 micro and tiny models with random weights (whose predictions barely depend on context, so the gap is small) and on
 the pretrained tiny model (Sudoku prompts, 4 blocks of 8), whose predictions do. ``--gap-only`` prints that table.
+``packed`` is exact only for a model declaring block-causal attention and the trainer refuses it for these
+(bidirectional) models; the cost and gap tables mark a copy of the model as declaring it, to measure what the packed
+sequence would cost and how far off it would be.
+
+    python -m benchmarks.bench_dtrpo --reference-only [--repeats 5] [--model micro|tiny]
+    python -m benchmarks.bench_dtrpo --selection-only [--samples 32] [--theta-adapter RUN/adapter]
+
+``--reference-only``: the reference terms of offline dTRPO with fresh steps every epoch, two ways, on ``--model``
+(micro: 8 blocks of T_B 16, tiny: 2 blocks of T_B 16) with a LoRA adapter: recomputed per visit with the adapter
+disabled (no grad, the N_B drawn states: what the trainer does) against caching every position's reference log-prob
+once per pair (no grad, all N_B T_B states of the trajectory); the cache pays when a pair is visited more than
+(cache time / recompute time) times.
+``--selection-only``: the selection term of low-confidence remasking (``stp.trajectory_ratio.selection_logprob``) on
+the pretrained tiny model (``pretrained:sudoku``) at dtrpo-tiny's pair settings (compact Sudoku prompts of the
+generated test split, L 32 / block 32 / 16 steps, T 0.9): per sample, the selection log-probability under the
+sampling model, and against a second policy (the pretrained model with a trained adapter merged,
+``--theta-adapter``, e.g. the ``adapter`` of ``python -m stp.train --preset dtrpo-tiny``; without it, the model with
+2 % weight noise) the selection log-ratio beside the newly-unmasked (factorised) log-ratio the estimator targets.
 """
 
 from __future__ import annotations
@@ -79,6 +97,13 @@ def make(name: str, seed: int = 0):
     return model, prompt, pam, out.completions, out.commit_step, steps, g
 
 
+def _declared_block_causal(model):
+    """The model marked as block-causal, for measuring what ``packed`` would cost or how far off it would be on a
+    bidirectional model (which the trainer refuses: the packed scores are biased there)."""
+    model.block_causal = True
+    return model
+
+
 def step(variant: str, model, prompt, pam, comp, commit, steps, g):
     from stp.likelihood import per_token_logprobs
     from stp.trajectory_ratio import trajectory_logprobs
@@ -89,8 +114,9 @@ def step(variant: str, model, prompt, pam, comp, commit, steps, g):
             out = per_token_logprobs(model, prompt, pam, comp, seed=1, iteration=0, num_draws=3, estimator="stp",
                                      score="all")
         else:
-            out = trajectory_logprobs(model, prompt, pam, comp, commit, seed=1, iteration=0, block_length=BLOCK,
-                                      steps=steps, mode=variant)
+            out = trajectory_logprobs(_declared_block_causal(model) if variant == "packed" else model, prompt, pam,
+                                      comp, commit, seed=1, iteration=0, block_length=BLOCK, steps=steps,
+                                      mode=variant)
         (out.logprobs * g).sum().backward()
 
     return run
@@ -122,6 +148,7 @@ def gap(name: str) -> dict[str, float]:
     from stp.trajectory_ratio import trajectory_delta, trajectory_logprobs
 
     model, prompt, pam, comp, commit, steps, _ = make(name)
+    model = _declared_block_causal(model)
     other = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(5)
     for p in other.parameters():
@@ -151,6 +178,12 @@ def main(argv: list[str] | None = None) -> str | None:
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--gap-only", action="store_true", help="only the packed-vs-exact table")
     ap.add_argument("--cost-only", action="store_true", help="only the cost table")
+    ap.add_argument("--reference-only", action="store_true", help="only the reference-terms table (recompute vs "
+                    "cache)")
+    ap.add_argument("--selection-only", action="store_true", help="only the selection-term table (pretrained tiny)")
+    ap.add_argument("--samples", type=int, default=32, help="samples of the selection-term table [32]")
+    ap.add_argument("--theta-adapter", default=None, help="the second policy of the selection-term table: this "
+                    "adapter merged into pretrained:sudoku [2 %% weight noise]")
     a = ap.parse_args(argv)
     if a.variant is not None:
         print(json.dumps({"peak_mib": measure(a.variant, a.model)}))
@@ -159,6 +192,16 @@ def main(argv: list[str] | None = None) -> str | None:
 
     torch.set_num_threads(1)
     load_start = load_average()
+    if a.reference_only or a.selection_only:
+        lines = (reference_table(a.repeats, a.model) if a.reference_only
+                 else selection_table(a.samples, a.theta_adapter))
+        lines += ["", *machine_lines(load_start, load_average())]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+        return text
     lines = [] if a.gap_only else cost_table(a.repeats)
     if not a.cost_only:
         lines += ["packed vs exact on the same drawn steps (4 draws of u); Delta = trajectory log-ratio of the model "
@@ -198,6 +241,108 @@ def cost_table(repeats: int) -> list[str]:
         lines.append(f"| {variant} | {n_seq} | {n_tok} | {min(times):.0f} / {statistics.median(times):.0f} / "
                      f"{max(times):.0f} | {peak:.0f} |")
     return lines + [""]
+
+
+def _spread(xs) -> str:
+    return f"{min(xs):.3g} / {statistics.median(xs):.3g} / {max(xs):.3g}"
+
+
+def reference_table(repeats: int, name: str) -> list[str]:
+    """Reference terms per visit (adapter disabled, N_B states) vs a per-pair cache of every pass (N_B T_B states)."""
+    from stp.config import resolve
+    from stp.policy import add_lora
+    from stp.trajectory_ratio import trajectory_logprobs
+
+    b, p, c, steps = MODELS[name]
+    model, prompt, pam, comp, commit, steps, _ = make(name)
+    add_lora(model, resolve("tiny"))
+    n_blocks, t_b = c // BLOCK, steps // (c // BLOCK)
+    kw = dict(block_length=BLOCK, steps=steps, mode="exact")
+
+    @torch.no_grad()
+    def recompute():  # what DTRPO.score does for one visit: the drawn states, adapter disabled
+        with model.model.disable_adapter():
+            trajectory_logprobs(model, prompt, pam, comp, commit, seed=1, iteration=0, **kw)
+
+    @torch.no_grad()
+    def cache_all():  # every position at its own state: the T_B choices of u cover every pass once
+        with model.model.disable_adapter():
+            for u in range(1, t_b + 1):
+                fixed = (torch.arange(n_blocks) * t_b + u).expand(b, n_blocks)
+                trajectory_logprobs(model, prompt, pam, comp, commit, seed=1, iteration=0, fixed_steps=fixed, **kw)
+
+    rows = []
+    for way, fn, states in (("recompute per visit (adapter disabled)", recompute, n_blocks),
+                            ("cache every pass, once per pair", cache_all, n_blocks * t_b)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3 / b)
+        rows.append((way, states, times))
+    ratio = statistics.median(rows[1][2]) / statistics.median(rows[0][2])
+    lines = [f"Reference terms of offline dTRPO with fresh steps every epoch: {name} model + LoRA (r 16), {b} "
+             f"samples x (prompt {p} + completion {c}), {n_blocks} blocks of T_B = {t_b}; no grad; per sample", "",
+             "| way | states / sample | ms / sample min / median / max |", "|---|---|---|"]
+    lines += [f"| {way} | {states} | {_spread(times)} |" for way, states, times in rows]
+    lines += ["", f"cache / recompute (medians): {ratio:.1f}: the cache is cheaper only for pairs visited more than "
+              f"{ratio:.1f} times (T_B = {t_b} passes per block)"]
+    return lines
+
+
+@torch.no_grad()
+def selection_table(samples: int, theta_adapter: str | None) -> list[str]:
+    """The selection term of low-confidence remasking on the pretrained tiny model, at dtrpo-tiny's pair settings."""
+    from stp.pretrain import load_model
+    from stp.sampler import generate
+    from stp.tasks.prompts import task_with_prompt
+    from stp.trajectory_ratio import selection_logprob, trajectory_delta, trajectory_logprobs
+
+    from stp.models.base import merge_adapter
+
+    ref = load_model("pretrained:sudoku")
+    theta = copy.deepcopy(ref)
+    if theta_adapter is not None:
+        merge_adapter(theta, theta_adapter)
+        other = f"pretrained:sudoku + adapter {theta_adapter}"
+    else:
+        gen = torch.Generator().manual_seed(5)
+        for p in theta.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen) * p.abs().mean())
+        other = "pretrained:sudoku with 2 % weight noise"
+    task = task_with_prompt("sudoku", "compact")
+    texts = [task.format_prompt(ex, ref.tokenizer) for ex in task.load("test", source="generated", n=samples)]
+    seqs = [ref.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(x) for x in seqs)
+    prompt = torch.tensor([[ref.pad_token_id] * (width - len(x)) + x for x in seqs])
+    pam = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+    gen_length, block, steps, temp = 32, 32, 16, 0.9
+    out = generate(ref, prompt, attention_mask=pam, gen_length=gen_length, block_length=block, steps=steps,
+                   temperature=temp, seed=7, remasking="low_confidence")
+    comp, commit = out.completions, out.commit_step
+    kw = dict(block_length=block, steps=steps, temperature=temp)
+    sel_ref = selection_logprob(ref, prompt, pam, comp, commit, **kw)
+    sel_theta = selection_logprob(theta, prompt, pam, comp, commit, **kw)
+    # The factorised log-ratio of the whole trajectory: the mean of the estimate over the T_B choices of u.
+    fact = torch.zeros(len(seqs), dtype=torch.float64)
+    for u in range(1, steps + 1):
+        fixed = torch.full((len(seqs), 1), u)
+        a = trajectory_logprobs(ref, prompt, pam, comp, commit, seed=0, iteration=0, mode="exact", fixed_steps=fixed,
+                                **kw)
+        b = trajectory_logprobs(theta, prompt, pam, comp, commit, seed=0, iteration=0, mode="exact",
+                                fixed_steps=fixed, **kw)
+        fact += trajectory_delta(b.logprobs.double(), a.logprobs.double(), a.weights.double()) / steps
+    sel_ratio = sel_theta - sel_ref
+    rows = [("selection log-prob under pretrained:sudoku (the sampler)", sel_ref.tolist()),
+            ("|selection log-ratio| (theta vs sampler)", sel_ratio.abs().tolist()),
+            ("|factorised log-ratio| (theta vs sampler)", fact.abs().tolist()),
+            ("|selection| / |factorised|", (sel_ratio.abs() / fact.abs().clamp(min=1e-12)).tolist())]
+    lines = [f"Selection term of low-confidence remasking, pretrained tiny model, {len(seqs)} samples (compact Sudoku "
+             f"prompts, generated test split), L {gen_length} / block {block} / {steps} steps, T {temp}; nats per "
+             f"sequence; theta = {other}", "", "| quantity | min / median / max |", "|---|---|"]
+    lines += [f"| {name} | {_spread(v)} |" for name, v in rows]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,38 +1,52 @@
 """Offline preference pairs with trajectories (dTRPO, docs/method.md 7): ``python -m stp.pairs`` and the library.
 
 For each prompt: sample G completions from the reference model with ``stp.sampler.generate`` (their trajectory
-records included), score them with the task's reward, and keep the best (chosen) and the worst (rejected); a prompt
-whose G rewards are all equal gives no pair (a "skipped" line records it, so a rerun does not redo it). The first
-best and the first worst in sample order are taken, so the choice is deterministic.
+records included), score them with the run's rewards (the trainer's task: built-in, ``run.reward``, ``run.dataset``
+or ``stp.Trainer(reward_funcs=..., train_dataset=...)``, weighted and summed exactly as a rollout's), and keep the
+best (chosen) and the worst (rejected); a prompt whose G rewards are all equal gives no pair (a "skipped" line
+records it, so a rerun does not redo it). The first best and the first worst in sample order are taken, so the
+choice is deterministic. Prompts are truncated like training prompts (their last ``max_prompt_length`` tokens).
 
-The JSONL file (``PAIRS_FORMAT`` = 1), one line per prompt::
+The JSONL file (``PAIRS_FORMAT`` = 2), one line per prompt::
 
-    {"format": 1, "prompt_id": "<16 hex: stp.prior.prompt_id of the prompt text>", "prompt": "<text>",
+    {"format": 2, "prompt_id": "<16 hex: stp.prior.prompt_id of the prompt text>", "prompt": "<text>",
      "prompt_ids": [ints], "chosen": SIDE, "rejected": SIDE, "rewards": [G floats],
      "settings": {"model", "task", "gen_length", "block_length", "steps", "temperature", "remasking",
-                  "num_generations", "seed"}}
+                  "num_generations", "seed", "max_prompt_length", "reward"}}
     SIDE = {"completion_ids": [gen_length ints], "commit_step": [gen_length ints >= 0], "reward": float,
             "sample": index among the G}
     skipped prompt: {"format": 1, "prompt_id": ..., "skipped": "<why>", "rewards": [...], "settings": {...}}
 
+``temperature`` is the sampling temperature; the trainer scores the pairs at it (``dtrpo.temperature`` unset), so
+the log-ratios are those of the sampling policy. ``reward`` names the reward functions (module, name and a hash of
+their source) or the built-in task's reward: a file built with other rewards is refused.
+
 Resumable: lines are appended, flushed and fsync'ed once per batch of prompts; a rerun skips the prompts already
-in the file (pairs and skips alike) and refuses a file written with other settings, naming the setting. Loading
-validates every line and names the file, the line number and the field of the first bad one.
+in the file (pairs and skips alike) and refuses a file written with other settings, naming the setting. Writers take
+an exclusive lock (``fcntl.flock`` on PATH.lock) for the whole build, so two processes building the same file take
+turns and the second finds the first's prompts done. Loading validates every line and names the file, the line
+number and the field of the first bad one.
 
 Command line (checked before the model loads)::
 
     python -m stp.pairs --model NAME_OR_PATH --task NAME --out PATH.jsonl [--split train] [--source S] [--limit N]
         [--num-generations 8] [--gen-length 32] [--block-length 32] [--steps 16] [--temperature 0.9]
-        [--remasking low_confidence] [--prompt-format chat|compact] [--seed 0] [--batch-size 4]
+        [--remasking low_confidence|random] [--max-prompt-length N] [--prompt-format chat|compact] [--seed 0]
+        [--batch-size 4]
         [--device cpu|cuda[:i]] [--dtype auto|float32|bfloat16|float16]
 
-Decoding runs without temporal pruning (every position is committed inside its own block's window, which the
-``packed`` estimator needs).
+Decoding runs without temporal pruning. ``--remasking random`` makes the choice of positions independent of the
+model, so the newly-unmasked tokens' log-ratio is the whole trajectory log-ratio; with ``low_confidence`` the
+trajectory's probability also has a selection term the estimator leaves out (docs/method.md 7 measures it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
+import inspect
 import json
 import os
 import sys
@@ -47,11 +61,12 @@ from stp.prior import prompt_id, sample_id_of
 from stp.seeds import derive_seed
 
 __all__ = ["PAIRS_FORMAT", "SETTING_KEYS", "PairsFileError", "build_pairs", "read_pairs_file", "load_pairs",
-           "write_records", "ensure_pairs", "main"]
+           "write_records", "writer_lock", "build_into", "ensure_pairs", "pair_settings", "pairs_path",
+           "reward_fingerprint", "main"]
 
-PAIRS_FORMAT = 1
+PAIRS_FORMAT = 2
 SETTING_KEYS = ("model", "task", "gen_length", "block_length", "steps", "temperature", "remasking",
-                "num_generations", "seed")
+                "num_generations", "seed", "max_prompt_length", "reward")
 
 
 class PairsFileError(ValueError):
@@ -61,13 +76,48 @@ class PairsFileError(ValueError):
 # ------------------------------------------------------------------------------------------------------- building
 
 
+def reward_fingerprint(task) -> str:
+    """What a pairs file's rewards were computed with: a built-in task's name, or each reward function's module,
+    qualified name and a hash of its source (its repr when the source is not available) with the weights."""
+    funcs = getattr(task, "funcs", None)
+    if not funcs:
+        return f"task {getattr(task, 'name', type(task).__name__)}" + (" (d1)" if getattr(task, "d1_compat", False)
+                                                                       else "")
+    parts = []
+    for fn in funcs:
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            src = repr(fn)
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+        parts.append(f"{name}@{hashlib.sha256(src.encode()).hexdigest()[:12]}")
+    return f"functions {', '.join(parts)} weights {list(task.reward_weights())}"
+
+
+def _rewards(reward, texts: Sequence[str], examples: Sequence[Mapping[str, Any]], comps: torch.Tensor,
+             eos: int) -> list[float]:
+    """Total rewards of G completions: a task's (``batch_rewards`` weighted and summed as in a rollout:
+    ``stp.metrics.total_reward``), or a plain ``reward(text, example)`` callable's."""
+    if hasattr(reward, "batch_rewards"):
+        from stp.data_order import until_eos
+        from stp.metrics import total_reward
+
+        fn = torch.tensor(reward.batch_rewards(list(texts), list(examples), completion_ids=until_eos(comps, eos)),
+                          dtype=torch.float32)
+        return [float(x) for x in total_reward(fn, reward.reward_weights()).tolist()]
+    return [float(reward(t, ex)) for t, ex in zip(texts, examples)]
+
+
 @torch.no_grad()
 def build_pairs(model, prompts: Sequence[str], examples: Sequence[Mapping[str, Any]],
-                reward: Callable[[str, Mapping[str, Any]], float], *, num_generations: int, gen_length: int,
+                reward: Callable[[str, Mapping[str, Any]], float] | Any, *, num_generations: int, gen_length: int,
                 block_length: int, steps: int, temperature: float, remasking: str = "low_confidence", seed: int,
-                settings: Mapping[str, Any], backend: str | None = None) -> list[dict]:
+                settings: Mapping[str, Any], backend: str | None = None,
+                max_prompt_length: int | None = None) -> list[dict]:
     """One record per prompt (a pair, or a skip when the G rewards tie): G samples each, decoded in one batch.
-    The noise of a prompt's samples is keyed by its prompt id, so a prompt yields the same pair in any batch."""
+    The noise of a prompt's samples is keyed by its prompt id, so a prompt yields the same pair in any batch.
+    ``reward``: a task (its ``batch_rewards``, as the trainer's rollouts) or a ``reward(text, example)`` callable.
+    Prompts longer than ``max_prompt_length`` tokens keep their last ones (as ``stp.data_order.encode_prompts``)."""
     from stp.sampler import generate
 
     if num_generations < 2:
@@ -76,6 +126,8 @@ def build_pairs(model, prompts: Sequence[str], examples: Sequence[Mapping[str, A
         raise ValueError("build_pairs: the model has no tokenizer; prompts cannot be rendered")
     g = num_generations
     seqs = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    if max_prompt_length is not None:
+        seqs = [x[-max_prompt_length:] for x in seqs]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), int(model.pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -100,7 +152,7 @@ def build_pairs(model, prompts: Sequence[str], examples: Sequence[Mapping[str, A
             toks = comps[r].tolist()
             toks = toks[:toks.index(eos)] if eos in toks else toks
             texts.append(model.tokenizer.decode(toks, skip_special_tokens=True))
-        rewards = [float(reward(t, ex)) for t in texts]
+        rewards = _rewards(reward, texts, [ex] * g, comps[i * g:(i + 1) * g], eos)
         base = {"format": PAIRS_FORMAT, "prompt_id": pid, "rewards": rewards, "settings": dict(settings)}
         best, worst = max(range(g), key=lambda j: (rewards[j], -j)), min(range(g), key=lambda j: (rewards[j], j))
         if rewards[best] == rewards[worst]:
@@ -213,9 +265,28 @@ def _prepare_file(path: Path, settings: Mapping[str, Any]) -> set[str]:
     return {r["prompt_id"] for r in records}
 
 
+@contextlib.contextmanager
+def writer_lock(path: Path):
+    """The exclusive lock of the writers of ``path`` (``fcntl.flock`` on PATH.lock; waits for another holder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def build_into(path: Path, model, todo: Sequence[tuple[str, Mapping[str, Any]]], reward, *, settings: Mapping,
                batch_size: int, progress: bool = True, backend: str | None = None) -> None:
-    """Build the records of the (prompt text, example) items ``todo`` not yet in ``path``, appending per batch."""
+    """Build the records of the (prompt text, example) items ``todo`` not yet in ``path``, appending per batch,
+    under the writers' lock (``writer_lock``). ``reward``: as ``build_pairs``."""
+    with writer_lock(path):
+        _build_into(path, model, todo, reward, settings=settings, batch_size=batch_size, progress=progress,
+                    backend=backend)
+
+
+def _build_into(path, model, todo, reward, *, settings, batch_size, progress, backend) -> None:
     from tqdm.auto import tqdm
 
     done = _prepare_file(path, settings)
@@ -232,34 +303,46 @@ def build_into(path: Path, model, todo: Sequence[tuple[str, Mapping[str, Any]]],
             recs = build_pairs(model, [t for t, _ in chunk], [e for _, e in chunk], reward,
                                num_generations=s["num_generations"], gen_length=s["gen_length"],
                                block_length=s["block_length"], steps=s["steps"], temperature=s["temperature"],
-                               remasking=s["remasking"], seed=s["seed"], settings=s, backend=backend)
+                               remasking=s["remasking"], seed=s["seed"], settings=s, backend=backend,
+                               max_prompt_length=s["max_prompt_length"])
             write_records(path, recs)
             bar.update(len(chunk))
 
 
-def ensure_pairs(model, cfg, prompts: Sequence[str], accelerator) -> tuple[Path, list[dict]]:
-    """The trainer's pairs (``dtrpo`` method): the file ``cfg.dtrpo.pairs_file(cfg)``, built first with the reference
-    model (``model``: the base, before the adapter) for the run's prompts (the first ``dtrpo.pair_prompts``
-    distinct ones) on the main process, then loaded and checked against the run's rollout settings everywhere."""
+def ensure_pairs(model, cfg, prompts: Sequence[str], accelerator, *, task=None,
+                 rows: Sequence[Mapping[str, Any]] | None = None) -> tuple[Path, list[dict]]:
+    """The trainer's pairs (``dtrpo`` method): the file ``pairs_path(...)``, built first with the reference model
+    (``model``: the base, before the adapter) for the run's prompts (the first ``dtrpo.pair_prompts`` distinct ones)
+    on the main process, then loaded and checked against the run's settings everywhere.
+
+    ``task`` and ``rows`` are the run's (the trainer's task, whose rewards score the samples, and the example of each
+    prompt, in the order of ``prompts``); without them the configured built-in task and data."""
     from stp.data_order import load_data, task_for
     from stp.tasks import get_task
 
-    path = Path(cfg.dtrpo.pairs_file(cfg))
-    settings = pair_settings(cfg)
-    wanted = list(dict.fromkeys(prompts))
+    if task is None or rows is None:
+        task = task_for(cfg)
+        all_rows, _ = load_data(cfg, get_task(cfg.run.task, d1_compat=cfg.run.d1_compat))
+        by_text = {}
+        for row in all_rows:
+            by_text.setdefault(task.format_prompt(row, model.tokenizer), row)
+        rows = [by_text[t] for t in prompts]
+    if len(rows) != len(prompts):
+        raise ValueError(f"ensure_pairs: {len(rows)} example rows for {len(prompts)} prompts; one per prompt")
+    example = {}
+    for text, row in zip(prompts, rows):
+        example.setdefault(text, row)
+    wanted = list(example)
     if cfg.dtrpo.pair_prompts is not None:
         wanted = wanted[:cfg.dtrpo.pair_prompts]
+    settings = pair_settings(cfg, task)
+    path = pairs_path(cfg, settings, [(t, example[t]) for t in wanted])
     if accelerator.is_main_process:
         done = {r["prompt_id"] for r in read_pairs_file(path)[0]} if path.exists() else set()
         missing = [t for t in wanted if prompt_id(t) not in done]
         if missing:
-            task = task_for(cfg)
-            rows, _ = load_data(cfg, get_task(cfg.run.task, d1_compat=cfg.run.d1_compat))
-            by_text = {}
-            for row in rows:
-                by_text.setdefault(task.format_prompt(row, model.tokenizer), row)
             print(f"stp.train: building dTRPO pairs for {len(missing)} prompts into {path}", file=sys.stderr)
-            build_into(path, model, [(t, by_text[t]) for t in missing], task.reward, settings=settings,
+            build_into(path, model, [(t, example[t]) for t in missing], task, settings=settings,
                        batch_size=cfg.dtrpo.build_batch_size, progress=True, backend=cfg.run.backend)
     accelerator.wait_for_everyone()
     mine = {prompt_id(t) for t in wanted}
@@ -270,12 +353,30 @@ def ensure_pairs(model, cfg, prompts: Sequence[str], accelerator) -> tuple[Path,
     return path, pairs
 
 
-def pair_settings(cfg) -> dict[str, Any]:
-    """The settings a trainer's pairs file must have been written with (``SETTING_KEYS``)."""
+def pair_settings(cfg, task=None) -> dict[str, Any]:
+    """The settings a trainer's pairs file must have been written with (``SETTING_KEYS``); ``task``: the run's
+    (default: the configured built-in one)."""
+    if task is None:
+        from stp.data_order import task_for
+
+        task = task_for(cfg)
     r = cfg.rollout
     return {"model": cfg.model.name_or_path, "task": cfg.run.task, "gen_length": r.gen_length,
             "block_length": r.block_length, "steps": r.steps, "temperature": r.temperature,
-            "remasking": r.remasking, "num_generations": cfg.grpo.num_generations, "seed": cfg.run.seed}
+            "remasking": r.remasking, "num_generations": cfg.grpo.num_generations, "seed": cfg.run.seed,
+            "max_prompt_length": r.max_prompt_length, "reward": reward_fingerprint(task)}
+
+
+def pairs_path(cfg, settings: Mapping[str, Any], items: Sequence[tuple[str, Mapping[str, Any]]]) -> Path:
+    """The run's pairs file: ``cfg.dtrpo.pairs_file(cfg)``; with ``dtrpo.pairs_path`` 'cache' its name also carries a
+    hash of the pair settings (rewards included), the prompts and examples the pairs are built from,
+    ``dtrpo.pair_prompts`` and ``grpo.max_steps``, so runs share a cached file only when it holds their pairs."""
+    path = Path(cfg.dtrpo.pairs_file(cfg))
+    if cfg.dtrpo.pairs_path != "cache":
+        return path
+    key = json.dumps([dict(settings), [[t, dict(ex)] for t, ex in items], cfg.dtrpo.pair_prompts, cfg.grpo.max_steps],
+                     sort_keys=True, default=repr)
+    return path.with_name(f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}{path.suffix}")
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -297,7 +398,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", default="32", help="block length [32]")
     p.add_argument("--steps", default="16", help="denoising steps [16]")
     p.add_argument("--temperature", default="0.9", help="sampling temperature [0.9]")
-    p.add_argument("--remasking", default="low_confidence", help="low_confidence or random [low_confidence]")
+    p.add_argument("--remasking", default="low_confidence", help="low_confidence or random (the position choice "
+                   "does not depend on the model: the trajectory log-ratio is exactly the newly-unmasked tokens' "
+                   "one) [low_confidence]")
+    p.add_argument("--max-prompt-length", default=None, help="keep the last N prompt tokens, as training [all]")
     p.add_argument("--prompt-format", default="chat", help="chat or compact (sudoku, countdown) [chat]")
     p.add_argument("--seed", default="0", help="sampling seed [0]")
     p.add_argument("--batch-size", default="4", help="prompts per batch (G samples each) [4]")
@@ -327,6 +431,8 @@ def _validate(args) -> dict[str, Any]:
     v["seed"] = as_int("--seed", args.seed, 0)
     v["batch_size"] = as_int("--batch-size", args.batch_size)
     v["limit"] = None if args.limit is None else as_int("--limit", args.limit)
+    v["max_prompt_length"] = (None if args.max_prompt_length is None
+                              else as_int("--max-prompt-length", args.max_prompt_length))
     if v["gen_length"] % v["block_length"]:
         fail("--block-length", v["block_length"], f"a divisor of --gen-length {v['gen_length']}")
     if v["steps"] % (v["gen_length"] // v["block_length"]):
@@ -362,20 +468,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     v = _validate(args)
     out = Path(args.out)
+    task = task_with_prompt(args.task, args.prompt_format)
     settings = {"model": args.model, "task": args.task, "gen_length": v["gen_length"],
                 "block_length": v["block_length"], "steps": v["steps"], "temperature": v["temperature"],
-                "remasking": args.remasking, "num_generations": v["num_generations"], "seed": v["seed"]}
+                "remasking": args.remasking, "num_generations": v["num_generations"], "seed": v["seed"],
+                "max_prompt_length": v["max_prompt_length"], "reward": reward_fingerprint(task)}
     try:
         if out.exists():  # a bad or foreign file fails before the model loads
             _check_settings(read_pairs_file(out)[0], settings, out)
-        task = task_with_prompt(args.task, args.prompt_format)
         examples = task.load(args.split, args.data, source=args.source, n=v["limit"])
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         model = load_model(args.model, dtype=dtype, device=torch.device(args.device))
         if model.tokenizer is None:
             raise SystemExit(f"stp.pairs: error: model {args.model!r} has no tokenizer; prompts cannot be rendered")
         todo = [(task.format_prompt(ex, model.tokenizer), ex) for ex in examples]
-        build_into(out, model, todo, task.reward, settings=settings, batch_size=v["batch_size"])
+        build_into(out, model, todo, task, settings=settings, batch_size=v["batch_size"])
         records, _ = read_pairs_file(out)
     except PairsFileError as e:
         raise SystemExit(f"stp.pairs: error: {e}") from None

@@ -160,9 +160,10 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     show = progress and accelerator.is_main_process  # bars: priors, held-out evaluations, the steps
     from stp.prior import build_progress
 
+    run_idx = order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)
+    method.task, method.rows = task, [train_rows[i] for i in run_idx]  # the run's rewards and examples (dTRPO's pairs)
     with build_progress(show):
-        method.prepare(lm, [text_of(i) for i in order.take(0, -(-g.max_steps // mu) * g.prompts_per_step)],
-                       accelerator)
+        method.prepare(lm, [text_of(i) for i in run_idx], accelerator)
     ref_context = policy.setup_trainable(lm, cfg, dtype, accelerator.device)
     params = list(checkpoint.trainable(lm).values())
     # The model's group first; a method's own trainable modules (stp.methods.base) add theirs after it.

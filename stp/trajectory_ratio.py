@@ -10,11 +10,14 @@ tokens' log-ratios::
 
 With N_B blocks of T_B passes each (pass f belongs to the window of block (f - 1) // T_B), ONE pass per block is
 drawn, f_b = (b - 1) T_B + u_b with u_b ~ UniformInt{1..T_B} from the counter-based RNG keyed by (seed, iteration,
-sample id, block), and the window's sum is estimated by T_B times that pass's term (``block_mean``: no T_B factor, the
-per-block mean). The estimator is unbiased over u for ANY record (every pass lies in exactly one window of T_B
-passes), so confidence-ordered decoding, early stop and thresholds only change which tokens a pass holds. Passes
-beyond the N_B T_B windows (the one-shot fill of temporal pruning after the last scheduled pass) are always scored,
-with weight 1. Anchors (s = 0) are conditioning, never scored.
+sample id, block), and the window's sum is estimated by T_B times that pass's term. Passes beyond the N_B T_B windows
+(the one-shot fill of temporal pruning, or the passes of the entropy-bounded sampler after the last window) are
+always scored, each at its own state, with weight 1. Every pass lies in exactly one window or beyond them all, so the
+estimate is unbiased over u for ANY record: its mean over all T_B^N_B choices of u is the sum over every pass
+(enumerated in tests/test_dtrpo.py against a float64 replay, schedule, early stop and entropy-bounded records).
+Confidence-ordered decoding, early stop and thresholds only change which tokens a pass holds. ``block_mean``
+weights every scored pass T_B times less (1 in a window, 1 / T_B beyond): the unbiased estimate of the trajectory
+log-ratio divided by T_B, one scale for every pass. Anchors (s = 0) are conditioning, never scored.
 
 ``trajectory_logprobs`` returns the per-token log mu(y_i | state before s(i)) at the scored positions and their
 weights; the log-ratio of two policies on the same u is ``sum(weights * (logp_a - logp_b))`` (``trajectory_delta``).
@@ -23,20 +26,24 @@ Only scored rows go through the LM head (``stp_kernels.masked_logprob``); the [r
 Two evaluation modes, one body forward each (chunked by whole samples under ``memory_budget`` like
 ``stp.likelihood``):
 
-- ``exact``: each sample's N_B drawn states as N_B sequences [prompt ; state] (plus one for passes beyond the
-  windows, when a record has them), later blocks all [MASK] exactly as the decoder saw them. Costs N_B sequences of
+- ``exact``: each sample's N_B drawn states as N_B sequences [prompt ; state] (plus one per distinct pass beyond
+  the windows, when a record has them), later blocks all [MASK] exactly as the decoder saw them. Costs N_B sequences of
   P + C tokens per sample.
 - ``packed``: one sequence [prompt ; noisy copy ; clean copy] of P + 2C tokens per sample with a block-diffusion
   attention pattern: noisy block b sees the prompt, the clean blocks < b and itself; clean block b sees the prompt
   and the clean blocks <= b; the prompt sees the prompt; both copies reuse the completion's position ids. The noisy
-  copy holds block b as it was before f_b. Exact for block-causal models; for full-attention models (LLaDA) an
-  approximation: the decoder's state had later blocks masked and the prompt attending to the canvas, the packed
-  sequence shows neither. Every position must be committed inside its own block's window (no one-shot fill
-  reaching into later blocks): records breaking that are refused by name.
+  copy holds block b as it was before f_b. This is the state the decoder saw only for a model whose own attention is
+  block-causal (block b never sees later blocks, the prompt never sees the completion); such a model declares it
+  with a ``block_causal = True`` attribute. For a bidirectional model (LLaDA, Dream, the tiny model) the decoder's
+  state had the later blocks masked and the prompt attending to the canvas, which the packed sequence shows neither
+  of: a bias that more draws do not remove, so ``packed`` refuses such models by name. Every position must be
+  committed inside its own block's window (no one-shot fill reaching into later blocks): records breaking that are
+  refused by name.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +53,7 @@ from stp_kernels import masked_logprob
 from stp_kernels.reference import counter_uniform, row_keys
 
 __all__ = ["MODES", "U_SALT", "TrajectoryLogprobs", "block_steps", "trajectory_logprobs", "trajectory_delta",
-           "dpo_loss"]
+           "dpo_loss", "selection_logprob"]
 
 MODES = ("exact", "packed")
 U_SALT = 0x64747270_6F5F7562  # "dtrpo_ub" in ASCII: a stream apart from the sampler's and the masks'
@@ -58,7 +65,7 @@ class TrajectoryLogprobs:
     """Result of ``trajectory_logprobs``. B samples, C completion length, N_B blocks."""
 
     logprobs: torch.Tensor  # [B, C] float32 log mu(y_i | state before s(i)) at scored positions, 0 elsewhere
-    weights: torch.Tensor  # [B, C] float32: T_B (1 with block_mean, 1 beyond the windows) at scored positions, else 0
+    weights: torch.Tensor  # [B, C] float32: T_B in a window, 1 beyond (block_mean: 1, 1 / T_B) where scored, else 0
     scored: torch.Tensor  # [B, C] bool: positions committed at a drawn pass (or beyond the windows)
     steps: torch.Tensor  # [B, N_B] int64 drawn passes f_b (1-based)
     num_sequences: int  # packed sequences of the body forward(s) (all chunks)
@@ -158,7 +165,8 @@ def trajectory_logprobs(
         completion_ids: [B, C] int64 completions; commit_step: [B, C] int64 trajectory record (0 = anchor).
         seed, iteration, sample_ids: the counter of the drawn passes (``block_steps``).
         block_length, steps: the rollout's decoding (C / block_length blocks of steps / blocks passes each).
-        mode: "exact" or "packed". block_mean: weight 1 instead of T_B.
+        mode: "exact" or "packed" (a model declaring ``block_causal = True`` only). block_mean: every weight
+            divided by T_B (1 in a window, 1 / T_B beyond).
         temperature: logits are divided by it. memory_budget: bytes per body forward (default: as
             ``stp.likelihood``). backend: ``masked_logprob`` backend.
         fixed_steps: [B, N_B] passes to use instead of drawing them (tests enumerate u with it).
@@ -179,27 +187,36 @@ def trajectory_logprobs(
                                                                            t_b)  # [B, N_B]
     prompt_real = (torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_attention_mask is None
                    else prompt_attention_mask.to(torch.bool))
-    weight_in = 1.0 if block_mean else float(t_b)
+    weight_in, weight_beyond = (1.0, 1.0 / t_b) if block_mean else (float(t_b), 1.0)
     window = (s - 1).clamp(min=0) // t_b  # [B, C]: the block whose window holds each commit pass
-    beyond = s > steps  # passes after the last window: always scored, weight 1
+    beyond = s > steps  # passes after the last window: always scored, each at its own state
     in_window = (s >= 1) & ~beyond
     drawn = f.gather(1, window.clamp(max=num_blocks - 1))  # [B, C] the drawn pass of that window
     scored = (in_window & (s == drawn)) | beyond
-    weights = torch.where(beyond, 1.0, torch.where(scored, weight_in, 0.0)).float()
+    weights = torch.where(beyond, weight_beyond, torch.where(scored, weight_in, 0.0)).float()
 
     if mode == "exact":
-        # States [B, K', C]: K' = N_B drawn passes (+ one state for the passes beyond the windows, if any record has
-        # them: the fill is one pass, so "before the first pass beyond" is its state).
-        extra = bool(beyond.any())  # one host sync per call
+        # States [B, K', C]: K' = N_B drawn passes, then one state per distinct pass beyond the windows (the
+        # entropy-bounded sampler can run several; each is scored at the state before itself), sample by sample in
+        # pass order, padded with a state nothing is scored at.
+        n_extra = 0
+        never = steps + c_len + 2  # after every pass of any record (at most steps + C + 1 passes)
+        rank = torch.zeros_like(s)
         state_steps = f
-        if extra:
-            first_beyond = torch.where(beyond, s, torch.full_like(s, torch.iinfo(torch.long).max)).min(1).values
-            state_steps = torch.cat([f, first_beyond.clamp(max=torch.iinfo(torch.long).max)[:, None]], 1)
+        if bool(beyond.any()):  # one host sync per call
+            vals = torch.where(beyond, s, never).sort(1).values  # [B, C]
+            first = torch.ones_like(vals, dtype=torch.bool)
+            first[:, 1:] = vals[:, 1:] != vals[:, :-1]
+            distinct = torch.where(first & (vals < never), vals, never).sort(1).values  # [B, C], distinct first
+            n_extra = int((distinct < never).sum(1).max())  # the second host sync
+            extra_steps = distinct[:, :n_extra]  # [B, n_extra]
+            rank = (extra_steps[:, None, :] < s[:, :, None]).sum(2)  # [B, C] index of a position's pass beyond
+            state_steps = torch.cat([f, extra_steps], 1)
         kp = state_steps.shape[1]
         comp = torch.where(s[:, None, :] >= state_steps[:, :, None], mask_id, completion_ids[:, None, :])
         ids = torch.cat([prompt_ids[:, None, :].expand(batch, kp, p_len), comp], 2)  # [B, K', P + C]
-        # Which state scores each position: its window's state, or the extra one.
-        which = torch.where(beyond, kp - 1, window.clamp(max=num_blocks - 1))  # [B, C]
+        # Which state scores each position: its window's state, or its own pass's state beyond the windows.
+        which = torch.where(beyond, num_blocks + rank, window.clamp(max=num_blocks - 1))  # [B, C]
         at = torch.zeros(batch, kp, c_len, dtype=torch.bool, device=device)
         at.scatter_(1, which[:, None, :], scored[:, None, :])
         seq_len = p_len + c_len
@@ -223,6 +240,12 @@ def trajectory_logprobs(
                                   num_sequences=batch * kp, num_chunks=chunks)
 
     # ---- packed: [prompt ; noisy ; clean], one sequence per sample
+    if not getattr(model, "block_causal", False):
+        raise ValueError(f"stp.trajectory_ratio: mode 'packed' scores block b without the later masked blocks and "
+                         f"without the prompt attending to the canvas, which is the decoder's state only for a "
+                         f"block-causal model; model {getattr(model, 'name', type(model).__name__)!r} does not declare "
+                         f"block_causal = True (LLaDA, Dream and the tiny model attend bidirectionally: the packed "
+                         f"scores are biased there, by an amount more draws do not shrink); use mode 'exact'")
     outside = (s >= 1) & (window != torch.arange(c_len, device=device)[None, :] // block_length)
     if bool((outside | beyond).any()):  # one host sync per call
         b, c = (outside | beyond).nonzero()[0].tolist()
@@ -265,22 +288,27 @@ def trajectory_delta(logp: torch.Tensor, logp_ref: torch.Tensor, weights: torch.
     return (weights * (logp - logp_ref)).sum(1)
 
 
-def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor, commit_step: torch.Tensor, *,
+def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor, *,
              beta: float, length_normalize: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO on trajectory log-ratios. Rows come in pairs [chosen 0, rejected 0, chosen 1, ...] ([2P, C] each)::
 
-        Delta = sum_i w_i (logp_i - ref_logp_i)       (/ decoded tokens, commit_step > 0, with length_normalize)
+        Delta = sum_i w_i (logp_i - ref_logp_i)       (/ lengths, with length_normalize)
         loss  = mean_pairs -log sigmoid(beta * (Delta_chosen - Delta_rejected))
 
+    ``lengths`` [2P]: each completion's real length, its tokens up to and including the first EOS
+    (``stp.likelihood.valid_lengths``; the whole completion without an EOS), read only with ``length_normalize``.
     At logp = ref_logp every Delta is 0 and the loss is log 2. Returns (loss, metrics: ``accuracy`` (pairs with a
     positive margin), ``margin`` (mean beta * (Delta_w - Delta_l)), ``delta_chosen``, ``delta_rejected``), metrics
     detached 0-d tensors."""
     if logp.shape != ref_logp.shape or logp.shape != weights.shape or logp.shape[0] % 2:
         raise ValueError(f"dpo_loss: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and weights "
                          f"{tuple(weights.shape)} must share one [2P, C] shape (chosen/rejected rows interleaved)")
+    if tuple(lengths.shape) != (logp.shape[0],):
+        raise ValueError(f"dpo_loss: lengths must be [2P={logp.shape[0]}] (each completion's length through its first "
+                         f"EOS), got {tuple(lengths.shape)}")
     delta = trajectory_delta(logp, ref_logp.to(logp.dtype), weights.to(logp.dtype))  # [2P]
     if length_normalize:
-        delta = delta / (commit_step > 0).sum(1).clamp(min=1).to(delta.dtype)
+        delta = delta / lengths.to(delta.device).clamp(min=1).to(delta.dtype)
     dw, dl = delta[0::2], delta[1::2]
     z = beta * (dw - dl)
     loss = -torch.nn.functional.logsigmoid(z).mean()
@@ -288,3 +316,52 @@ def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, weights: torch.Tensor, 
         metrics = {"accuracy": (z > 0).float().mean(), "margin": z.mean(), "delta_chosen": dw.mean(),
                    "delta_rejected": dl.mean()}
     return loss, metrics
+
+
+@torch.no_grad()
+def selection_logprob(model, prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor | None,
+                      completion_ids: torch.Tensor, commit_step: torch.Tensor, *, block_length: int, steps: int,
+                      temperature: float, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] float64: the selection term of a low-confidence-remasking trajectory, the part of log pi(tau) that the
+    newly-unmasked tokens' log-probs leave out (docs/method.md 7). The sampler (``stp.sampler``, schedule mode, no
+    anchors, no early stop) draws x_j ~ softmax(z_j / T) at every still-masked position j of the pass's block and
+    commits the k most confident, confidence softmax(z_j)[x_j] (untempered). Given the revealed tokens y_S, the
+    other candidates j must have drawn a token less confident than c = min_{i in S} softmax(z_i)[y_i]::
+
+        log P(selection | y_S) = sum_f sum_{j in M_f - S_f} log sum_{v: softmax(z_j)_v < c_f} softmax(z_j / T)_v
+
+    (ties of confidence, of probability 0 for continuous logits, are ignored). Full forward passes, one per pass of
+    the schedule, float64 head: a measuring tool, not a training path. ``vocab``: the sampler's vocabulary prior."""
+    fn = "stp.trajectory_ratio.selection_logprob"
+    if not temperature > 0:
+        raise ValueError(f"{fn}: temperature={temperature}; allowed: > 0 (greedy decoding selects deterministically)")
+    num_blocks, t_b = _check(prompt_ids, prompt_attention_mask, completion_ids, commit_step, block_length, steps,
+                             "exact", None, None)
+    s = commit_step.long()
+    if bool(((s < 1) | (s > steps)).any()):
+        raise ValueError(f"{fn}: every position must be committed by one of the {steps} scheduled passes (no anchors, "
+                         f"no one-shot fill); commit steps range over [{int(s.min())}, {int(s.max())}]")
+    batch, p_len = prompt_ids.shape
+    c_len = completion_ids.shape[1]
+    ids = torch.arange(model.lm_head_weight.shape[0], device=completion_ids.device) if vocab is None else vocab
+    head = model.lm_head_weight.index_select(0, ids.to(model.lm_head_weight.device)).double()
+    slot = (ids.to(completion_ids.device)[None, None, :] == completion_ids[:, :, None]).int().argmax(-1)  # [B, C]
+    attn = None
+    if prompt_attention_mask is not None:
+        attn = torch.cat([prompt_attention_mask, torch.ones_like(completion_ids)], 1)
+    block_of = torch.arange(c_len, device=completion_ids.device) // block_length
+    total = torch.zeros(batch, dtype=torch.float64, device=completion_ids.device)
+    for f in range(1, steps + 1):
+        masked, sel = s >= f, s == f
+        cand = masked & ~sel & (block_of == (f - 1) // t_b)[None, :]
+        if not bool((cand.any(1) & sel.any(1)).any()):
+            continue
+        canvas = torch.where(masked, int(model.mask_token_id), completion_ids)
+        h = model.backbone(torch.cat([prompt_ids, canvas], 1), attn)[:, p_len:].double()
+        z = h @ head.T  # [B, C, V']
+        p, q = torch.softmax(z, -1), torch.softmax(z / temperature, -1)
+        conf = p.gather(2, slot[:, :, None])[:, :, 0]
+        c_min = torch.where(sel, conf, torch.full_like(conf, math.inf)).min(1).values  # [B]; inf: nothing revealed
+        below = torch.where(p < c_min[:, None, None], q, torch.zeros_like(q)).sum(-1)  # [B, C]
+        total += torch.where(cand, below.log(), torch.zeros_like(below)).sum(1)
+    return total
