@@ -44,6 +44,7 @@ class Trainer:
         a terminal."""
         import sys
 
+        from stp.policy import quiet_known_warnings
         from stp.trainer import train
 
         quiet_known_warnings()
@@ -52,12 +53,3 @@ class Trainer:
         return train(self.config, progress=progress, reward_funcs=self.reward_funcs,
                      reward_weights=self.reward_weights, train_dataset=self.train_dataset,
                      eval_dataset=self.eval_dataset)
-
-
-def quiet_known_warnings() -> None:
-    """Silence the one warning every command printed that says nothing to the user: transformers' FutureWarning
-    about ``is_gradient_checkpointing``, raised when peft wraps a model (peft reads the deprecated name). Only that
-    message: every other warning still shows."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -388,7 +388,7 @@ def _adapter_identity(adapter: str | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from stp.api import quiet_known_warnings
+    from stp.policy import quiet_known_warnings
 
     quiet_known_warnings()
     parser = build_parser()

@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from stp.api import quiet_known_warnings
+    from stp.policy import quiet_known_warnings
 
     quiet_known_warnings()
     parser = build_parser()

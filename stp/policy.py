@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from stp.config import TrainConfig
     from stp.loss import RolloutBatch
 
-__all__ = ["resolve_model", "quantize_base_4bit", "add_lora", "setup_trainable", "PolicyLoss"]
+__all__ = ["resolve_model", "quantize_base_4bit", "add_lora", "setup_trainable", "PolicyLoss", "quiet_known_warnings"]
 
 
 def resolve_model(cfg: TrainConfig, accelerator) -> str:
@@ -91,3 +91,12 @@ def setup_trainable(lm, cfg: TrainConfig, dtype: torch.dtype | None, device) -> 
             lm.model.enable_input_require_grads()
     lm.to(device)
     return lm.model.disable_adapter if (m.use_lora and cfg.grpo.beta > 0) else None
+
+
+def quiet_known_warnings() -> None:
+    """Silence the one warning every command printed that says nothing to the user: transformers' FutureWarning
+    about ``is_gradient_checkpointing``, raised when peft wraps a model (peft reads the deprecated name). Only that
+    message: every other warning still shows."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from stp.api import quiet_known_warnings
+    from stp.policy import quiet_known_warnings
     from stp.prior import PriorFileError
     from stp.tasks import DataError
     from stp.tasks.reward_funcs import RewardFuncError

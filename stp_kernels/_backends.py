@@ -23,6 +23,8 @@ from types import ModuleType
 import torch
 
 from . import _selfcheck
+from . import _status
+from ._status import _triton_env_ok, report_fallback  # noqa: F401  (re-exported)
 
 log = logging.getLogger("stp_kernels")
 
@@ -40,18 +42,6 @@ _announced: set[tuple[str, str, str]] = set()
 # leaves it in use for bfloat16).
 _disabled: dict[tuple[str, str, str], dict[str, str]] = {}
 _self_checked: dict[tuple[str, str], dict[str, str]] = {}  # (op, device type) -> verdict per checked backend
-
-
-def _triton_env_ok(device: str) -> str | None:
-    """Return None when triton kernels can run on ``device``, else the reason they cannot."""
-    if device == "cuda":
-        return None if torch.cuda.is_available() else "torch has no CUDA device"
-    if os.environ.get("TRITON_INTERPRET") is None and not torch.cuda.is_available():
-        # Must happen before triton is imported; triton reads it when kernels are decorated.
-        os.environ["TRITON_INTERPRET"] = "1"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "triton on CPU needs TRITON_INTERPRET=1 set before triton is imported"
-    return None
 
 
 # (op, backend) -> module implementing ``reference.backend_contract`` for that op. Compiled and Triton modules
@@ -130,24 +120,9 @@ def backend_status(device: str | torch.device | None = None, op: str = "masked_l
         elif (error := _disabled_for(op, name, dev, dtype)) is not None:
             status[name] = f"disabled: failed the first-use self-check ({error})"
         else:
-            notes = [why for (n, d), why in _fallbacks.items() if n == name and d == dev]
+            notes = [why for (n, d), why in _status._fallbacks.items() if n == name and d == dev]
             status[name] = "available" + (f" (fallback: {'; '.join(notes)})" if notes else "")
     return status
-
-
-# (backend, device type) -> what runs slower than the backend's fast path, and why (reported once each).
-_fallbacks: dict[tuple[str, str], str] = {}
-
-
-def report_fallback(name: str, device: str, what: str) -> None:
-    """Record that backend ``name`` on ``device`` takes a slower path (``what`` says which and why): one warning per
-    process and path, and ``backend_status`` lists it."""
-    key = (name, device)
-    if what in _fallbacks.get(key, ""):
-        return
-    _fallbacks[key] = f"{_fallbacks[key]}; {what}" if key in _fallbacks else what
-    warnings.warn(f"stp_kernels: backend {name!r} on {device} runs a slower path: {what}", RuntimeWarning,
-                  stacklevel=3)
 
 
 def self_check(op: str, device: str | torch.device, *, force: bool = False) -> dict[str, str]:

@@ -85,9 +85,9 @@ def epilogue_module(device: torch.device) -> ModuleType | None:
         raise ValueError(f"stp_kernels gemm: settings.epilogue = {choice!r}; allowed: {', '.join(EPILOGUES)}")
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
         return None
-    from . import _backends
+    from . import _status
 
-    reason = _backends._triton_env_ok(device.type)
+    reason = _status._triton_env_ok(device.type)
     try:
         if reason:
             raise RuntimeError(reason)
@@ -97,7 +97,7 @@ def epilogue_module(device: torch.device) -> ModuleType | None:
         if choice == "triton":
             raise RuntimeError(f"stp_kernels gemm: settings.epilogue = 'triton' but Triton cannot run on "
                                f"{device.type}: {type(exc).__name__}: {exc}") from exc
-        _backends.report_fallback("gemm", device.type, f"torch epilogues instead of the fused Triton ones (several "
+        _status.report_fallback("gemm", device.type, f"torch epilogues instead of the fused Triton ones (several "
                                   f"passes over each chunk) because Triton cannot run: {type(exc).__name__}: {exc}")
         return None  # auto: torch epilogue
     return epilogue
@@ -114,7 +114,7 @@ _LIBRARY_DEVICES = ("cuda",)
 def _library_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch.mm(..., out_dtype=float32) works for 16-bit operands on this device (CUDA builds of torch >=
     2.8: cuBLAS accumulates in float32 and writes float32). Probed once on tiny operands, checked for value; when it
-    fails the slower path (operands upcast to float32) is reported once (``_backends.report_fallback``)."""
+    fails the slower path (operands upcast to float32) is reported once (``_status.report_fallback``)."""
     key = (str(device), dtype)
     if key not in _fp32_out:
         ok, why = False, None
@@ -130,9 +130,9 @@ def _library_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         _fp32_out[key] = ok
         if why is not None:
-            from . import _backends
+            from . import _status
 
-            _backends.report_fallback(
+            _status.report_fallback(
                 "gemm", device.type, f"{dtype} operands are upcast to float32 for every chunk matmul (no tensor-core "
                 f"16-bit product; ~15x slower on an H100) because torch.mm(out_dtype=float32) failed: {why}. "
                 f"Needs torch >= 2.8 (this is {torch.__version__})")

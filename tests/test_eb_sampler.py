@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import stp.sampler
+import stp.decoders.base
+import stp.decoders.entropy_bound
 from stp.models import load
 from stp.sampler import Prior, entropy_bounded_commit, generate
 from stp_kernels import available_backends
@@ -168,19 +169,20 @@ def _eb_replay(model, ids, gamma, backend):
     Returns (output, recorded canvases, float64 entropies [passes, B, L], +inf beyond each pass's rows)."""
     rec = Recording(model)
     calls = []
-    real = stp.sampler.sample_step
+    real = stp.decoders.base.sample_step
 
     def recording_sample_step(hidden, weight, **kwargs):
         out = real(hidden, weight, **kwargs)
         calls.append((hidden.clone(), out[0].clone(), out[2].clone()))
         return out
 
-    stp.sampler.sample_step = recording_sample_step
+    stp.decoders.base.sample_step = recording_sample_step
     try:
+        # every row in every pass (no compaction, no shared first pass): the replay reads [B, n] per pass
         out = generate(rec, ids, gen_length=16, block_length=8, steps=2, temperature=0.0, entropy_bound=gamma,
-                       seed=0, backend=backend)
+                       seed=0, backend=backend, compact=False, share_first=False)
     finally:
-        stp.sampler.sample_step = real
+        stp.decoders.base.sample_step = real
     states = rec.calls
     batch, plen = ids.shape
     length, block = 16, 8
@@ -274,7 +276,7 @@ def test_every_backend_decodes_eb_like_the_reference(model, backend, seed):
 def _perturbed(monkeypatch, change, backend="torch"):
     """Make the sampler's ``sample_step`` return ``change(x0, entropy)`` in place of its x0 and entropy when it runs
     on ``backend``."""
-    real = stp.sampler.sample_step
+    real = stp.decoders.base.sample_step
 
     def wrapped(*args, **kwargs):
         out = list(real(*args, **kwargs))
@@ -282,7 +284,7 @@ def _perturbed(monkeypatch, change, backend="torch"):
             out[0], out[2] = change(out[0], out[2])
         return tuple(out)
 
-    monkeypatch.setattr(stp.sampler, "sample_step", wrapped)
+    monkeypatch.setattr(stp.decoders.base, "sample_step", wrapped)
 
 
 def test_the_backend_check_catches_wrong_entropies_tokens_and_orders(model, monkeypatch):
@@ -300,8 +302,9 @@ def test_the_backend_check_catches_wrong_entropies_tokens_and_orders(model, monk
         with pytest.raises(AssertionError, match="argmax"):
             _eb_replay(model, ids, 0.0, "torch")
     with monkeypatch.context() as mp:  # the commit rule itself reversed: highest entropy first
-        real_commit = stp.sampler.entropy_bounded_commit
-        mp.setattr(stp.sampler, "entropy_bounded_commit", lambda h, c, g, lim: real_commit(10 - h, c, g, lim))
+        real_commit = stp.decoders.entropy_bound.entropy_bounded_commit
+        mp.setattr(stp.decoders.entropy_bound, "entropy_bounded_commit",
+                   lambda h, c, g, lim: real_commit(10 - h, c, g, lim))
         with pytest.raises(AssertionError, match="passed over"):
             _eb_replay(model, ids, 0.0, "torch")
     with monkeypatch.context() as mp:  # entropies rounded to a 2^-18 grid (error <= 1.9e-6): ties broken by position

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from stp_kernels import _backends, _fp32, _selfcheck, backend_status, gemm, gemm_sample_step, masked_logprob
+from stp_kernels import _backends, _fp32, _selfcheck, _status, backend_status, gemm, gemm_sample_step, masked_logprob
 from stp_kernels import _gemm_common as G
 from stp_kernels.reference import masked_logprob_reference
 
@@ -271,7 +271,7 @@ def test_pipeline_joins_when_a_chunk_raises(monkeypatch):
 
 @pytest.fixture
 def no_fallbacks_yet(monkeypatch):
-    monkeypatch.setattr(_backends, "_fallbacks", {})
+    monkeypatch.setattr(_status, "_fallbacks", {})
     monkeypatch.setattr(G, "_fp32_out", {})
     monkeypatch.setattr(gemm, "_inplace_acc", {})
 
@@ -308,14 +308,14 @@ def test_scratch_accumulation_is_reported_once(no_fallbacks_yet):
 
 def test_missing_triton_epilogue_is_reported_once(no_fallbacks_yet, monkeypatch):
     """On CUDA, epilogue 'auto' falls back to the torch epilogues when Triton cannot run: reported."""
-    monkeypatch.setattr(_backends, "_triton_env_ok", lambda dev: "triton is not installed (made up for the test)")
+    monkeypatch.setattr(_status, "_triton_env_ok", lambda dev: "triton is not installed (made up for the test)")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         assert G.epilogue_module(torch.device("cuda")) is None
         assert G.epilogue_module(torch.device("cuda")) is None
     messages = _fallback_warnings(record)
     assert len(messages) == 1 and "torch epilogues" in messages[0], messages
-    assert "torch epilogues" in _backends._fallbacks[("gemm", "cuda")]
+    assert "torch epilogues" in _status._fallbacks[("gemm", "cuda")]
 
 
 def test_torch_floor_matches_the_fast_path():
