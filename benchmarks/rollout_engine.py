@@ -137,6 +137,72 @@ def _profile(model, ids, base, kw, args) -> int:
     return 0
 
 
+def _split(model, ids, base, kw, args) -> int:
+    """Where one row's rollout time goes, without the profiler's overhead: wall, the model's forward, sample_step
+    and the rest (the loop's own work), min/median/max over ``--repeats``, and the loop's aten ops per pass (outside
+    the forward and sample_step: a count, free of the machine's noise). With ``--against FILE`` (another version of
+    stp/sampler.py, e.g. ``git show REV:stp/sampler.py > FILE``) both run alternately in this process, outputs
+    checked equal."""
+    import importlib.util
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import stp.decoders.base as dbase
+    versions = [("this", generate)]
+    if args.against:
+        spec = importlib.util.spec_from_file_location("stp._sampler_against", args.against)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        versions.insert(0, (args.against, mod.generate))
+    acc = {"model": 0.0, "sample_step": 0.0, "count": True, "ops": 0}
+    inner, inner_sample = model._model.backbone, dbase.sample_step
+
+    def timed(key, f):
+        def g(*a, **k):
+            t0, acc["count"] = time.perf_counter(), False
+            try:
+                return f(*a, **k)
+            finally:
+                acc[key] += time.perf_counter() - t0
+                acc["count"] = True
+        return g
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), k=None):
+            acc["ops"] += acc["count"]
+            return func(*a, **(k or {}))
+
+    model._model.backbone, dbase.sample_step = timed("model", inner), timed("sample_step", inner_sample)
+    outs, ops = [], []
+    for _, gen in versions:  # warm-up, the outputs compared, the ops counted
+        acc["ops"] = 0
+        with _Ops():
+            out = gen(model, ids, **base, **kw)
+        outs.append(out)
+        ops.append(acc["ops"] / out.forward_passes)
+    same = all(torch.equal(outs[0].sequences, o.sequences) and torch.equal(outs[0].trace, o.trace)
+               and torch.equal(outs[0].nfe, o.nfe) for o in outs)
+    res = {name: [] for name, _ in versions}
+    for _ in range(args.repeats):
+        for name, gen in versions:
+            acc["model"] = acc["sample_step"] = 0.0
+            t0 = time.perf_counter()
+            gen(model, ids, **base, **kw)
+            wall = time.perf_counter() - t0
+            res[name].append((wall, acc["model"], acc["sample_step"], wall - acc["model"] - acc["sample_step"]))
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
+    print(f"# split of row {args.profile!r}: {outs[-1].forward_passes} passes, {args.repeats} repeats, ms "
+          f"min/med/max, load average {' '.join(load)}; outputs equal: {same}")
+    for (name, _), per_pass in zip(versions, ops):
+        cols = "  ".join(f"{lab} {min(r[i] for r in res[name]) * 1e3:.1f}/"
+                         f"{statistics.median(r[i] for r in res[name]) * 1e3:.1f}/"
+                         f"{max(r[i] for r in res[name]) * 1e3:.1f}"
+                         for lab, i in (("wall", 0), ("model", 1), ("sample_step", 2), ("rest", 3)))
+        print(f"{name}: {cols}  loop ops/pass {per_pass:.1f}")
+    return 0 if same else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="micro", help="micro (random tiny architecture), tiny, pretrained:TASK or a path")
@@ -157,6 +223,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, metavar="ROW",
                    help="instead of the table: one rollout of this row under torch.profiler, the top ops by self CPU "
                         "time and the share of the model's forward (backbone) in the wall time")
+    p.add_argument("--split", action="store_true",
+                   help="with --profile ROW: time the row's wall / model forward / sample_step / rest without the "
+                        "profiler and count the loop's ops per pass (see --against)")
+    p.add_argument("--against", default=None, metavar="FILE",
+                   help="with --split: another version of stp/sampler.py to run alternately, outputs checked equal")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = _CountRows(_model(args.model).eval())
@@ -168,6 +239,8 @@ def main(argv=None) -> int:
     base = dict(attention_mask=mask, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
                 temperature=args.temperature, seed=args.seed)
     batch = ids.shape[0]
+    if args.profile and args.split:
+        return _split(model, ids, base, dict(table)[args.profile], args)
     if args.profile:
         return _profile(model, ids, base, dict(table)[args.profile], args)
     results = []

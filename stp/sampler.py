@@ -243,8 +243,12 @@ class _StepForward:
         """Canvas positions whose tokens the step computes (its commit candidates) when the batch's samples are in
         blocks ``lo..hi`` (the schedule: one block, ``lo == hi``; the entropy-bounded sampler: each sample at its
         own pace)."""
-        end = (hi + 1) * self.block_length
-        return self.canvas_idx[lo * self.block_length:end] if self._cached(lo) else self.canvas_idx[:end]
+        start, end = self.span(lo, hi)
+        return self.canvas_idx[start:end]
+
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """``positions(lo, hi)`` as the canvas range [start, end) (the positions are always contiguous)."""
+        return (lo * self.block_length if self._cached(lo) else 0), (hi + 1) * self.block_length
 
     def _rows(self, rows: torch.Tensor | None):
         """The canvas, padding mask and CFG mask of the given rows (None: every row)."""
@@ -271,7 +275,11 @@ class _StepForward:
             h = self.model.backbone(x, attn, kv_cache=kv, window=window)[:, :canvas_pos.numel()]
             return h.reshape(batch * canvas_pos.numel(), -1)
         h = self.model.backbone(x, attn) if kv is None else self.model.backbone(x, attn, kv_cache=kv)
-        return h[:, self.plen + canvas_pos].reshape(batch * canvas_pos.numel(), -1)
+        n = canvas_pos.numel()
+        if canvas_pos is self.canvas_idx or canvas_pos._base is self.canvas_idx:  # a range: a slice, not a gather
+            start = self.plen + canvas_pos.storage_offset() - self.canvas_idx.storage_offset()
+            return h[:, start:start + n].reshape(batch * n, -1)
+        return h[:, self.plen + canvas_pos].reshape(batch * n, -1)
 
     def hidden(self, lo: int, hi: int, canvas_pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [R * len(canvas_pos), H] of ``positions(lo, hi)`` on the current canvas (guidance
@@ -478,11 +486,18 @@ def generate(
     ctx = decoders.Draw(weight=weight, seed=seed, temperature=temperature, vocab=vocab, backend=backend,
                         record_logprobs=record_logprobs)
 
+    row_ids_of = [None, None, None]  # (canvas_pos, rows, row ids): reused while the step's range and rows stay
+
     def sample(h: torch.Tensor, canvas_pos: torch.Tensor, step: int, rows: torch.Tensor | None):
-        ids = sample_ids if rows is None else sample_ids.index_select(0, rows)
-        row_ids = (ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+        if row_ids_of[0] is canvas_pos and row_ids_of[1] is rows:
+            row_ids = row_ids_of[2]
+        else:
+            ids = sample_ids if rows is None else sample_ids.index_select(0, rows)
+            row_ids = (ids[:, None] * gen_length + canvas_pos[None, :]).reshape(-1)
+            row_ids_of[:] = canvas_pos, rows, row_ids
+        r = row_ids.numel() // canvas_pos.numel()
         x0, score, lp = rule.draw(h, ctx, step=step, row_ids=row_ids)
-        n, r = canvas_pos.numel(), ids.shape[0]
+        n = canvas_pos.numel()
         return x0.view(r, n), score.view(r, n), (lp.view(r, n) if lp is not None else None)
 
     def widen(t: torch.Tensor, rows: torch.Tensor | None, fill) -> torch.Tensor:
@@ -499,6 +514,7 @@ def generate(
     all_rows = torch.arange(batch, device=device)
     rows = None  # live-row compaction: the rows this step runs (None = all)
     forward_passes = 0
+    span, canvas_pos = None, None  # the step's canvas range [a, b) and its positions (kept while the range stays)
     for step in range(gen_length if free else total_steps):
         # Candidates: every canvas position up to the end of this step's block. Positions of earlier blocks are all
         # committed, except where x0 was [MASK] itself (possible for an untrained model): as in LLaDA's algorithm,
@@ -514,7 +530,9 @@ def generate(
                 break
             if compact:
                 rows = live.nonzero()[:, 0]
-        canvas_pos = forward.positions(lo, hi)  # with a filled KV cache: the blocks lo..hi only
+        if forward.span(lo, hi) != span:  # with a filled KV cache: the blocks lo..hi only
+            span, canvas_pos = forward.span(lo, hi), forward.positions(lo, hi)
+        a, b = plen + span[0], plen + span[1]  # the step's canvas range in x (a slice: no index tensors)
         if fixed:
             if step > last_step:
                 break
@@ -540,8 +558,8 @@ def generate(
         if rows is not None and rows.numel() == batch:
             rows = None
         x0, score, lp = sample(forward.hidden(lo, hi, canvas_pos, rows), canvas_pos, step, rows)
-        still = pick(x[:, plen + canvas_pos], rows) == mask_id  # [R, block]
-        score = torch.where(still, score, torch.full_like(score, -math.inf))
+        still = pick(x[:, a:b], rows) == mask_id  # [R, block]
+        score = score.masked_fill(~still, -math.inf)
         candidates = still
         if free:
             candidates = still & ((canvas_pos // block_length)[None, :] == pick(block_of, rows)[:, None])
@@ -550,12 +568,13 @@ def generate(
                                            limit=pick(limit, rows), step_in_block=step % steps_per_block,
                                            steps_per_block=steps_per_block, rows=rows))
         commit, x0 = widen(commit, rows, False), widen(x0, rows, mask_id)
-        x[:, plen + canvas_pos] = torch.where(commit, x0, x[:, plen + canvas_pos])
-        trace[:, canvas_pos] = torch.where(commit, forward_passes, trace[:, canvas_pos])
+        x[:, a:b] = torch.where(commit, x0, x[:, a:b])
+        trace[:, span[0]:span[1]].masked_fill_(commit, forward_passes)
         if logprobs is not None:
-            logprobs[:, canvas_pos] = torch.where(commit, widen(lp, rows, 0.0), logprobs[:, canvas_pos])
-        filled += (commit & (x0 != mask_id)).sum(1)  # a committed [MASK] leaves its position masked
-        nfe += live.long()
+            logprobs[:, span[0]:span[1]] = torch.where(commit, widen(lp, rows, 0.0), logprobs[:, span[0]:span[1]])
+        if not fixed:  # the fixed schedule's counts are known: filled is read only by the other paces
+            filled += (commit & (x0 != mask_id)).sum(1)  # a committed [MASK] leaves its position masked
+        nfe += live
         forward_passes += 1
 
     remaining = x[:, plen:] == mask_id
