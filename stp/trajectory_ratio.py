@@ -246,6 +246,7 @@ def trajectory_logprobs(
                          f"block-causal model; model {getattr(model, 'name', type(model).__name__)!r} does not declare "
                          f"block_causal = True (LLaDA, Dream and the tiny model attend bidirectionally: the packed "
                          f"scores are biased there, by an amount more draws do not shrink); use mode 'exact'")
+    model.check_backbone_4d("packed")  # the model's own limits before the record's
     outside = (s >= 1) & (window != torch.arange(c_len, device=device)[None, :] // block_length)
     if bool((outside | beyond).any()):  # one host sync per call
         b, c = (outside | beyond).nonzero()[0].tolist()

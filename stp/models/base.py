@@ -190,6 +190,12 @@ class DiffusionLM(nn.Module):
             hidden = shifted
         return hidden
 
+    def check_backbone_4d(self, mode: str = "packed") -> None:
+        """Raise unless ``backbone_4d`` can serve this model (no shifted logits): callers check before any work."""
+        if self.shift_logits:
+            raise ValueError(f"mode {mode!r} needs a model whose logits are not shifted; model {self.name!r} "
+                             f"(family {self.family!r}) predicts position i from position i - 1: use mode 'exact'")
+
     def backbone_4d(self, input_ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor, *,
                     mode: str = "packed") -> torch.Tensor:
         """Final-normed hidden states [B, S, H] under an arbitrary attention pattern: ``allowed`` [B, S, S] bool
@@ -197,9 +203,7 @@ class DiffusionLM(nn.Module):
         repeat them). Used by packed multi-state sequences (``stp.trajectory_ratio`` mode ``packed``). Every query
         row must allow at least one key. Models with shifted logits (Dream) are refused: the shift would mix
         positions of different copies. ``mode`` only names the caller's mode in that error."""
-        if self.shift_logits:
-            raise ValueError(f"mode {mode!r} needs a model whose logits are not shifted; model {self.name!r} "
-                             f"(family {self.family!r}) predicts position i from position i - 1: use mode 'exact'")
+        self.check_backbone_4d(mode)
         batch, seq = input_ids.shape
         if allowed.shape != (batch, seq, seq) or allowed.dtype != torch.bool:
             raise ValueError(f"mode {mode!r}: allowed must be a bool [B, S, S] = [{batch}, {seq}, {seq}] mask, got "
