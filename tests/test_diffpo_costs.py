@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-import stp.data_order
 import stp.trainer
 from stp.config import parse_args
 from stp.controller import SampledThreshold, ThresholdController
@@ -21,28 +20,12 @@ from stp.metrics import batch_passes, eval_columns, total_reward
 from stp.models import load
 from stp.sampler import GenerationOutput, generate
 from stp.surrogate import two_mf_logprobs
-from tests._trainer_entry import toy_task_for
+from tests.test_diffpo import _one_thread, model  # noqa: F401  (the same fixtures: one thread, the tiny model)
 
 BASE = ["--method", "diffpo", "--model.name_or_path", "tiny", "--rollout.gen_length", "16",
         "--rollout.block_length", "8", "--rollout.steps", "8", "--rollout.temperature", "0.9",
         "--rollout.early_stop", "none", "--grpo.num_generations", "2"]
 T = 0.9
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(stp.data_order, "task_for", toy_task_for(stp.data_order.task_for))
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    m = load("tiny")
-    m.eval()
-    return m
 
 
 def _method(*flags):

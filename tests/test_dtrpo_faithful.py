@@ -21,24 +21,7 @@ from stp.models.tiny import build_tiny
 from stp.sampler import generate
 from stp.trajectory_ratio import dpo_loss, trajectory_delta, trajectory_logprobs
 from tests._decoding import Recording, random_prompts
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ref_model():
-    return build_tiny(seed=0, num_hidden_layers=2)
-
-
-@pytest.fixture(scope="module")
-def theta_model():
-    return build_tiny(seed=1, num_hidden_layers=2)
+from tests.test_dtrpo import _one_thread, ref_model, theta_model  # noqa: F401  (the same fixtures)
 
 
 def _replay64(model, calls, prompt_mask, out, temperature=1.0) -> torch.Tensor:
