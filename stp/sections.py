@@ -46,7 +46,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 # stp.decoders
-DECODER_NAMES = ("low_confidence", "random", "confidence_threshold", "dream", "entropy_bound", "fast_dllm")
+DECODER_NAMES = ("low_confidence", "random", "confidence_threshold", "dream", "entropy_bound",
+                 "entropy_bound_confidence", "fast_dllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")  # transformers.get_scheduler names
@@ -129,14 +130,16 @@ class RolloutConfig(Section):
                     "first step and reused for its other steps), dual (the masked suffix's too); the held-out "
                     "evaluation always decodes without (stp.eval --cache evaluates with one)", choices=CACHE_MODES)
     decoder: str | None = _f(None, "decoding rule by name (stp.decoders): low_confidence, random, "
-                             "confidence_threshold, entropy_bound, fast_dllm (Fast-dLLM's parallel decoding: top-1 "
+                             "confidence_threshold, entropy_bound (DiFFPO's EB sampler, positions in entropy order), "
+                             "entropy_bound_confidence (the same bound, positions in confidence order), fast_dllm (Fast-dLLM's parallel decoding: top-1 "
                              "plus every position with confidence >= rollout.decoder_threshold, blocks end when "
                              "decoded); "
                              "none = the rule rollout.remasking / rollout.confidence_threshold select",
                              choices=tuple(n for n in DECODER_NAMES if n != "dream"))
     decoder_threshold: float = _f(0.9, "rollout.decoder fast_dllm / confidence_threshold: the confidence "
                                   "threshold, in (0, 1]")
-    decoder_gamma: float = _f(0.1, "rollout.decoder entropy_bound: the entropy bound gamma, >= 0")
+    decoder_gamma: float = _f(0.1, "rollout.decoder entropy_bound / entropy_bound_confidence: the entropy bound "
+                              "gamma, >= 0")
     max_prompt_length: int | None = _f(None, "prompts longer than this many tokens are left-truncated (TRL's "
                                        "behaviour); none = no limit")
     eval_temperature: float = _f(0.0, "sampling temperature of the held-out evaluation (0 = greedy, d1's protocol)")
@@ -148,7 +151,8 @@ class RolloutConfig(Section):
         from stp import decoders
         settings = {"fast_dllm": {"threshold": self.decoder_threshold},
                     "confidence_threshold": {"threshold": self.decoder_threshold},
-                    "entropy_bound": {"gamma": self.decoder_gamma}}.get(self.decoder, {})
+                    "entropy_bound": {"gamma": self.decoder_gamma},
+                    "entropy_bound_confidence": {"gamma": self.decoder_gamma}}.get(self.decoder, {})
         return decoders.get(self.decoder, **settings)
 
     def __post_init__(self):

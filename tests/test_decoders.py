@@ -226,13 +226,14 @@ def test_compaction_on_micro_checkpoints():
 # ------------------------------------------------------------------ Fast-dLLM's rule against a reference loop
 
 
-def fast_dllm_reference(model, prompt, *, gen_length, block_length, threshold, temperature, seed, sample_id,
+def free_pace_reference(model, prompt, choose, *, gen_length, block_length, temperature, seed, sample_id,
                         early_stop=None, anchors=None):
-    """Fast-dLLM's threshold decoding for one unpadded prompt [1, P], written from the rule: each step runs the
-    model on the whole sequence, draws x0 (Gumbel-max from the shared counter noise, float64 logits, [MASK]
-    excluded) and commits, among the masked positions of the first block that has one, the most confident and every
-    other with confidence >= threshold; a block ends when it has no [MASK]. With early_stop, at most the budget left
-    is committed and the rest is filled by one more pass. Returns completion, commit steps (1-based; 0 anchors), NFE."""
+    """A block-by-block decoding for one unpadded prompt [1, P], written from the rules: each step runs the model on
+    the whole sequence, draws x0 (Gumbel-max from the shared counter noise, float64 logits, [MASK] excluded) and
+    commits ``choose(candidates, confidence, entropy)`` (a list of positions, most preferred first) among the masked
+    positions of the first block that has one; a block ends when it has no [MASK]. With early_stop, at most the
+    budget left is committed and the rest is filled by one more pass. Returns completion, commit steps (1-based; 0
+    anchors), NFE."""
     from stp.sampler import _FILL_STEP
     from stp_kernels.reference import counter_uniform, row_keys
 
@@ -255,16 +256,17 @@ def fast_dllm_reference(model, prompt, *, gen_length, block_length, threshold, t
             x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
         else:
             x0 = logits.argmax(-1)
-        return x0, torch.softmax(logits, -1).gather(1, x0[:, None])[:, 0]
+        p = torch.softmax(logits, -1)
+        entropy = -torch.special.xlogy(p, p).sum(-1)
+        return x0, p.gather(1, x0[:, None])[:, 0], entropy
 
     step = 0
     for b in range(gen_length // block_length):
         lo, hi = b * block_length, (b + 1) * block_length
         while filled < budget and bool((x[0, plen + lo:plen + hi] == mask_id).any()):
-            x0, conf = draw(step)
+            x0, conf, entropy = draw(step)
             cand = [j for j in range(lo, hi) if int(x[0, plen + j]) == mask_id]
-            order = sorted(cand, key=lambda j: (-float(conf[j]), j))
-            take = [order[0]] + [j for j in order[1:] if float(conf[j]) >= threshold]
+            take = choose(cand, conf, entropy)
             for j in take[:budget - filled]:
                 x[0, plen + j] = x0[j]
                 commit_step[j] = step + 1
@@ -273,11 +275,35 @@ def fast_dllm_reference(model, prompt, *, gen_length, block_length, threshold, t
     nfe = step
     left = x[0, plen:] == mask_id
     if bool(left.any()):
-        x0, _ = draw(_FILL_STEP)
+        x0, _, _ = draw(_FILL_STEP)
         x[0, plen:][left] = x0[left]
         commit_step[left] = -1  # the one-shot fill: the batch's last pass
         nfe += 1
     return x[0, plen:], commit_step, nfe
+
+
+def fast_dllm_reference(model, prompt, *, threshold, **kw):
+    """Fast-dLLM's threshold decoding: the most confident masked position of the block and every other with
+    confidence >= threshold."""
+    def choose(cand, conf, entropy):
+        order = sorted(cand, key=lambda j: (-float(conf[j]), j))
+        return [order[0]] + [j for j in order[1:] if float(conf[j]) >= threshold]
+    return free_pace_reference(model, prompt, choose, **kw)
+
+
+def eb_reference(model, prompt, *, gamma, order, **kw):
+    """The entropy-bounded rule: the block's masked positions sorted by entropy (lowest first) or by confidence
+    (highest first), and the longest prefix whose entropies have sum - max <= gamma (at least one position)."""
+    def choose(cand, conf, entropy):
+        key = (lambda j: (float(entropy[j]), j)) if order == "entropy" else (lambda j: (-float(conf[j]), j))
+        ranked = sorted(cand, key=key)
+        best = 1
+        for n in range(1, len(ranked) + 1):
+            h = [float(entropy[j]) for j in ranked[:n]]
+            if sum(h) - max(h) <= gamma:
+                best = n
+        return ranked[:best]
+    return free_pace_reference(model, prompt, choose, **kw)
 
 
 @pytest.mark.parametrize("temperature, early_stop, use_anchors, layers, cache", [
@@ -318,6 +344,74 @@ def test_fast_dllm_equals_the_rule(temperature, early_stop, use_anchors, layers,
         per_step += torch.bincount(in_steps).tolist()
     assert max(per_step) > 1, "no step committed more than one position: the threshold plays no part"
     assert out.forward_passes > 2 * (gen_length // block) or early_stop, "a block per step: the rule plays no part"
+
+
+@pytest.mark.parametrize("name, gamma, temperature, early_stop, use_anchors, cache", [
+    ("entropy_bound", 0.6, 0.0, None, False, "none"), ("entropy_bound_confidence", 0.6, 0.0, None, False, "none"),
+    ("entropy_bound_confidence", 0.6, 0.9, 0.7, True, "none"), ("entropy_bound_confidence", 1.5, 0.7, None, True,
+                                                                  "dual"),
+    ("entropy_bound", 1.5, 0.7, 0.8, False, "prefix"),
+])
+def test_entropy_bound_in_both_orders_equals_the_rule(name, gamma, temperature, early_stop, use_anchors, cache):
+    """Token for token, commit step for commit step and NFE for NFE against the reference loop above (anchors,
+    early stop, compaction, the caches on one layer where they are exact); and the two orders commit differently
+    somewhere, or the order would play no part."""
+    model = build_tiny(seed=2, num_hidden_layers=1).eval()
+    with torch.no_grad():  # entropies spread over [0, log V] rather than all near log V at initialisation
+        model.lm_head_weight.mul_(30.0)
+    gen = torch.Generator().manual_seed(6)
+    batch, gen_length, block = 3, 16, 8
+    ids = torch.randint(10, 60, (batch, 4), generator=gen)
+    prior = None
+    if use_anchors:
+        prior = Prior(tokens=torch.randint(10, 60, (batch, gen_length), generator=gen),
+                      mask=torch.rand(batch, gen_length, generator=gen) < 0.25)
+    vocab = torch.arange(model.vocab_size)
+    vocab = vocab[vocab != model.mask_token_id]
+    order = "confidence" if name.endswith("confidence") else "entropy"
+    kw = dict(gen_length=gen_length, block_length=block, steps=4, temperature=temperature, seed=9,
+              early_stop=early_stop, prior=prior, vocab=vocab, cache=cache)
+    out = generate(model, ids, decoder=decoders.get(name, gamma=gamma), **kw)
+    other = generate(model, ids, decoder=decoders.get(
+        "entropy_bound" if order == "confidence" else "entropy_bound_confidence", gamma=gamma), **kw)
+    per_step = []
+    for b in range(batch):
+        anchors = None if prior is None else (prior.tokens[b], prior.mask[b])
+        comp, steps, nfe = eb_reference(model, ids[b:b + 1], gamma=gamma, order=order, gen_length=gen_length,
+                                        block_length=block, temperature=temperature, seed=9, sample_id=b,
+                                        early_stop=early_stop, anchors=anchors)
+        assert torch.equal(out.completions[b], comp), f"sample {b}: tokens differ from the rule"
+        steps = torch.where(steps == -1, out.forward_passes, steps)
+        assert torch.equal(out.commit_step[b], steps), f"sample {b}: commit steps differ"
+        assert int(out.nfe[b]) == nfe, f"sample {b}: NFE {int(out.nfe[b])} != {nfe}"
+        per_step += torch.bincount(steps[(steps > 0) & ~out.one_shot[b]]).tolist()
+    assert max(per_step) > 1, "no step committed more than one position: gamma plays no part"
+    assert not torch.equal(out.commit_step, other.commit_step), "entropy and confidence order commit alike"
+
+
+def test_confidence_ordered_commit_is_the_largest_passing_prefix(seed):
+    """``entropy_bounded_commit`` with a confidence order against every prefix tried directly, on random rows."""
+    from stp.decoders.entropy_bound import entropy_bounded_commit
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        h = torch.rand(1, n, generator=gen) * 2
+        conf = torch.rand(1, n, generator=gen)
+        cand = torch.rand(1, n, generator=gen) < 0.7
+        gamma = float(torch.rand(1, generator=gen) * 3)
+        limit = int(torch.randint(0, n + 1, (1,), generator=gen))
+        got = entropy_bounded_commit(h, cand, torch.tensor([gamma]), torch.tensor([limit]), confidence=conf)[0]
+        ranked = [i for i in sorted(range(n), key=lambda i: (-conf[0, i].item(), i)) if cand[0, i]]
+        best = 0
+        for j in range(1, len(ranked) + 1):
+            vals = [h[0, i].item() for i in ranked[:j]]
+            if sum(vals) - max(vals) <= gamma + 1e-6:
+                best = j
+        best = min(max(best, 1) if ranked else 0, limit)
+        want = torch.zeros(n, dtype=torch.bool)
+        want[ranked[:best]] = True
+        assert torch.equal(got, want), (h, conf, cand, gamma, limit, got, want)
 
 
 # ------------------------------------------------------------------ the group's first pass once
@@ -371,6 +465,8 @@ def test_config_names_the_registered_decoders():
     rule = RolloutConfig(decoder="fast_dllm", decoder_threshold=0.8).decoder_rule()
     assert isinstance(rule, decoders.DECODERS["fast_dllm"]) and rule.threshold == 0.8
     assert RolloutConfig(decoder="entropy_bound", decoder_gamma=0.3).decoder_rule().gamma == 0.3
+    rule = RolloutConfig(decoder="entropy_bound_confidence", decoder_gamma=0.4).decoder_rule()
+    assert rule.order == "confidence" and rule.gamma == 0.4
     assert RolloutConfig().decoder_rule() is None
     with pytest.raises(ConfigError, match="rollout.decoder"):
         RolloutConfig(decoder="fast_dllm", remasking="random")
