@@ -43,7 +43,9 @@ def test_cmake_build_and_cpp_tests(tmp_path):
     assert "100% tests passed" in out, out
 
 
-@pytest.mark.parametrize("source", [os.path.relpath(p, ROOT) for p in CUDA_SOURCES])
+# The quick run compiles the first source; the full run (CI) every one (3-5 s of nvcc each).
+@pytest.mark.parametrize("source", [pytest.param(os.path.relpath(p, ROOT), marks=[pytest.mark.slow] if i else [])
+                                    for i, p in enumerate(CUDA_SOURCES)])
 def test_cuda_source_compiles_for_sm90a(source, tmp_path):
     nvcc = _nvcc()
     out = _run([nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Icsrc/cuda", "-c", source,
