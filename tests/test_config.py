@@ -64,6 +64,8 @@ def test_llada_presets_have_the_paper_settings(task):
     r = c.rollout
     assert (r.gen_length, r.block_length, r.steps, r.temperature, r.max_prompt_length, r.early_stop) == (
         256, 32, 128, 0.9, 200, 0.95)
+    assert r.cache == "dual", "the LLaDA presets decode with the engine's dual cache (their notes say why)"
+    assert any("rollout.cache dual" in n for n in PRESETS["llada-gsm8k"].notes)
     assert c.prior.enabled and c.prior.rho == (0.85 if task == "math" else 0.95)
     assert c.prior.strategy == "answer_low_confidence"
     assert (c.method, c.estimator.num_draws, c.estimator.score) == ("stp", 3, "all")
@@ -78,7 +80,9 @@ def test_baselines_differ_from_stp_exactly_where_documented(base):
     expected = {
         f"d1-{base}": {"method": "d1", "estimator.num_draws": 1, "estimator.prompt_mask_prob": 0.15,
                        "prior.enabled": False, "rollout.early_stop": None, "grpo.epsilon": 0.5,
-                       "grpo.num_iterations": d1_mu, "grpo.scale_rewards": False},
+                       "grpo.num_iterations": d1_mu, "grpo.scale_rewards": False,
+                       # d1 as published decodes uncached; the LLaDA presets use the dual cache
+                       **({} if base == "tiny" else {"rollout.cache": "none"})},
         f"elbo-{base}": {"method": "elbo", "prior.enabled": False, "rollout.early_stop": None},
     }
     for name, diff in expected.items():
@@ -531,3 +535,14 @@ def test_config_tools_help_documents_print_and_presets_table(capsys):
         parse_args(["--help"])
     train_help = capsys.readouterr().out
     assert "--print" not in train_help and train_help.startswith("usage: python -m stp.train")
+
+
+@pytest.mark.parametrize("name, cache", [("diffpo-llada-gsm8k", "none"), ("diffpo-llada-countdown", "none"),
+                                         ("elbo-gsm8k", "dual"), ("d1-math", "none")])
+def test_llada_presets_choose_their_engine_and_say_why(name, cache):
+    """Every LLaDA preset's rollout.cache is stated: STP and elbo use the dual cache, d1 decodes as published
+    (uncached), DiFFPO keeps exact behaviour log-probs for its importance weights; the notes say so."""
+    assert resolve(name).rollout.cache == cache
+    notes = " ".join(PRESETS[name].notes)
+    if name.startswith(("d1-", "diffpo-")):
+        assert "rollout.cache none" in notes
