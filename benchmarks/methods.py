@@ -35,6 +35,12 @@ What is compared, per method (mean over seeds; "+-" is one standard error, see b
   same completions for every method: the method's estimator, its K and, for anchored methods, its fixed fraction
   1 - rho of confidence anchors), for methods whose class names a ``stp.likelihood`` estimator; "-" for others.
 
+Paired table. Every run records its held-out evaluations per example (``heldout.jsonl``: before training, every
+``run.eval_every`` steps, after). Each method is compared with d1 (or the first method) on the same examples: the
+per-example metric averaged over a method's seeds, the difference per example, its mean and the standard error over
+the examples (z in brackets), after the N steps and at the budget; and each method's own gain (after - before),
+paired the same way.
+
 Standard errors. The same held-out puzzles are used by every seed, so seed-to-seed spread misses the sampling error of
 the puzzles. The standard error of a mean accuracy p over s seeds and n puzzles is sqrt(p (1 - p) / n +
 var_seeds / s), and of a gain after - before sqrt(p_a (1 - p_a) / n + p_b (1 - p_b) / n + var_seeds(gain) / s):
@@ -341,6 +347,10 @@ def summarize(method: str, spec: RunSpec, runs: Sequence[tuple[Mapping[str, Any]
         "nfe_per_sample": mean_se([s["nfe_per_sample"] for s, _ in runs]),
         "seconds_per_step": mean_se([_train_time(rows) / max(1, s["steps"]) for s, rows in runs]),
         "train_seconds": mean_se([_train_time(rows) for _, rows in runs]),
+        # per-example held-out metrics per seed (heldout.jsonl), for the paired table
+        "per_example_before": [heldout_at(s["output_dir"], 0) for s, _ in runs],
+        "per_example_after": [heldout_at(s["output_dir"], s["steps"]) for s, _ in runs],
+        "per_example_at_budget": [heldout_at(s["output_dir"], st) for (s, _), (_, st, _) in zip(runs, at_budget)],
         "per_seed": [{"accuracy_before": s["accuracy_before"], "accuracy_after": s["accuracy_after"],
                       "accuracy_at_budget": a, "step_at_budget": st, "train_seconds": _train_time(rows),
                       "loop_seconds": s["train_seconds"],
@@ -352,6 +362,57 @@ def summarize(method: str, spec: RunSpec, runs: Sequence[tuple[Mapping[str, Any]
                                                                               "repeats")},
     }
     return out
+
+
+def heldout_at(run_dir: Path, step: int) -> list[float] | None:
+    """The per-example held-out metrics of a run's evaluation at ``step`` (``heldout.jsonl``, the last line for that
+    step), None when the run did not record them."""
+    path = Path(run_dir) / "heldout.jsonl"
+    if not path.exists():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["step"] == step:
+                found = [0.0 if m is None else float(m) for m in rec["metrics"]]
+    return found
+
+
+def paired_difference(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+    """Mean and standard error of a per-example difference: each side's per-example values averaged over its runs
+    (seeds), then the difference per example; the SE is over examples (the same held-out set on both sides).
+
+    >>> paired_difference([[1, 0, 1, 1]], [[0, 0, 1, 0]])
+    (0.5, 0.28867513459481287)
+    """
+    if not a or not b or any(x is None for x in (*a, *b)) or len({len(x) for x in (*a, *b)}) != 1:
+        return None
+    n = len(a[0])
+    diff = [statistics.fmean(r[i] for r in a) - statistics.fmean(r[i] for r in b) for i in range(n)]
+    return statistics.fmean(diff), (statistics.stdev(diff) / math.sqrt(n) if n > 1 else float("nan"))
+
+
+def paired_table(results: Sequence[Mapping[str, Any]], reference: str) -> str:
+    """Each method against ``reference`` on the same held-out examples: the difference in accuracy after the
+    steps, at the budget, and each method's own gain (after - before), with paired standard errors and z."""
+    def cell(pair):
+        if pair is None:
+            return "-"
+        m, se = pair
+        return f"{m:+.3f} +- {se:.3f} ({m / se if se else float('nan'):+.1f})"
+
+    head = [f"method", f"after - {reference} after", f"at budget - {reference} at budget", "own gain (after - before)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = next(r for r in results if r["method"] == reference)
+    for r in results:
+        lines.append("| " + " | ".join([
+            f"`{r['method']}`", "-" if r is ref else cell(paired_difference(r["per_example_after"],
+                                                                              ref["per_example_after"])),
+            "-" if r is ref else cell(paired_difference(r["per_example_at_budget"], ref["per_example_at_budget"])),
+            cell(paired_difference(r["per_example_after"], r["per_example_before"])),
+        ]) + " |")
+    return "\n".join(lines)
 
 
 def _pm(pair: Sequence[float], digits: int = 3) -> str:
@@ -537,7 +598,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "Seeds: " + "; ".join(f"{m} {', '.join(seeds_of[m])}" for m in methods),
         *notes,
     ]
-    text = "\n".join(header) + "\n\n" + table + "\n"
+    reference = "d1" if "d1" in methods else methods[0]
+    paired = paired_table(results, reference)
+    text = ("\n".join(header) + "\n\n" + table + "\n\nPaired on the same held-out examples (per-example metric "
+            f"averaged over seeds, difference per example, SE over the {results[0]['eval_examples']} examples; z in "
+            "brackets):\n\n" + paired + "\n")
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -232,7 +232,19 @@ def evaluate_heldout(lm, task, examples, cfg: TrainConfig, *, progress: bool = F
     return {"reward": res["mean_reward"], "accuracy": res["accuracy"], "nfe": res["mean_nfe"],
             "batch_passes": batch_passes([r["nfe"] for r in res["records"]], min(32, len(examples))),
             "seconds": res["seconds"], "answer_rate": len(readable) / len(res["records"]),
-            "reward_of_answered": sum(readable) / len(readable) if readable else None}
+            "reward_of_answered": sum(readable) / len(readable) if readable else None,
+            # per held-out example, in the held-out set's order: what paired comparisons between runs read
+            "rewards": [r["reward"] for r in res["records"]], "metrics": [r["metric"] for r in res["records"]]}
+
+
+def record_heldout(out: Path, step: int, ev: Mapping[str, Any] | None) -> None:
+    """Append one held-out evaluation's per-example rewards and metrics to ``out/heldout.jsonl`` (step 0 = before
+    training): the paired comparisons between runs read it (``benchmarks/methods.py``)."""
+    if ev is None or "rewards" not in ev:
+        return
+    line = json.dumps({"step": step, "rewards": ev["rewards"], "metrics": ev["metrics"]}, separators=(",", ":"))
+    with open(out / "heldout.jsonl", "a") as f:
+        f.write(line + "\n")
 
 
 def eval_columns(ev: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -338,6 +350,10 @@ def write_summary(out: Path, cfg: TrainConfig, method, state: Mapping[str, Any],
         "reward_of_answered_before": of(before, "reward_of_answered"),
         "reward_of_answered_after": of(after, "reward_of_answered"),
         "eval_examples": heldout,
+        # per held-out example (the held-out set's order, the same for every run of a task and seed-independent
+        # split): the paired differences between runs and methods are taken from these
+        "rewards_before": of(before, "rewards"), "rewards_after": of(after, "rewards"),
+        "metrics_before": of(before, "metrics"), "metrics_after": of(after, "metrics"),
         "nfe_per_sample": state["nfe_sum"] / max(1, state["nfe_count"]),
         "batch_passes_per_rollout": _rollout_mean(out / "metrics.jsonl", "batch_passes"),
         "nfe_after": of(after, "nfe"), "batch_passes_after": of(after, "batch_passes"),

@@ -191,6 +191,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     log = metrics.MetricsLog(out, step, report_to, metrics.flat_config(cfg)) if accelerator.is_main_process else None
     if log is not None and resume_from is None:
         log.heldout(state["eval_before"], 0)
+        metrics.record_heldout(out, 0, state["eval_before"])
     bar = None
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -326,6 +327,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
                         ev = metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show,
                                                       **method.eval_kwargs())
                         row.update(metrics.eval_columns(ev))
+                        metrics.record_heldout(out, step, ev)
             if log is not None:
                 if skipped:
                     (print if bar is None else bar.write)(
@@ -370,6 +372,7 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
         after = (metrics.evaluate_heldout(lm, task, heldout, cfg, progress=show, **method.eval_kwargs())
                  if not (interrupted or diverged) else None)
         log.heldout(after, step)
+        metrics.record_heldout(out, step, after)
         summary = metrics.write_summary(out, cfg, method, state, after, step=step, heldout=len(heldout),
                                         wall_seconds=wall_before + time.time() - t_start, interrupted=interrupted,
                                         diverged=diverged and not starved, world=world,

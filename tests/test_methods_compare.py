@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import methods as bm
 from benchmarks import paired_gain as pg
@@ -175,6 +176,25 @@ def test_paired_standard_errors():
         pg.paired_gain([1.0, 0.0], [1.0])
 
 
+def test_paired_difference_of_runs_per_example(seed, tmp_path):
+    """paired_difference against a direct computation on random per-example results of several seeds, and
+    heldout_at reading the last line of a step from a run's heldout.jsonl."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 37
+    a = (torch.rand(3, n, generator=gen) < 0.6).double().tolist()
+    b = (torch.rand(2, n, generator=gen) < 0.4).double().tolist()
+    d = torch.tensor(a, dtype=torch.float64).mean(0) - torch.tensor(b, dtype=torch.float64).mean(0)
+    m, se = bm.paired_difference(a, b)
+    assert m == pytest.approx(float(d.mean()), abs=1e-12)
+    assert se == pytest.approx(float(d.std(unbiased=True)) / math.sqrt(n), abs=1e-12)
+    assert bm.paired_difference(a, [b[0][:-1]]) is None and bm.paired_difference(a, [None]) is None
+    lines = [{"step": 0, "rewards": [0.1], "metrics": [None]}, {"step": 4, "rewards": [1.0], "metrics": [0.0]},
+             {"step": 4, "rewards": [1.0], "metrics": [1.0]}]  # a resumed run evaluated step 4 twice: the last
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert bm.heldout_at(tmp_path, 0) == [0.0] and bm.heldout_at(tmp_path, 4) == [1.0]
+    assert bm.heldout_at(tmp_path, 5) is None and bm.heldout_at(tmp_path / "none", 0) is None
+
+
 def test_pass_at_k_counts_prompts_with_a_right_sample(small_checkpoint):
     from stp import models
 
@@ -207,8 +227,11 @@ def test_short_comparison_table_and_real_accuracies(small_checkpoint, tmp_path):
             "grpo.num_generations=2"]
     record = bm.main(argv)
     text = (tmp_path / "t.md").read_text()
-    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    main_part, paired_part = text.split("\n\nPaired on the same held-out examples")
+    table = [ln for ln in main_part.splitlines() if ln.startswith("|")]
     assert len(table) == 2 + 2
+    paired_rows = [ln for ln in paired_part.splitlines() if ln.startswith("|")]
+    assert len(paired_rows) == 2 + 2 and paired_rows[3].startswith("| `d1` | - | - |")
     assert table[0].count("|") == 13 and all(ln.count("|") == 13 for ln in table)
     assert table[2].startswith("| `stp` | `compare-tiny` | 2 |") and table[3].startswith("| `d1` | `d1-compare-tiny`")
     assert (tmp_path / "t.png").stat().st_size > 1000

@@ -137,6 +137,13 @@ def test_tiny_run_updates_exactly_the_adapter(tmp_path, monkeypatch, preset):
         assert rows[0]["anchor_fraction"] == 0 and rows[0]["one_shot_fraction"] == 0
     assert summary["steps"] == 3 and summary["reward_before"] is not None and summary["reward_after"] is not None
     assert json.loads((out / "summary.json").read_text())["nfe_per_sample"] == summary["nfe_per_sample"]
+    # per-example held-out results (heldout.jsonl): before, every eval_every, after; their means are the summary's
+    held = [json.loads(ln) for ln in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in held] == [0, 2, 3]
+    assert sum(held[0]["rewards"]) / len(held[0]["rewards"]) == pytest.approx(summary["reward_before"])
+    assert sum(held[-1]["rewards"]) / len(held[-1]["rewards"]) == pytest.approx(summary["reward_after"])
+    assert summary["rewards_after"] == held[-1]["rewards"] and summary["metrics_before"] == held[0]["metrics"]
+    assert rows[1]["eval_reward"] == pytest.approx(sum(held[1]["rewards"]) / len(held[1]["rewards"]))
     for name in ("config.yaml", "progress.png", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
