@@ -314,7 +314,8 @@ def start_or_resume(out: Path, cfg: TrainConfig, resume_from: Path | None, *, lm
     """(step, the rollout saved between its inner iterations or None, the run's counters) from ``resume_from`` or
     fresh; writes config.yaml, cuts metrics.jsonl back to the step and removes torn temporary checkpoints."""
     # wall_seconds: of the earlier processes of this run, up to their last checkpoint (the summary adds this one's).
-    state: dict[str, Any] = {"nfe_sum": 0.0, "nfe_count": 0, "nan_streak": 0, "train_seconds": 0.0,
+    state: dict[str, Any] = {"nfe_sum": 0.0, "nfe_count": 0, "nan_streak": 0, "no_signal_streak": 0,
+                             "train_seconds": 0.0,
                              "eval_before": None, "wall_seconds": 0.0}
     step, rollout = 0, None
     if resume_from is not None:
@@ -333,6 +334,7 @@ def start_or_resume(out: Path, cfg: TrainConfig, resume_from: Path | None, *, lm
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", cfg.to_yaml().encode())
         truncate_metrics(out / "metrics.jsonl", step)
+        truncate_metrics(out / "heldout.jsonl", step)
         for stale in (out / "checkpoints").glob(".tmp-*") if (out / "checkpoints").is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -202,7 +202,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
     interrupted, diverged = False, False
     if run.max_no_signal_steps < 0:
         raise ConfigError.bad_value("run.max_no_signal_steps", run.max_no_signal_steps, "an integer >= 0")
-    no_signal, starved = 0, False  # optimizer steps in a row whose rollout had no signal (since this start)
+    starved = False
+    state.setdefault("no_signal_streak", 0)  # steps in a row whose rollout had no signal (checkpointed; older: 0)
     with checkpoint.StopFlag() as stop:
         while step < g.max_steps:
             r, it = divmod(step, mu)
@@ -343,7 +344,8 @@ def train(config: TrainConfig, *, progress: bool = False, reward_funcs=None, rew
             flag = torch.tensor([1.0 if stop.set else 0.0], device=accelerator.device)
             interrupted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
             diverged = state["nan_streak"] >= run.max_nan_steps
-            no_signal = no_signal + 1 if rollout.metrics.get("groups_with_signal", 1.0) == 0 else 0
+            no_signal = state["no_signal_streak"] + 1 if rollout.metrics.get("groups_with_signal", 1.0) == 0 else 0
+            state["no_signal_streak"] = no_signal
             if no_signal == min(NO_SIGNAL_WARN, run.max_no_signal_steps or NO_SIGNAL_WARN) and log is not None:
                 (print if bar is None else bar.write)(  # bar.write: on its own line, not the bar's
                     f"stp.train: warning: step {step}: "

@@ -258,6 +258,20 @@ def test_no_learning_signal_warns_then_stops(tmp_path, capsys):
     assert summary["stopped_no_signal"] is True and summary["diverged"] is False and summary["steps"] == 6
 
 
+def test_the_no_signal_streak_survives_a_resume(tmp_path, capsys):
+    """The streak is checkpointed: 3 steps without signal, a stop, a resume with a higher max_steps: the run stops
+    at 6 steps in all (the limit), not 6 steps after the resume."""
+    from stp.metrics import read_metrics
+    from stp.trainer import NoLearningSignal
+
+    _train(tmp_path, _const, **{"grpo.max_steps": 3, "run.max_no_signal_steps": 6, "run.save_every": 1})
+    with pytest.raises(NoLearningSignal, match="no learning signal for 6 steps"):
+        _train(tmp_path, _const, **{"grpo.max_steps": 20, "run.max_no_signal_steps": 6, "run.save_every": 1,
+                                    "run.resume": True})
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
 def test_groups_with_signal_counts_the_groups_whose_rewards_differ(tmp_path, capsys):
     from stp.metrics import read_metrics
 
