@@ -2,6 +2,7 @@
 
     python -m benchmarks.chain_measures variance [--prompts 32] [--draws 3] [--repeats 8] [--out table.md]
     python -m benchmarks.chain_measures cache [--examples 128] [--adapter RUN/adapter] [--out table.md]
+    python -m benchmarks.chain_measures decoders [--examples 128] [--adapter RUN/adapter] [--out table.md]
 
 ``variance``: the variance over mask seeds of the sequence log-likelihood estimate S (sum over valid positions of the
 per-token log-probs, the training default ``score=all``) of completions the checkpoint samples for training prompts
@@ -18,6 +19,10 @@ with ``rollout.cache`` none / prefix / dual (Fast-dLLM's block KV cache, an appr
 models), on the same held-out chains: mean +- standard error over chains, and the paired difference to ``none``
 (per-chain difference, mean +- standard error, z), with seconds and NFE per mode. Four blocks of text: with
 ``dual`` the masked suffix's keys and values are stale within a block, which one block of text does not show.
+
+``decoders``: greedy held-out accuracy and reward, NFE per sample, batch passes per call and seconds of each
+decoding rule of ``decoder_rows`` (fixed-k at 64 / 32 / 16 steps, Fast-dLLM's threshold decoding, the entropy bound
+in entropy and in confidence order), no KV cache, each paired on the same chains against fixed-k at 64 steps.
 
 Every table starts with the machine and its load (``benchmarks/_report.py``).
 """
@@ -163,17 +168,84 @@ def _cache(args) -> list[str]:
     return out
 
 
+def decoder_rows() -> list[tuple[str, dict]]:
+    """The decoders compared (name, ``generate`` settings): LLaDA's fixed-k schedule at the task's 64 steps (the
+    reference, k = 2) and at 32 / 16 steps, Fast-dLLM's threshold decoding, and the entropy bound in entropy and in
+    confidence order."""
+    from stp import decoders
+
+    rows = [("fixed-k 2 (64 steps)", dict(steps=64)), ("fixed-k 4 (32 steps)", dict(steps=32)),
+            ("fixed-k 8 (16 steps)", dict(steps=16))]
+    rows += [(f"fast_dllm {c:g}", dict(decoder=decoders.get("fast_dllm", threshold=c))) for c in (0.9, 0.7)]
+    for name in ("entropy_bound", "entropy_bound_confidence"):
+        rows += [(f"{name} {g:g}", dict(decoder=decoders.get(name, gamma=g))) for g in (0.1, 1.0)]
+    return rows
+
+
+def _decoders(args) -> list[str]:
+    from stp.data_order import encode_prompts
+    from stp.sampler import generate
+    from stp.tasks.prompts import task_with_prompt
+
+    model = _load(args.model, args.adapter)
+    shape, _ = _shape(args.preset)
+    task = task_with_prompt("chain", "compact")
+    examples = task.load("test", source="generated", n=args.examples)
+    eos = int(model.eos_token_id)
+    per, info = {}, {}
+    for name, kw in decoder_rows():
+        t0, rewards, metrics, nfe, passes = time.time(), [], [], [], []
+        for lo in range(0, len(examples), 32):
+            batch = examples[lo:lo + 32]
+            ids, mask = encode_prompts(model.tokenizer, [task.format_prompt(e, model.tokenizer) for e in batch],
+                                       model.tokenizer.pad_token_id, None)
+            out = generate(model, ids, attention_mask=mask, temperature=0.0, seed=args.seed,
+                           **{**shape, **kw})
+            for row, ex in zip(out.completions.tolist(), batch):
+                text = model.tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
+                rewards.append(task.reward(text, ex))
+                metrics.append(task.metric(text, ex) or 0.0)
+            nfe += out.nfe.tolist()
+            passes.append(out.forward_passes)
+        per[name] = {"reward": rewards, "metric": metrics}
+        info[name] = {"seconds": time.time() - t0, "nfe": sum(nfe) / len(nfe), "passes": sum(passes) / len(passes)}
+        print(f"  {name}: accuracy {sum(metrics) / len(metrics):.3f}, NFE {info[name]['nfe']:.1f}, "
+              f"{info[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
+    n, ref = len(examples), decoder_rows()[0][0]
+    out = [f"Model {args.model}{' + ' + args.adapter if args.adapter else ''}; greedy, {n} held-out chains in calls "
+           f"of 32, gen {shape['gen_length']} / block {shape['block_length']}, no KV cache; differences to "
+           f"{ref!r} paired on the same chains; seconds: one run of each row, one thread", "",
+           "| decoder | accuracy | reward | accuracy minus ref +- SE | z | reward minus ref +- SE | z | NFE / sample | "
+           "batch passes / call | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, _ in decoder_rows():
+        cells = [name]
+        for key in ("metric", "reward"):
+            v = per[name][key]
+            m = sum(v) / n
+            se = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n)
+            cells.append(f"{m:.4f} +- {se:.4f}")
+        for key in ("metric", "reward"):
+            if name == ref:
+                cells += ["-", "-"]
+            else:
+                m, se = paired(per[name][key], per[ref][key])
+                cells += [f"{m:+.4f} +- {se:.4f}", _z(m, se)]
+        cells += [f"{info[name]['nfe']:.1f}", f"{info[name]['passes']:.1f}", f"{info[name]['seconds']:.0f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m benchmarks.chain_measures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("variance", "cache"))
+    p.add_argument("what", choices=("variance", "cache", "decoders"))
     p.add_argument("--model", default="pretrained:chain", help="checkpoint [pretrained:chain]")
     p.add_argument("--adapter", default=None, help="a trained LoRA adapter merged into --model")
     p.add_argument("--preset", default="chain-tiny", help="the preset whose rollout shape is used [chain-tiny]")
     p.add_argument("--prompts", type=int, default=32, help="variance: training prompts, one completion each [32]")
     p.add_argument("--draws", type=int, nargs="+", default=[3], help="variance: K, the draws per estimate [3]")
     p.add_argument("--repeats", type=int, default=8, help="variance: mask seeds per completion [8]")
-    p.add_argument("--examples", type=int, default=128, help="cache: held-out chains [128]")
+    p.add_argument("--examples", type=int, default=128, help="cache, decoders: held-out chains [128]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the table here")
     args = p.parse_args(argv)
@@ -183,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if any(k < 1 for k in args.draws):
         p.error(f"--draws {args.draws}: allowed: integers >= 1")
     load_start = load_average()
-    body = _variance(args) if args.what == "variance" else _cache(args)
+    body = {"variance": _variance, "cache": _cache, "decoders": _decoders}[args.what](args)
     text = "\n".join(machine_lines(load_start, load_average()) + [""] + body)
     print(text)
     if args.out:

@@ -105,22 +105,23 @@ MASK_EPS = 1e-3
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sudoku": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
                    block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.6, relabel_noise=0.0,
+                   curriculum_hold=0, curriculum_grow=0,
                    eval_examples=32, eval_seed=0,
                    hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
     "countdown": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=64,
                       block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0,
-                      relabel_noise=0.0, eval_examples=32,
+                      relabel_noise=0.0, curriculum_hold=0, curriculum_grow=0, eval_examples=32,
                       eval_seed=0,
                       hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
     # The methods' comparison (stp.tasks.countdown_small): small numbers, + and -, a 32-token canvas, 600 puzzles.
     "countdown_small": dict(steps=600, batch_size=32, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=32,
                             block_length=32, n_train=600, data_seed=1, answer_noise=0.0, format_noise=0.0,
-                            relabel_noise=0.0, eval_examples=32, eval_seed=0,
+                            relabel_noise=0.0, curriculum_hold=0, curriculum_grow=0, eval_examples=32, eval_seed=0,
                             hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
     # The long-answer task (stp.tasks.chain): 108-token completions in a 128-token canvas, blocks of 32.
-    "chain": dict(steps=500, batch_size=16, lr=2e-3, weight_decay=0.01, warmup=20, seed=0, gen_length=128,
+    "chain": dict(steps=3000, batch_size=16, lr=1e-3, weight_decay=0.01, warmup=100, seed=0, gen_length=128,
                   block_length=32, n_train=4000, data_seed=1, answer_noise=0.0, format_noise=0.0, relabel_noise=0.0,
-                  eval_examples=32, eval_seed=0,
+                  curriculum_hold=1000, curriculum_grow=30, eval_examples=32, eval_seed=0,
                   hidden_size=128, num_hidden_layers=4, intermediate_size=384, num_attention_heads=4),
 }
 # Named checkpoints: pretrained:NAME -> (task, overrides of its DEFAULTS). A task's name alone is its defaults.
@@ -222,6 +223,15 @@ def validate_settings(s: Mapping[str, Any], *, flags: bool = False) -> None:
         if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                 or (v <= lo if lo_open else v < lo) or v > hi):
             raise PretrainError(f"{n(key)}={v!r}: must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+    for key in ("curriculum_hold", "curriculum_grow"):
+        _check_int(n(key), s[key], 0)
+    if (s["curriculum_hold"] or s["curriculum_grow"]) and s["task"] != "chain":
+        raise PretrainError(f"{n('curriculum_hold')}={s['curriculum_hold']}, {n('curriculum_grow')}="
+                            f"{s['curriculum_grow']} with {n('task')}={s['task']!r}: allowed: 0 (the length "
+                            "curriculum is defined for chain only)")
+    if s["curriculum_hold"] and not s["curriculum_grow"]:
+        raise PretrainError(f"{n('curriculum_grow')}=0 with {n('curriculum_hold')}={s['curriculum_hold']}: allowed: "
+                            ">= 1 (steps per added chain step once the hold ends)")
     if s["relabel_noise"] and s["task"] != "sudoku":
         raise PretrainError(f"{n('relabel_noise')}={s['relabel_noise']!r} with {n('task')}={s['task']!r}: "
                             "allowed: 0 (relabelling is defined for sudoku's digits only)")
@@ -260,8 +270,10 @@ def default_settings(task: str = "sudoku", **overrides) -> dict[str, Any]:
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
     """16 hex digits: SHA-256 of the canonical JSON of the settings, the format version and the torch version. A
-    zero ``relabel_noise`` is left out (it draws nothing: the checkpoints made before the knob keep their hash)."""
-    settings = {k: v for k, v in settings.items() if not (k == "relabel_noise" and not v)}
+    zero ``relabel_noise``, ``curriculum_hold`` or ``curriculum_grow`` is left out (off: the checkpoints made before
+    these knobs keep their hash)."""
+    settings = {k: v for k, v in settings.items()
+                if not (k in ("relabel_noise", "curriculum_hold", "curriculum_grow") and not v)}
     blob = json.dumps({**settings, "format": FORMAT_VERSION, "torch": torch.__version__.split("+")[0]},
                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -324,6 +336,49 @@ def sft_loss(model, batch: Mapping[str, torch.Tensor], generator: torch.Generato
     return -(logp / t[rb]).sum() / (b * g)
 
 
+class _ChainCurriculum:
+    """Chain's length curriculum (``curriculum_hold`` / ``curriculum_grow``). A fresh model's attention over a
+    20-step chain in a 128-token canvas is spread over ~240 positions and carries little gradient towards the one
+    token a step's result needs (the result above it); on chains of 4 operations in a canvas of their own length
+    (~60 positions) the 4-layer model learns to compute a step within a few hundred steps, and the skill carries
+    over as the length grows (measured: stp.tasks.chain's docstring). Each optimizer step trains on one length: 4
+    operations for the first ``curriculum_hold`` steps,
+    then the longest length allowed grows by one every ``curriculum_grow`` steps up to ``stp.tasks.chain.N_STEPS``;
+    from then on half the steps are full-length chains in the full canvas (the ordinary batches, ``None`` here)
+    and half a uniform shorter length. Short chains come from the train split (``data_seed``-keyed streams, 100 per
+    length: 4 operations of +-1 allow 112 train puzzles) in a canvas of exactly their reference length (5 n + 8
+    tokens); the draws come from a generator seeded from ``seed``."""
+
+    SHORTEST, HELD = 4, 4
+    PER_LENGTH = 100
+
+    def __init__(self, tokenizer, ctask, s: Mapping[str, Any]):
+        from stp.tasks.chain import N_STEPS, generate
+
+        self.hold, self.grow, self.full = s["curriculum_hold"], s["curriculum_grow"], N_STEPS
+        self.gen = torch.Generator().manual_seed(s["seed"] * 1_000_003 + 3)
+        self.pools = {}
+        for n in range(self.SHORTEST, N_STEPS):
+            examples = generate(self.PER_LENGTH, "train", s["data_seed"] * 1000 + n, n_steps=n)
+            ids, mask, comp = _encode_examples(tokenizer, ctask, examples, 5 * n + 8, 0.0, None)
+            self.pools[n] = {"prompt_ids": ids, "prompt_mask": mask, "completion": comp}
+
+    def length(self, step: int) -> int:
+        """The number of operations of this step's chains (``full`` = the ordinary batches)."""
+        top = self.HELD if step < self.hold else min(self.full, self.HELD + (step - self.hold) // self.grow)
+        if top == self.full and torch.rand((), generator=self.gen).item() < 0.5:
+            return self.full
+        return int(torch.randint(self.SHORTEST, min(top, self.full - 1) + 1, (), generator=self.gen))
+
+    def batch(self, step: int, size: int) -> dict[str, torch.Tensor] | None:
+        n = self.length(step)
+        if n == self.full:
+            return None
+        pool = self.pools[n]
+        pick = torch.randint(0, pool["completion"].shape[0], (size,), generator=self.gen)
+        return {k: v[pick] for k, v in pool.items()}
+
+
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -377,6 +432,7 @@ def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool
                                                            s["relabel_noise"])
 
     before = _evaluate(model, ctask, test, s) if test else None
+    curriculum = _ChainCurriculum(tokenizer, ctask, s) if s["curriculum_hold"] else None
 
     order_gen = torch.Generator().manual_seed(seed * 1_000_003 + 1)
     mask_gen = torch.Generator().manual_seed(seed * 1_000_003 + 2)
@@ -388,9 +444,11 @@ def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool
     n, bs = len(train), s["batch_size"]
     perm, pos = torch.randperm(n, generator=order_gen), 0
     losses: list[float] = []
-    bar = tqdm(range(s["steps"]), desc=f"pretrain {task}", unit="step", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        idx = []
+
+    def _next_batch() -> dict[str, torch.Tensor]:
+        """The next ``bs`` training examples in the epoch's order (a new order each epoch)."""
+        nonlocal perm, pos
+        idx: list[int] = []
         while len(idx) < bs:
             if pos >= n:
                 perm, pos = torch.randperm(n, generator=order_gen), 0
@@ -400,8 +458,15 @@ def pretrain(task: str = "sudoku", *, out_dir: str | os.PathLike, progress: bool
         idx_t = torch.tensor(idx)
         pm = prompt_mask[idx_t]
         cut = int((pm.sum(1).max()).item())  # drop the columns of left padding no row of this batch uses
-        batch = {"prompt_ids": prompt_ids[idx_t][:, -cut:], "prompt_mask": pm[:, -cut:],
-                 "completion": completion[idx_t]}
+        return {"prompt_ids": prompt_ids[idx_t][:, -cut:], "prompt_mask": pm[:, -cut:],
+                "completion": completion[idx_t]}
+
+    bar = tqdm(range(s["steps"]), desc=f"pretrain {task}", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        # a batch of short chains in their own short canvas (the length curriculum), else the ordinary batch
+        batch = curriculum.batch(step, bs) if curriculum is not None else None
+        if batch is None:
+            batch = _next_batch()
         for group in opt.param_groups:
             group["lr"] = s["lr"] * _lr_factor(step, s["steps"], s["warmup"])
         loss = sft_loss(model, batch, mask_gen)
@@ -574,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
              "answer_noise": "fraction of reference empty cells replaced by a random digit",
              "format_noise": "fraction of references that write the answer bare, without the <answer> tags",
              "relabel_noise": "sudoku: fraction of references whose grid is relabelled d -> d %% 4 + 1 (wrong)",
+             "curriculum_hold": "chain: steps on chains of 4 operations before the length grows (0: no curriculum)",
+             "curriculum_grow": "chain: steps per added operation once the hold ends",
              "eval_examples": "held-out test puzzles scored at the end (0: none)",
              "eval_seed": "seed of the held-out puzzle generator", "hidden_size": "model width",
              "num_hidden_layers": "layers", "intermediate_size": "MLP width", "num_attention_heads": "heads"}

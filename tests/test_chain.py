@@ -157,3 +157,62 @@ def test_benchmark_summary_lines_keep_engine_and_method_apart():
     assert m == pytest.approx(0.2) and se == pytest.approx((0.2 * 0.8 * 5 / 4) ** 0.5 / 5 ** 0.5)
     with pytest.raises(ValueError, match="equally long"):
         paired([1.0], [1.0, 2.0])
+
+
+def test_length_curriculum_schedule_and_short_batches():
+    """The curriculum's lengths: the held lengths first, then growing one operation per curriculum_grow steps, then
+    full-length batches (None: the ordinary ones) about half the time; a short batch holds reference completions of
+    train-split chains of one length in a canvas of exactly their length, behind their compact prompts."""
+    from stp.models import build_tiny
+
+    s = pt.default_settings("chain", curriculum_hold=10, curriculum_grow=2)
+    tok = build_tiny(0, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2).tokenizer
+    cur = pt._ChainCurriculum(tok, pt.compact_task("chain"), s)
+    lo, held, full = cur.SHORTEST, cur.HELD, ch.N_STEPS
+    assert all(lo <= cur.length(t) <= held for t in range(10))
+    assert all(lo <= cur.length(10 + 2 * k) <= min(held + k, full) for k in range(full - held))
+    late = [cur.length(10 + 2 * (full - held) + t) for t in range(400)]
+    share_full = sum(n == full for n in late) / len(late)
+    assert abs(share_full - 0.5) < 4 * (0.25 / len(late)) ** 0.5 and set(late) - {full} <= set(range(lo, full))
+    batch = cur.batch(0, 5)
+    n_ops = None
+    for r in range(5):
+        text = tok.decode(batch["completion"][r].tolist())
+        lines = text.split("</reasoning>")[0].split("\n")[1:-1]
+        n_ops = len(lines) if n_ops is None else n_ops
+        assert len(lines) == n_ops and lo <= n_ops <= held  # one length per batch
+        assert batch["completion"].shape[1] == 5 * n_ops + 8 and text.endswith("</answer>")  # no padding
+        prompt = tok.decode(batch["prompt_ids"][r][batch["prompt_mask"][r].bool()].tolist())
+        start = int(prompt.split("chain ")[1][0])
+        ops = "".join(ln[:2] for ln in lines)
+        assert ch.split_of(start, ops) == "train"
+        assert text == pt.reference_completion("chain", {"start": start, "ops": ops})
+        assert text.split("<answer>")[1][0] == str(_reference_answer(start, ops))
+    with pytest.raises(pt.PretrainError, match="curriculum_hold=5, curriculum_grow=1 with task='sudoku'"):
+        pt.default_settings("sudoku", curriculum_hold=5, curriculum_grow=1)
+    with pytest.raises(pt.PretrainError, match="curriculum_grow=0 with curriculum_hold=5"):
+        pt.default_settings("chain", curriculum_hold=5, curriculum_grow=0)
+    base = pt.default_settings("sudoku")
+    legacy = {k: v for k, v in base.items() if not k.startswith("curriculum_")}
+    assert pt.settings_hash(base) == pt.settings_hash(legacy)  # checkpoints made before the knob keep their hash
+
+
+@pytest.mark.slow
+def test_decoders_table_pairs_every_rule_against_fixed_k(tmp_path):
+    """benchmarks.chain_measures decoders on a small random model: one row per decoder, the reference row without
+    differences, fixed-k's NFE = its steps, and the paired columns computed from the same chains."""
+    from benchmarks import chain_measures as cm
+    from stp.models import build_tiny
+
+    build_tiny(0, hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
+               num_key_value_heads=2).save(tmp_path / "m")
+    text = cm.main(["decoders", "--model", str(tmp_path / "m"), "--examples", "3"])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| decoder")]
+    assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _ in cm.decoder_rows()]
+    ref = rows[0].split(" | ")
+    assert ref[3] == ref[4] == "-" and float(ref[7]) == 64.0
+    assert float(rows[1].split(" | ")[7]) == 32.0 and float(rows[2].split(" | ")[7]) == 16.0
+    for r in rows[1:]:
+        cells = r.split(" | ")
+        acc_ref, acc = float(ref[1].split()[0]), float(cells[1].split()[0])
+        assert float(cells[3].split()[0]) == pytest.approx(acc - acc_ref, abs=1e-4)
