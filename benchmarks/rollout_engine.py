@@ -8,7 +8,8 @@ cache, each decoder, temporal pruning and live-row compaction on/off, in one run
 Rows (``rows``): ``d1`` (cache none, low_confidence, every step, every row: no compaction, no shared first pass),
 ``prefix`` / ``dual`` (the KV caches), ``es`` (temporal pruning at tau, compaction on and off), the decoders
 ``confidence_threshold``, ``fast_dllm`` and ``entropy_bound`` (compaction on and off, with and without the dual
-cache). Columns: wall seconds per rollout batch (min / median / max over ``--repeats``), tokens/s (batch x
+cache) and ``entropy_bound_confidence`` (dual cache, compaction). Columns: wall seconds per rollout batch (min /
+median / max over ``--repeats``), tokens/s (batch x
 gen_length / median seconds), batch passes (forward passes of the batch), NFE per sample (mean), model rows (rows
 sent through the model, summed over passes: what compaction saves) and, with ``--task``, the mean reward of the
 completions and its paired standard error against ``d1`` (per-prompt mean reward differences over the same prompts;
@@ -51,6 +52,8 @@ def rows(tau: float, threshold: float, gamma: float) -> list[tuple[str, dict]]:
         ("entropy_bound", dict(decoder=decoders.get("entropy_bound", gamma=gamma), compact=False)),
         ("entropy_bound+compact", dict(decoder=decoders.get("entropy_bound", gamma=gamma))),
         ("entropy_bound+dual+compact", dict(decoder=decoders.get("entropy_bound", gamma=gamma), cache="dual")),
+        ("entropy_bound_confidence+dual+compact", dict(decoder=decoders.get("entropy_bound_confidence", gamma=gamma),
+                                                       cache="dual")),
     ]
 
 
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
     print(f"# model {args.model}, batch {args.prompts} prompt(s) x G {args.group}, gen {args.gen_length} / block "
           f"{args.block_length} / {args.steps} steps, T {args.temperature}, {args.repeats} repeats, 1 thread, "
           f"load average {' '.join(load)}")
-    head = f"{'row':28s} {'s min/med/max':>22s} {'tok/s':>9s} {'speedup':>8s} {'passes':>7s} {'NFE':>7s} {'rows':>7s}"
+    head = f"{'row':38s} {'s min/med/max':>22s} {'tok/s':>9s} {'speedup':>8s} {'passes':>7s} {'NFE':>7s} {'rows':>7s}"
     if args.task:
         head += f" {'reward':>8s} {'vs d1 (SE)':>16s}"
     print(head)
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
     best = None
     for r in results:
         med = statistics.median(r["times"])
-        line = (f"{r['name']:28s} {min(r['times']):6.3f}/{med:6.3f}/{max(r['times']):6.3f} "
+        line = (f"{r['name']:38s} {min(r['times']):6.3f}/{med:6.3f}/{max(r['times']):6.3f} "
                 f"{batch * args.gen_length / med:9.1f} {d1_med / med:7.2f}x {r['passes']:7d} {r['nfe']:7.1f} "
                 f"{r['rows']:7d}")
         ok = True
