@@ -98,7 +98,7 @@ def test_checkpoint_name_resolves_and_presets_use_it():
     assert pt.checkpoint_settings("pretrained:chain") == ("chain", {})
     path = pt.cached_path("chain", "/nonexistent-cache")
     assert path.name.startswith("chain-") and str(path).startswith("/nonexistent-cache")
-    for preset in ("chain-tiny", "d1-chain-tiny", "elbo-chain-tiny", "diffpo-chain-tiny"):
+    for preset in ("chain-tiny", "d1-chain-tiny", "elbo-chain-tiny", "diffpo-chain-tiny", "dtrpo-chain-tiny"):
         cfg = resolve(preset=preset)
         assert cfg.model.name_or_path == "pretrained:chain" and cfg.run.task == "chain"
         assert (cfg.rollout.gen_length, cfg.rollout.block_length) == (pt.DEFAULTS["chain"]["gen_length"],
