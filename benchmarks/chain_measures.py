@@ -126,15 +126,43 @@ def _variance(args) -> list[str]:
     return out
 
 
-def _cache(args) -> list[str]:
-    from stp.evaluation import evaluate
-    from stp.sampler import CACHE_MODES
+def _heldout(args):
+    """The model (adapter merged), the preset's rollout shape, the task with its compact prompt and the held-out
+    chains of ``cache`` and ``decoders``."""
     from stp.tasks.prompts import task_with_prompt
 
     model = _load(args.model, args.adapter)
     shape, _ = _shape(args.preset)
     task = task_with_prompt("chain", "compact")
-    examples = task.load("test", source="generated", n=args.examples)
+    return model, shape, task, task.load("test", source="generated", n=args.examples)
+
+
+def paired_rows(per: dict, ref: str, extra: dict) -> list[str]:
+    """Table rows, one per key of ``per`` ({row: {"metric": [...], "reward": [...]}}, per example): accuracy and
+    reward (mean +- SE), their differences to row ``ref`` paired per example (+- SE, z), then ``extra[row]``."""
+    out = []
+    for name, vals in per.items():
+        cells = [name]
+        for key in ("metric", "reward"):
+            v = vals[key]
+            n = len(v)
+            m = sum(v) / n
+            cells.append(f"{m:.4f} +- {math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n):.4f}")
+        for key in ("metric", "reward"):
+            if name == ref:
+                cells += ["-", "-"]
+            else:
+                m, se = paired(vals[key], per[ref][key])
+                cells += [f"{m:+.4f} +- {se:.4f}", _z(m, se)]
+        out.append("| " + " | ".join(cells + extra[name]) + " |")
+    return out
+
+
+def _cache(args) -> list[str]:
+    from stp.evaluation import evaluate
+    from stp.sampler import CACHE_MODES
+
+    model, shape, task, examples = _heldout(args)
     per, info = {}, {}
     for cache in CACHE_MODES:
         t0 = time.time()
@@ -150,22 +178,7 @@ def _cache(args) -> list[str]:
            "over chains; differences to none paired on the same chains", "",
            "| cache | accuracy | reward | accuracy minus none +- SE | z | reward minus none +- SE | z | NFE / sample | "
            "seconds |", "|---|---|---|---|---|---|---|---|---|"]
-    for cache in CACHE_MODES:
-        cells = [cache]
-        for key in ("metric", "reward"):
-            v = per[cache][key]
-            m = sum(v) / n
-            se = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n)
-            cells.append(f"{m:.4f} +- {se:.4f}")
-        for key in ("metric", "reward"):
-            if cache == "none":
-                cells += ["-", "-"]
-            else:
-                m, se = paired(per[cache][key], per["none"][key])
-                cells += [f"{m:+.4f} +- {se:.4f}", _z(m, se)]
-        cells += [f"{info[cache]['nfe']:.1f}", f"{info[cache]['seconds']:.0f}"]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
+    return out + paired_rows(per, "none", {c: [f"{info[c]['nfe']:.1f}", f"{info[c]['seconds']:.0f}"] for c in per})
 
 
 def decoder_rows() -> list[tuple[str, dict]]:
@@ -185,12 +198,8 @@ def decoder_rows() -> list[tuple[str, dict]]:
 def _decoders(args) -> list[str]:
     from stp.data_order import encode_prompts
     from stp.sampler import generate
-    from stp.tasks.prompts import task_with_prompt
 
-    model = _load(args.model, args.adapter)
-    shape, _ = _shape(args.preset)
-    task = task_with_prompt("chain", "compact")
-    examples = task.load("test", source="generated", n=args.examples)
+    model, shape, task, examples = _heldout(args)
     eos = int(model.eos_token_id)
     per, info = {}, {}
     for name, kw in decoder_rows():
@@ -217,22 +226,8 @@ def _decoders(args) -> list[str]:
            f"{ref!r} paired on the same chains; seconds: one run of each row, one thread", "",
            "| decoder | accuracy | reward | accuracy minus ref +- SE | z | reward minus ref +- SE | z | NFE / sample | "
            "batch passes / call | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, _ in decoder_rows():
-        cells = [name]
-        for key in ("metric", "reward"):
-            v = per[name][key]
-            m = sum(v) / n
-            se = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n)
-            cells.append(f"{m:.4f} +- {se:.4f}")
-        for key in ("metric", "reward"):
-            if name == ref:
-                cells += ["-", "-"]
-            else:
-                m, se = paired(per[name][key], per[ref][key])
-                cells += [f"{m:+.4f} +- {se:.4f}", _z(m, se)]
-        cells += [f"{info[name]['nfe']:.1f}", f"{info[name]['passes']:.1f}", f"{info[name]['seconds']:.0f}"]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
+    return out + paired_rows(per, ref, {k: [f"{v['nfe']:.1f}", f"{v['passes']:.1f}", f"{v['seconds']:.0f}"]
+                                         for k, v in info.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> str:

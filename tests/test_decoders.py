@@ -306,6 +306,23 @@ def eb_reference(model, prompt, *, gamma, order, **kw):
     return free_pace_reference(model, prompt, choose, **kw)
 
 
+def _sharp_case(layers: int, data_seed: int, use_anchors: bool):
+    """A tiny model with sharpened predictions (LM head x 30: confidences and entropies spread over their range
+    rather than all near the flat values of initialisation), 3 prompts of 4 tokens, optionally a prior's anchors
+    over a 16-token canvas, and the vocabulary without [MASK]."""
+    model = build_tiny(seed=2, num_hidden_layers=layers).eval()
+    with torch.no_grad():
+        model.lm_head_weight.mul_(30.0)
+    gen = torch.Generator().manual_seed(data_seed)
+    ids = torch.randint(10, 60, (3, 4), generator=gen)
+    prior = None
+    if use_anchors:
+        prior = Prior(tokens=torch.randint(10, 60, (3, 16), generator=gen),
+                      mask=torch.rand(3, 16, generator=gen) < 0.25)
+    vocab = torch.arange(model.vocab_size)
+    return model, ids, prior, vocab[vocab != model.mask_token_id]
+
+
 @pytest.mark.parametrize("temperature, early_stop, use_anchors, layers, cache", [
     (0.0, None, False, 2, "none"), (0.9, None, True, 2, "none"), (0.9, 0.7, True, 2, "none"),
     (0.7, 0.8, True, 1, "dual"), (0.7, None, False, 1, "prefix"),
@@ -314,18 +331,8 @@ def test_fast_dllm_equals_the_rule(temperature, early_stop, use_anchors, layers,
     """Token for token, commit step for commit step and NFE for NFE against the reference loop above, per sample of
     a batch (anchors, early stop, compaction; one layer with the caches, where they are exact); the steps per
     block vary with the confidences."""
-    model = build_tiny(seed=2, num_hidden_layers=layers).eval()
-    with torch.no_grad():  # sharper predictions than at initialisation: confidences on both sides of the threshold
-        model.lm_head_weight.mul_(30.0)
-    gen = torch.Generator().manual_seed(5)
+    model, ids, prior, vocab = _sharp_case(layers, 5, use_anchors)  # confidences on both sides of the threshold
     batch, gen_length, block = 3, 16, 8
-    ids = torch.randint(10, 60, (batch, 4), generator=gen)
-    prior = None
-    if use_anchors:
-        prior = Prior(tokens=torch.randint(10, 60, (batch, gen_length), generator=gen),
-                      mask=torch.rand(batch, gen_length, generator=gen) < 0.25)
-    vocab = torch.arange(model.vocab_size)
-    vocab = vocab[vocab != model.mask_token_id]
     threshold = 0.7
     out = generate(model, ids, gen_length=gen_length, block_length=block, steps=4, temperature=temperature,
                    seed=9, early_stop=early_stop, prior=prior, vocab=vocab, cache=cache,
@@ -356,18 +363,8 @@ def test_entropy_bound_in_both_orders_equals_the_rule(name, gamma, temperature, 
     """Token for token, commit step for commit step and NFE for NFE against the reference loop above (anchors,
     early stop, compaction, the caches on one layer where they are exact); and the two orders commit differently
     somewhere, or the order would play no part."""
-    model = build_tiny(seed=2, num_hidden_layers=1).eval()
-    with torch.no_grad():  # entropies spread over [0, log V] rather than all near log V at initialisation
-        model.lm_head_weight.mul_(30.0)
-    gen = torch.Generator().manual_seed(6)
+    model, ids, prior, vocab = _sharp_case(1, 6, use_anchors)
     batch, gen_length, block = 3, 16, 8
-    ids = torch.randint(10, 60, (batch, 4), generator=gen)
-    prior = None
-    if use_anchors:
-        prior = Prior(tokens=torch.randint(10, 60, (batch, gen_length), generator=gen),
-                      mask=torch.rand(batch, gen_length, generator=gen) < 0.25)
-    vocab = torch.arange(model.vocab_size)
-    vocab = vocab[vocab != model.mask_token_id]
     order = "confidence" if name.endswith("confidence") else "entropy"
     kw = dict(gen_length=gen_length, block_length=block, steps=4, temperature=temperature, seed=9,
               early_stop=early_stop, prior=prior, vocab=vocab, cache=cache)
