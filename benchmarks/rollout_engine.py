@@ -86,8 +86,7 @@ def _prompts(model, args):
         ids = torch.randint(10, min(model.vocab_size, 60), (args.prompts, args.prompt_length), generator=gen)
         mask, examples = None, None
     else:
-        from stp.tasks import get_task
-        task = get_task(args.task)
+        task = _task(args)
         examples = task.generate("test", n=args.prompts, seed=args.seed)
         enc = [model.tokenizer(task.format_prompt(e, model.tokenizer), add_special_tokens=False)["input_ids"]
                for e in examples]
@@ -101,9 +100,28 @@ def _prompts(model, args):
     return rep(ids), rep(mask), examples, torch.arange(args.prompts).repeat_interleave(args.group)
 
 
-def _rewards(model, task_name, completions, examples, prompt_of) -> torch.Tensor:
-    from stp.tasks import get_task
-    task = get_task(task_name)
+def _task(args):
+    """The task with the prompt format the model reads (``prompt_format``)."""
+    from stp.tasks.prompts import task_with_prompt
+
+    return task_with_prompt(args.task, prompt_format(args))
+
+
+def prompt_format(args) -> str:
+    """``--prompt-format``, else compact for the embedded models (``tiny``, ``micro``, ``pretrained:TASK``: their
+    SFT used it) and chat for any other model.
+
+    >>> prompt_format(argparse.Namespace(prompt_format=None, model="pretrained:chain"))
+    'compact'
+    >>> prompt_format(argparse.Namespace(prompt_format=None, model="GSAI-ML/LLaDA-8B-Instruct"))
+    'chat'
+    """
+    if args.prompt_format:
+        return args.prompt_format
+    return "compact" if args.model in ("tiny", "micro") or args.model.startswith("pretrained:") else "chat"
+
+
+def _rewards(model, task, completions, examples, prompt_of) -> torch.Tensor:
     eos = int(model.eos_token_id)
     out = []
     for r, toks in enumerate(completions.tolist()):
@@ -210,6 +228,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="micro", help="micro (random tiny architecture), tiny, pretrained:TASK or a path")
     p.add_argument("--task", default=None, help="score completions with this task's reward (stp.tasks)")
+    p.add_argument("--prompt-format", default=None, choices=("chat", "compact"),
+                   help="the task's prompt format [compact for tiny, micro and pretrained:TASK; chat otherwise]")
     p.add_argument("--prompts", type=int, default=1)
     p.add_argument("--group", type=int, default=8, help="G: samples per prompt")
     p.add_argument("--prompt-length", type=int, default=64, help="random prompts' length (without --task)")
@@ -256,7 +276,7 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         reward = None
         if args.task is not None:
-            reward = _rewards(model, args.task, out.completions, examples, prompt_of)
+            reward = _rewards(model, _task(args), out.completions, examples, prompt_of)
         results.append(dict(name=name, times=times, passes=out.forward_passes, nfe=float(out.nfe.float().mean()),
                             rows=model.rows, reward=reward))
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
@@ -286,6 +306,9 @@ def main(argv=None) -> int:
         print(line)
         if ok and (best is None or med < statistics.median(best["times"])):
             best = r
+    if args.task and float(d1["reward"].abs().sum()) == 0.0:
+        print(f"warning: every reward is 0 with d1's engine: check that the prompts are in the format the model was "
+              f"trained on (--prompt-format; this run: {prompt_format(args)})")
     speed = d1_med / statistics.median(best["times"])
     if args.task:
         print(f"rollout best/d1-engine = {speed:.2f}x at reward {best['diff']:+.2f} (paired SE {best['se']:.2f}) "

@@ -130,7 +130,7 @@ def test_answer_noise_writes_a_wrong_final_digit_and_keeps_the_chain():
 
 
 @pytest.mark.parametrize("module", ["stp.tasks.chain", "stp.tasks.prompts", "benchmarks.train_step_phases",
-                                    "benchmarks.chain_measures"])
+                                    "benchmarks.chain_measures", "benchmarks.rollout_engine"])
 def test_doctests(module):
     import doctest
     import importlib
