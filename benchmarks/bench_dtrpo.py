@@ -192,16 +192,19 @@ def main(argv: list[str] | None = None) -> str | None:
 
     torch.set_num_threads(1)
     load_start = load_average()
-    if a.reference_only or a.selection_only:
-        lines = (reference_table(a.repeats, a.model) if a.reference_only
-                 else selection_table(a.samples, a.theta_adapter))
-        lines += ["", *machine_lines(load_start, load_average())]
-        text = "\n".join(lines) + "\n"
+
+    def emit(lines: list[str]) -> str:
+        """The table and the machine's load, printed and written to ``--out``."""
+        text = "\n".join([*lines, "", *machine_lines(load_start, load_average())]) + "\n"
         print(text)
         if a.out:
             with open(a.out, "w") as f:
                 f.write(text)
         return text
+
+    if a.reference_only or a.selection_only:
+        return emit(reference_table(a.repeats, a.model) if a.reference_only
+                    else selection_table(a.samples, a.theta_adapter))
     lines = [] if a.gap_only else cost_table(a.repeats)
     if not a.cost_only:
         lines += ["packed vs exact on the same drawn steps (4 draws of u); Delta = trajectory log-ratio of the model "
@@ -212,13 +215,7 @@ def main(argv: list[str] | None = None) -> str | None:
         r = gap(name)
         lines.append(f"| {name} | {r['token max']:.3g} | {r['token mean']:.3g} | {r['Delta max']:.3g} | "
                      f"{r['Delta mean']:.3g} | {r['|Delta| mean (exact)']:.3g} |")
-    lines += ["", *machine_lines(load_start, load_average())]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-    return text
+    return emit(lines)
 
 
 def cost_table(repeats: int) -> list[str]:

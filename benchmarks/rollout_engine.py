@@ -79,23 +79,18 @@ def _model(name: str):
     return load_model(name)
 
 
-def _prompts(model, args):
+def _prompts(model, args, task):
     """[P * G, width] left-padded prompt ids, mask, the examples (or None) and the prompt index of each row."""
-    if args.task is None:
+    if task is None:
         gen = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(10, min(model.vocab_size, 60), (args.prompts, args.prompt_length), generator=gen)
         mask, examples = None, None
     else:
-        task = _task(args)
+        from stp.data_order import encode_prompts
+
         examples = task.generate("test", n=args.prompts, seed=args.seed)
-        enc = [model.tokenizer(task.format_prompt(e, model.tokenizer), add_special_tokens=False)["input_ids"]
-               for e in examples]
-        width = max(map(len, enc))
-        ids = torch.full((len(enc), width), int(model.pad_token_id), dtype=torch.long)
-        mask = torch.zeros(len(enc), width, dtype=torch.long)
-        for r, e in enumerate(enc):
-            ids[r, width - len(e):] = torch.tensor(e)
-            mask[r, width - len(e):] = 1
+        ids, mask = encode_prompts(model.tokenizer, [task.format_prompt(e, model.tokenizer) for e in examples],
+                                   model.tokenizer.pad_token_id, None)
     rep = lambda t: None if t is None else t.repeat_interleave(args.group, 0)  # noqa: E731
     return rep(ids), rep(mask), examples, torch.arange(args.prompts).repeat_interleave(args.group)
 
@@ -254,7 +249,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     model = _CountRows(_model(args.model).eval())
-    ids, mask, examples, prompt_of = _prompts(model, args)
+    task = _task(args) if args.task is not None else None
+    ids, mask, examples, prompt_of = _prompts(model, args, task)
     table = rows(args.tau, args.threshold, args.gamma)
     if args.only:
         keep = set(args.only.split(",")) | {"d1"}
@@ -276,7 +272,7 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         reward = None
         if args.task is not None:
-            reward = _rewards(model, _task(args), out.completions, examples, prompt_of)
+            reward = _rewards(model, task, out.completions, examples, prompt_of)
         results.append(dict(name=name, times=times, passes=out.forward_passes, nfe=float(out.nfe.float().mean()),
                             rows=model.rows, reward=reward))
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3

@@ -47,15 +47,16 @@ def _rollout(model, seed, *, gen_length=8, block_length=4, steps=6, **kw):
     return ids, mask, out, rec.calls
 
 
-def _replay_logprob64(model, calls, prompt_mask, out) -> torch.Tensor:
-    """[B] log pi(tau) of every sample's tokens under ``model`` from the recorded canvases, float64 logits."""
+def _replay_logprob64(model, calls, prompt_mask, out, temperature=1.0) -> torch.Tensor:
+    """[B] log pi(tau) of every sample's tokens under ``model`` from the recorded canvases (each committed token's
+    log-prob in the canvas before its pass), float64 logits at ``temperature``."""
     plen = prompt_mask.shape[1]
     attn = torch.cat([prompt_mask, torch.ones_like(out.completions)], 1)
     total = torch.zeros(out.completions.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for f, canvas in enumerate(calls, start=1):
             h = model.backbone(canvas, attn).double()
-            logp = torch.log_softmax(h @ model.lm_head_weight.double().T, -1)[:, plen:]
+            logp = torch.log_softmax(h @ model.lm_head_weight.double().T / temperature, -1)[:, plen:]
             tok = logp.gather(2, out.completions[:, :, None])[:, :, 0]
             total += torch.where(out.commit_step == f, tok, torch.zeros_like(tok)).sum(1)
     return total

@@ -22,20 +22,7 @@ from stp.sampler import generate
 from stp.trajectory_ratio import dpo_loss, trajectory_delta, trajectory_logprobs
 from tests._decoding import Recording, random_prompts
 from tests.test_dtrpo import _one_thread, ref_model, theta_model  # noqa: F401  (the same fixtures)
-
-
-def _replay64(model, calls, prompt_mask, out, temperature=1.0) -> torch.Tensor:
-    """[B] sum over every pass of the committed tokens' log mu(y_i | canvas before the pass), float64 logits."""
-    plen = prompt_mask.shape[1]
-    attn = torch.cat([prompt_mask, torch.ones_like(out.completions)], 1)
-    total = torch.zeros(out.completions.shape[0], dtype=torch.float64)
-    with torch.no_grad():
-        for f, canvas in enumerate(calls, start=1):
-            h = model.backbone(canvas, attn).double()
-            logp = torch.log_softmax(h @ model.lm_head_weight.double().T / temperature, -1)[:, plen:]
-            tok = logp.gather(2, out.completions[:, :, None])[:, :, 0]
-            total += torch.where(out.commit_step == f, tok, torch.zeros_like(tok)).sum(1)
-    return total
+from tests.test_dtrpo import _replay_logprob64 as _replay64  # the float64 replay of the sampled trajectories
 
 
 def _cfg(*extra, method="dtrpo"):
